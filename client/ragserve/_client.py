@@ -1,0 +1,119 @@
+"""`Client` (blocking) and `AsyncClient` (asyncio) for a ragserve gateway.
+
+    with ragserve.Client("127.0.0.1:50051") as client:
+        result = client.embed(["hello", "world"])
+        result.embeddings.shape  # (2, 384)
+
+    async with ragserve.AsyncClient("127.0.0.1:50051") as client:
+        result = await client.embed(["hello"], dimensions=128, timeout=2.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from ragserve import _protocol
+from ragserve._errors import from_rpc_error
+from ragserve._types import EmbedResult, ModelInfo
+from ragserve.v1 import embed_pb2_grpc, models_pb2, models_pb2_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+class _Stubs:
+    def __init__(self, channel) -> None:
+        self.embed = embed_pb2_grpc.EmbedStub(channel)
+        self.models = models_pb2_grpc.ModelsStub(channel)
+
+
+class Client:
+    """Blocking client. `timeout` (seconds) is the default deadline of every call."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = ()) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stubs = _Stubs(self._channel)
+        self._timeout = timeout
+        self._metadata = tuple(metadata)
+
+    def _call(self, method, request, timeout: float | None):
+        try:
+            return method(request, timeout=timeout if timeout is not None else self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def embed(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: str | None = None,
+        dimensions: int | None = None,
+        input_type: str | None = None,
+        timeout: float | None = None,
+    ) -> EmbedResult:
+        """Embeds texts; `truncate` is "none" (default: over-long is an error), "end" or "start";
+        `input_type` is "query" or "passage"; `dimensions` keeps the first N (Matryoshka)."""
+        request = _protocol.embed_request(
+            inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type
+        )
+        return _protocol.embed_result(self._call(self._stubs.embed.Embed, request, timeout))
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return _protocol.model_infos(self._call(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), timeout))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client; the same calls as `Client`, awaited."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = ()) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stubs = _Stubs(self._channel)
+        self._timeout = timeout
+        self._metadata = tuple(metadata)
+
+    async def _call(self, method, request, timeout: float | None):
+        try:
+            return await method(request, timeout=timeout if timeout is not None else self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def embed(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: str | None = None,
+        dimensions: int | None = None,
+        input_type: str | None = None,
+        timeout: float | None = None,
+    ) -> EmbedResult:
+        """See `Client.embed`."""
+        request = _protocol.embed_request(
+            inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type
+        )
+        return _protocol.embed_result(await self._call(self._stubs.embed.Embed, request, timeout))
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return _protocol.model_infos(await self._call(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), timeout))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()

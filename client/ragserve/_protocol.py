@@ -1,0 +1,97 @@
+"""Request building and response parsing, shared by `Client` and `AsyncClient`.
+
+Only the transport differs between the two clients; everything a call means lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ragserve._errors import InvalidArgumentError
+from ragserve._types import EmbedResult, ModelInfo, Usage
+from ragserve.v1 import common_pb2, embed_pb2, models_pb2
+
+TRUNCATE = {
+    None: common_pb2.TRUNCATE_UNSPECIFIED,
+    "none": common_pb2.TRUNCATE_NONE,
+    "end": common_pb2.TRUNCATE_END,
+    "start": common_pb2.TRUNCATE_START,
+}
+INPUT_TYPE = {None: embed_pb2.INPUT_TYPE_UNSPECIFIED, "query": embed_pb2.INPUT_TYPE_QUERY, "passage": embed_pb2.INPUT_TYPE_PASSAGE}
+MODEL_KIND = {
+    models_pb2.MODEL_KIND_EMBEDDING: "embedding",
+    models_pb2.MODEL_KIND_CROSS_ENCODER: "cross_encoder",
+    models_pb2.MODEL_KIND_BI_ENCODER: "bi_encoder",
+    models_pb2.MODEL_KIND_GENERATION: "generation",
+}
+
+
+def _choice(table: dict, value, name: str):
+    try:
+        return table[value]
+    except KeyError:
+        options = ", ".join(repr(k) for k in table if k is not None)
+        raise InvalidArgumentError(f"{name} must be one of {options} or None, got {value!r}") from None
+
+
+def _texts(values: str | Sequence[str], name: str) -> list[str]:
+    texts = [values] if isinstance(values, str) else list(values)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"{name} {index} must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidArgumentError(f"{name} {index} is not valid UTF-8 text: {exc.reason}") from None
+    return texts
+
+
+def embed_request(
+    inputs: str | Sequence[str],
+    *,
+    model: str | None,
+    normalize: bool | None,
+    truncate: str | None,
+    dimensions: int | None,
+    input_type: str | None,
+) -> embed_pb2.EmbedRequest:
+    request = embed_pb2.EmbedRequest(
+        model=model or "",
+        inputs=_texts(inputs, "input"),
+        truncate=_choice(TRUNCATE, truncate, "truncate"),
+        input_type=_choice(INPUT_TYPE, input_type, "input_type"),
+    )
+    if normalize is not None:
+        request.normalize = normalize
+    if dimensions is not None:
+        if dimensions < 0:
+            raise InvalidArgumentError(f"dimensions must be positive, got {dimensions}")
+        request.dimensions = dimensions
+    return request
+
+
+def usage(message: common_pb2.Usage) -> Usage:
+    return Usage(message.prompt_tokens, message.completion_tokens, message.total_tokens)
+
+
+def embed_result(response: embed_pb2.EmbedResponse) -> EmbedResult:
+    rows = [e.values for e in response.embeddings]
+    width = len(rows[0]) if rows else 0
+    embeddings = np.array(rows, dtype=np.float32).reshape(len(rows), width)
+    return EmbedResult(model=response.model, embeddings=embeddings, usage=usage(response.usage))
+
+
+def model_infos(response: models_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [
+        ModelInfo(
+            name=m.name,
+            kind=MODEL_KIND.get(m.kind, "unspecified"),
+            dimensions=m.dimensions,
+            max_input_tokens=m.max_input_tokens,
+            max_batch=m.max_batch,
+            is_default=m.is_default,
+        )
+        for m in response.models
+    ]

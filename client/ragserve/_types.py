@@ -1,0 +1,33 @@
+"""Typed results of the SDK's calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """`embeddings` is float32 (n_inputs, dimensions), rows in input order."""
+
+    model: str
+    embeddings: np.ndarray
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str  # "embedding", "cross_encoder", "bi_encoder" or "generation"
+    dimensions: int
+    max_input_tokens: int
+    max_batch: int
+    is_default: bool

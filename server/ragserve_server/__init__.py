@@ -1,0 +1,1 @@
+"""ragserve gateway: gRPC Embed, Rerank and Generate in front of Triton Inference Server."""

@@ -1,0 +1,3 @@
+from ragserve_server.main import main
+
+main()

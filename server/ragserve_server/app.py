@@ -1,0 +1,81 @@
+"""The gateway factory: builds the grpc.aio server and returns it with its bound port."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, models_pb2, models_pb2_grpc, rerank_pb2
+from ragserve_server.admission import Admission
+from ragserve_server.catalog import EMBEDDING, Catalog
+from ragserve_server.encoder import EncoderRunner
+from ragserve_server.health import HealthMonitor
+from ragserve_server.interceptor import GatewayInterceptor
+from ragserve_server.services.embed import EmbedService
+from ragserve_server.services.models import ModelsService
+from ragserve_server.settings import Settings
+from ragserve_server.tokenization import EncoderTokenizer
+from ragserve_server.triton import InferenceBackend
+
+SERVICE_NAMES = {
+    "embed": embed_pb2.DESCRIPTOR.services_by_name["Embed"].full_name,
+    "rerank": rerank_pb2.DESCRIPTOR.services_by_name["Rerank"].full_name,
+    "generate": generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name,
+    "models": models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
+}
+
+
+@dataclass
+class Gateway:
+    server: grpc.aio.Server
+    port: int
+    health: HealthMonitor
+    backend: InferenceBackend
+    executor: ThreadPoolExecutor
+
+    async def stop(self, grace: float) -> None:
+        """Drains: health goes NOT_SERVING, new calls are refused, in-flight calls get `grace` seconds."""
+        await self.health.shutdown()
+        await self.server.stop(grace)
+        await self.backend.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def create_gateway(settings: Settings, backend: InferenceBackend, catalog: Catalog) -> Gateway:
+    """Builds, binds and starts the gateway; `settings.port` 0 binds any free port."""
+    executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
+    admission = Admission(settings.max_concurrent_requests)
+    server = grpc.aio.server(
+        interceptors=[GatewayInterceptor(admission)],
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+    )
+    tokenizers = {
+        m.name: EncoderTokenizer(m.model_dir / "tokenizer.json", m.max_input_tokens) for m in catalog.by_kind(EMBEDDING)
+    }
+    encoder = EncoderRunner(backend, settings.triton_batch_rows)
+    embed_pb2_grpc.add_EmbedServicer_to_server(
+        EmbedService(catalog, tokenizers, encoder, executor, settings.max_inputs_per_call), server
+    )
+    models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(catalog), server)
+
+    # Health per service: what each needs from Triton. Services not built yet are not listed
+    # (a health check for them answers SERVICE_UNKNOWN; their RPCs answer UNIMPLEMENTED).
+    embed_models = [m.triton_model for m in catalog.by_kind(EMBEDDING)]
+    all_models = sorted({m.triton_model for m in catalog.models})
+    needs = {"": all_models, SERVICE_NAMES["embed"]: embed_models, SERVICE_NAMES["models"]: []}
+    health = HealthMonitor(backend, needs, settings.health_poll_interval)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        [*SERVICE_NAMES.values(), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+    await server.start()
+    await health.start()
+    return Gateway(server, port, health, backend, executor)

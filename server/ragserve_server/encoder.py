@@ -1,0 +1,74 @@
+"""Runs token sequences through a Triton encoder model: bucketed, chunked, in order.
+
+Shared by Embed and the bi-encoder reranker (one model in Triton, weights loaded once).
+Sequences are grouped by length bucket and sent as Triton requests of at most the model's
+max batch rows, concurrently, so that Triton's dynamic batcher can mix them with other
+callers' requests of the same shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+import numpy as np
+
+from ragserve_server import request_record
+from ragserve_server.catalog import ServedModel
+from ragserve_server.tokenization import EncoderTokenizer, bucket_length
+from ragserve_server.triton import InferenceBackend
+
+
+class EncoderRunner:
+    def __init__(self, backend: InferenceBackend, max_rows: int) -> None:
+        self.backend = backend
+        self.max_rows = max_rows
+
+    async def pooled(
+        self,
+        model: ServedModel,
+        tokenizer: EncoderTokenizer,
+        sequences: list[list[int]],
+        *,
+        timeout: float | None,
+    ) -> np.ndarray:
+        """Mean-pooled, unnormalised embeddings (n, dim) in the order of `sequences`."""
+        by_width: dict[int, list[int]] = defaultdict(list)
+        for index, seq in enumerate(sequences):
+            by_width[bucket_length(len(seq), model.max_input_tokens)].append(index)
+        chunks = [
+            (width, rows[start : start + self.max_rows])
+            for width, rows in by_width.items()
+            for start in range(0, len(rows), self.max_rows)
+        ]
+        real = sum(len(s) for s in sequences)
+        request_record.add_padding(real=real, padded=sum(w * len(r) for w, r in chunks))
+
+        async def run(width: int, rows: list[int]) -> tuple[list[int], np.ndarray]:
+            batch = tokenizer.pad([sequences[i] for i in rows], width)
+            out = await self.backend.infer(
+                model.triton_model,
+                {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+                ["embedding"],
+                timeout=timeout,
+            )
+            return rows, out["embedding"]
+
+        with request_record.stage("triton"):
+            if len(chunks) == 1:
+                results = [await run(*chunks[0])]
+            else:
+                results = await asyncio.gather(*(run(w, r) for w, r in chunks))
+        embeddings = np.empty((len(sequences), model.dimensions), dtype=np.float32)
+        for rows, values in results:
+            embeddings[rows] = values
+        return embeddings
+
+
+def finish_embeddings(pooled: np.ndarray, *, dimensions: int, normalize: bool) -> np.ndarray:
+    """Matryoshka truncation to the first `dimensions`, then L2 normalisation if asked."""
+    vectors = pooled[:, :dimensions]
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(vectors, dtype=np.float32)

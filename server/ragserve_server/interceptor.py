@@ -1,0 +1,165 @@
+"""The gateway's one server interceptor: request id and log context, admission, error mapping.
+
+Every call, whatever its kind (unary, server stream, bidirectional stream), goes through
+the same steps: take the `x-request-id` (or make one) and send it back; bind it with the
+service and method to structlog's context; take an admission permit (RESOURCE_EXHAUSTED
+at once when full); run the handler; map a typed error to its status code exactly once;
+hand the per-request record to the metrics module and write one access log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+import grpc
+import structlog
+from google.protobuf.message import DecodeError
+
+from ragserve_server import request_record
+from ragserve_server.admission import Admission
+from ragserve_server.errors import InvalidInput, RagserveError, status_of
+from ragserve_server.request_record import RequestRecord
+
+log = structlog.get_logger("ragserve.access")
+
+# Not subject to admission or access logs: health checks and reflection.
+_UNGUARDED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
+class Undecodable:
+    """Stands in for a request message that failed to parse (e.g. a string that is not UTF-8)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def invalid(self) -> InvalidInput:
+        return InvalidInput(f"request message could not be parsed (strings must be valid UTF-8): {self.error}")
+
+
+def _safe_deserializer(deserialize: Callable | None) -> Callable | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except (DecodeError, ValueError, UnicodeDecodeError) as exc:
+            return Undecodable(exc)
+
+    return parse
+
+
+async def _checked_messages(request_iterator):
+    async for message in request_iterator:
+        if isinstance(message, Undecodable):
+            raise message.invalid()
+        yield message
+
+
+class GatewayInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, admission: Admission, on_finish: Callable[[RequestRecord, str], None] | None = None) -> None:
+        self.admission = admission
+        self.on_finish = on_finish or (lambda record, code: None)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method_path = handler_call_details.method
+        if handler is None or method_path.startswith(_UNGUARDED_PREFIXES):
+            return handler
+        service, _, method = method_path.lstrip("/").rpartition("/")
+        service = service.rsplit(".", 1)[-1]
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        deserializer = _safe_deserializer(handler.request_deserializer)
+        call = _Call(self, service, method, metadata.get("x-request-id"))
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                async with call.scope(context):
+                    if isinstance(request, Undecodable):
+                        raise request.invalid()
+                    return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=deserializer, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner = handler.unary_stream
+
+            async def unary_stream(request, context):
+                async with call.scope(context):
+                    if isinstance(request, Undecodable):
+                        raise request.invalid()
+                    async for response in inner(request, context):
+                        yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=deserializer, response_serializer=handler.response_serializer
+            )
+        if handler.stream_stream:
+            inner = handler.stream_stream
+
+            async def stream_stream(request_iterator, context):
+                async with call.scope(context):
+                    async for response in inner(_checked_messages(request_iterator), context):
+                        yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, request_deserializer=deserializer, response_serializer=handler.response_serializer
+            )
+        return handler  # stream_unary: not used by ragserve.v1
+
+
+class _Call:
+    """One intercepted call: its identity and the scope every kind of handler runs in."""
+
+    def __init__(self, interceptor: GatewayInterceptor, service: str, method: str, request_id: str | None) -> None:
+        self.interceptor = interceptor
+        self.service = service
+        self.method = method
+        self.request_id = request_id or uuid.uuid4().hex
+
+    @asynccontextmanager
+    async def scope(self, context: grpc.aio.ServicerContext):
+        record = RequestRecord(self.service, self.method, self.request_id)
+        structlog.contextvars.bind_contextvars(request_id=self.request_id, service=self.service, method=self.method)
+        token = request_record.start(record)
+        admission = self.interceptor.admission
+        admitted = False
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            await context.send_initial_metadata((("x-request-id", self.request_id),))
+            with request_record.stage("admission"):
+                admission.acquire()
+            admitted = True
+            yield
+        except RagserveError as exc:
+            code, message = status_of(exc)
+            log.info("rpc_rejected", code=code.name, error=message)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED  # the caller went away or the stream was closed
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: logged once with its cause, answered INTERNAL
+            code, message = status_of(exc)
+            log.error("rpc_failed", code=code.name, exc_info=exc)
+        finally:
+            if admitted:
+                admission.release()
+            duration = time.perf_counter() - record.started
+            log.info(
+                "rpc",
+                status=code.name,
+                duration_ms=round(duration * 1000, 3),
+                prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.completion_tokens,
+            )
+            self.interceptor.on_finish(record, code.name)
+            request_record.finish(token)
+            structlog.contextvars.unbind_contextvars("request_id", "service", "method")
+        if code is not grpc.StatusCode.OK:
+            await context.abort(code, message)  # the one place a status is set

@@ -1,0 +1,72 @@
+"""Per-request record of what a call did: stage timings and token counts.
+
+Services note stages with `stage("tokenize")` and tokens with `add_tokens(...)`; the
+interceptor opens a record per call and hands it to the metrics module when the call ends,
+so handlers never touch Prometheus.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from collections.abc import Iterator
+
+
+@dataclass
+class RequestRecord:
+    service: str
+    method: str
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    padded_tokens: int = 0  # tokens sent to Triton including bucket padding
+    real_tokens: int = 0  # of which real tokens
+    first_token_at: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+    def add_stage(self, name: str, seconds: float) -> None:
+        self.stages[name] = self.stages.get(name, 0.0) + seconds
+
+
+_current: ContextVar[RequestRecord | None] = ContextVar("ragserve_request_record", default=None)
+
+
+def current() -> RequestRecord | None:
+    return _current.get()
+
+
+def start(record: RequestRecord):
+    return _current.set(record)
+
+
+def finish(token) -> None:
+    _current.reset(token)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    record = _current.get()
+    begin = time.perf_counter()
+    try:
+        yield
+    finally:
+        if record is not None:
+            record.add_stage(name, time.perf_counter() - begin)
+
+
+def add_tokens(*, prompt: int = 0, completion: int = 0) -> None:
+    record = _current.get()
+    if record is not None:
+        record.prompt_tokens += prompt
+        record.completion_tokens += completion
+
+
+def add_padding(*, real: int, padded: int) -> None:
+    record = _current.get()
+    if record is not None:
+        record.real_tokens += real
+        record.padded_tokens += padded

@@ -1,0 +1,42 @@
+"""Helpers shared by the services: deadlines, enum conversion, tokenization off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import TypeVar
+
+import grpc
+
+from ragserve.v1 import common_pb2
+from ragserve_server import request_record
+from ragserve_server.errors import InvalidInput
+from ragserve_server.tokenization import TRUNCATE_END, TRUNCATE_NONE, TRUNCATE_START
+
+T = TypeVar("T")
+
+_TRUNCATE = {
+    common_pb2.TRUNCATE_UNSPECIFIED: TRUNCATE_NONE,  # the default: an over-long input is an error
+    common_pb2.TRUNCATE_NONE: TRUNCATE_NONE,
+    common_pb2.TRUNCATE_END: TRUNCATE_END,
+    common_pb2.TRUNCATE_START: TRUNCATE_START,
+}
+
+
+def truncate_mode(value: int) -> str:
+    try:
+        return _TRUNCATE[value]
+    except KeyError:
+        raise InvalidInput(f"unknown truncate value {value}; use TRUNCATE_NONE, TRUNCATE_END or TRUNCATE_START") from None
+
+
+def time_left(context: grpc.aio.ServicerContext) -> float | None:
+    """Seconds until the caller's deadline (None: no deadline)."""
+    return context.time_remaining()
+
+
+async def off_loop(executor: Executor, fn: Callable[..., T], *args) -> T:
+    """Runs CPU work (tokenization) on a worker thread, timed as the "tokenize" stage."""
+    with request_record.stage("tokenize"):
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)

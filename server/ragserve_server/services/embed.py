@@ -1,0 +1,114 @@
+"""ragserve.v1.Embed: texts in, vectors out (unary and bidirectional bulk stream)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+
+import grpc
+
+from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
+from ragserve_server import request_record
+from ragserve_server.catalog import EMBEDDING, Catalog
+from ragserve_server.encoder import EncoderRunner, finish_embeddings
+from ragserve_server.errors import InvalidInput, RagserveError, status_of
+from ragserve_server.services.common import off_loop, time_left, truncate_mode
+from ragserve_server.tokenization import EncoderTokenizer
+
+_INPUT_TYPES = {embed_pb2.INPUT_TYPE_UNSPECIFIED: "", embed_pb2.INPUT_TYPE_QUERY: "query", embed_pb2.INPUT_TYPE_PASSAGE: "passage"}
+
+# Messages of one EmbedStream worked on at once; beyond that the stream stops reading and
+# HTTP/2 flow control pushes back on the sender.
+STREAM_WINDOW = 64
+
+
+class EmbedService(embed_pb2_grpc.EmbedServicer):
+    def __init__(
+        self,
+        catalog: Catalog,
+        tokenizers: dict[str, EncoderTokenizer],
+        encoder: EncoderRunner,
+        executor: Executor,
+        max_inputs_per_call: int,
+    ) -> None:
+        self.catalog = catalog
+        self.tokenizers = tokenizers
+        self.encoder = encoder
+        self.executor = executor
+        self.max_inputs = max_inputs_per_call
+
+    async def Embed(self, request: embed_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> embed_pb2.EmbedResponse:
+        return await self.embed(request, timeout=time_left(context))
+
+    async def EmbedStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        answers: asyncio.Queue[embed_pb2.EmbedStreamResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+
+        async def answer(message: embed_pb2.EmbedStreamRequest) -> None:
+            try:
+                response = await self.embed(message.request, timeout=time_left(context))
+                await answers.put(embed_pb2.EmbedStreamResponse(id=message.id, response=response))
+            except RagserveError as exc:  # per message: the stream goes on
+                code, text = status_of(exc)
+                error = common_pb2.StreamError(code=code.value[0], message=text)
+                await answers.put(embed_pb2.EmbedStreamResponse(id=message.id, error=error))
+            finally:
+                window.release()
+
+        async def read_all() -> None:
+            tasks = set()
+            try:
+                async for message in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(answer(message))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+            await reader  # re-raises a read failure (e.g. an undecodable message)
+        finally:
+            reader.cancel()
+
+    async def embed(self, request: embed_pb2.EmbedRequest, *, timeout: float | None) -> embed_pb2.EmbedResponse:
+        model = self.catalog.get(request.model, (EMBEDDING,))
+        texts = list(request.inputs)
+        if not texts:
+            raise InvalidInput("inputs is empty: send at least one text")
+        if len(texts) > self.max_inputs:
+            raise InvalidInput(
+                f"too many inputs: {len(texts)} > {self.max_inputs} per call; split them over calls or use EmbedStream"
+            )
+        for index, text in enumerate(texts):
+            if not text:
+                raise InvalidInput(f"input {index} is an empty string")
+        dimensions = request.dimensions if request.HasField("dimensions") else model.dimensions
+        if not 1 <= dimensions <= model.dimensions:
+            raise InvalidInput(f"dimensions must be between 1 and {model.dimensions} for {model.name}, got {dimensions}")
+        if request.input_type not in _INPUT_TYPES:
+            raise InvalidInput(f"unknown input_type {request.input_type}")
+        truncate = truncate_mode(request.truncate)
+        normalize = request.normalize if request.HasField("normalize") else True  # default: normalised
+
+        prefix = model.prefixes.get(_INPUT_TYPES[request.input_type], "")
+        if prefix:
+            texts = [prefix + t for t in texts]
+        tokenizer = self.tokenizers[model.name]
+        sequences = await off_loop(self.executor, tokenizer.encode, texts, truncate)
+        prompt_tokens = sum(len(s) for s in sequences)
+        request_record.add_tokens(prompt=prompt_tokens)
+
+        pooled = await self.encoder.pooled(model, tokenizer, sequences, timeout=timeout)
+        with request_record.stage("respond"):
+            vectors = finish_embeddings(pooled, dimensions=dimensions, normalize=normalize)
+            return embed_pb2.EmbedResponse(
+                model=model.name,
+                embeddings=[embed_pb2.Embedding(values=row) for row in vectors.tolist()],
+                usage=common_pb2.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+            )

@@ -1,0 +1,67 @@
+"""Gateway settings: one setting = one flag = one environment variable = one help line.
+
+Built once in `main` (never at import time): `Settings.from_args(argv)`. Every flag
+`--foo-bar` has the twin `RAGSERVE_FOO_BAR`; a flag given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = field(default="127.0.0.1", metadata={"help": "address the gateway listens on"})
+    port: int = field(default=50051, metadata={"help": "gateway gRPC port (0 = any free port)"})
+    metrics_port: int = field(default=9000, metadata={"help": "Prometheus metrics HTTP port (0 = off)"})
+    triton_url: str = field(
+        default="", metadata={"help": "external Triton gRPC address host:port; empty = launch the bundled Triton"}
+    )
+    triton_http_port: int = field(default=8000, metadata={"help": "bundled Triton HTTP port"})
+    triton_grpc_port: int = field(default=8001, metadata={"help": "bundled Triton gRPC port"})
+    triton_metrics_port: int = field(default=8002, metadata={"help": "bundled Triton metrics port"})
+    model_repository: Path = field(
+        default=REPO_ROOT / "model_repository", metadata={"help": "Triton model repository of the bundled Triton"}
+    )
+    triton_models: str = field(
+        default="minilm,smollm2",
+        metadata={"help": "comma-separated Triton models the bundled Triton loads (those whose files exist)"},
+    )
+    cross_encoders: str = field(
+        default="",
+        metadata={"help": "extra rerankers as name=triton_model:hf_folder, comma-separated (built by scripts/export_cross_encoder.py)"},
+    )
+    default_reranker: str = field(default="", metadata={"help": "reranker used when a request names none (empty = the bi-encoder)"})
+    max_concurrent_requests: int = field(
+        default=512, metadata={"help": "calls admitted at once; beyond that RESOURCE_EXHAUSTED at once"}
+    )
+    max_inputs_per_call: int = field(default=2048, metadata={"help": "most texts in one Embed call"})
+    max_documents_per_call: int = field(default=1000, metadata={"help": "most documents in one Rerank call"})
+    triton_batch_rows: int = field(default=64, metadata={"help": "most rows in one Triton request (the model's max_batch_size)"})
+    tokenizer_threads: int = field(default=1, metadata={"help": "threads that tokenize off the event loop"})
+    triton_ready_timeout: float = field(default=180.0, metadata={"help": "seconds to wait for the bundled Triton to be ready"})
+    health_poll_interval: float = field(default=1.0, metadata={"help": "seconds between Triton readiness checks"})
+    drain_seconds: float = field(default=10.0, metadata={"help": "grace period for in-flight calls on SIGTERM"})
+    log_format: str = field(default="auto", metadata={"help": "json, console, or auto (console when a terminal)"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None, env: dict[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        parser = argparse.ArgumentParser(prog="ragserve-server", description="ragserve gRPC gateway")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            env_name = "RAGSERVE_" + f.name.upper()
+            kind = {"int": int, "float": float, "Path": Path}.get(str(f.type), str)
+            default = kind(env[env_name]) if env_name in env else f.default
+            parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']} [env {env_name}] (default: %(default)s)")
+        return cls(**vars(parser.parse_args(argv)))
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,98 @@
+"""Tokenization for the encoder models: truncation rules, token counts, length buckets.
+
+Runs on a worker thread (HF `tokenizers` releases the GIL), never on the event loop.
+Padding to length buckets lets Triton batch requests of different lengths together:
+its dynamic batcher only groups requests whose tensors have the same shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from ragserve_server.errors import InvalidInput
+
+TRUNCATE_NONE, TRUNCATE_END, TRUNCATE_START = "none", "end", "start"
+BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+def bucket_length(length: int, max_tokens: int) -> int:
+    """The padded length for a sequence: the smallest bucket that holds it."""
+    for size in BUCKETS:
+        if length <= size:
+            return min(size, max(max_tokens, length))
+    return length
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Token ids of several sequences, padded to one length."""
+
+    input_ids: np.ndarray  # int64 (rows, width)
+    attention_mask: np.ndarray  # int64 (rows, width)
+    token_type_ids: np.ndarray  # int64 (rows, width)
+
+
+class EncoderTokenizer:
+    """A `tokenizers` tokenizer with the model's limit applied per truncate mode."""
+
+    def __init__(self, tokenizer_json: Path, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self._untruncated = Tokenizer.from_file(str(tokenizer_json))
+        self._untruncated.no_padding()  # the file pads to 128 tokens: we pad to buckets ourselves
+        self.pad_id = self._untruncated.token_to_id("[PAD]") or 0
+        # TRUNCATE_NONE uses the right-truncating tokenizer too: an over-long input shows up
+        # as an encoding with overflow, found in the same single pass.
+        self._singles = {TRUNCATE_END: self._truncating("right"), TRUNCATE_START: self._truncating("left")}
+        self._singles[TRUNCATE_NONE] = self._singles[TRUNCATE_END]
+        # Pairs (query, document): only the document (second sequence) is ever cut.
+        self._pairs = {
+            TRUNCATE_END: self._truncating("right", "only_second"),
+            TRUNCATE_START: self._truncating("left", "only_second"),
+        }
+        self._pairs[TRUNCATE_NONE] = self._pairs[TRUNCATE_END]
+
+    def _truncating(self, direction: str, strategy: str = "longest_first") -> Tokenizer:
+        tokenizer = Tokenizer.from_str(self._untruncated.to_str())
+        tokenizer.enable_truncation(self.max_tokens, direction=direction, strategy=strategy)
+        return tokenizer
+
+    def count(self, text: str) -> int:
+        """Tokens of a text with special tokens, untruncated."""
+        return len(self._untruncated.encode(text).ids)
+
+    def encode(self, texts: list[str], truncate: str, *, what: str = "input") -> list[list[int]]:
+        """Token ids per text; an over-long text with TRUNCATE_NONE is an InvalidInput naming it."""
+        encodings = self._singles[truncate].encode_batch(texts)
+        if truncate == TRUNCATE_NONE:
+            self._check_no_overflow(encodings, texts, what)
+        return [e.ids for e in encodings]
+
+    def encode_pairs(self, query: str, documents: list[str], truncate: str) -> list[Encoding]:
+        """(query, document) pairs for a cross-encoder, truncated on the document side."""
+        encodings = self._pairs[truncate].encode_batch([(query, d) for d in documents])
+        if truncate == TRUNCATE_NONE:
+            self._check_no_overflow(encodings, documents, "document")
+        return encodings
+
+    def _check_no_overflow(self, encodings: list[Encoding], texts: list[str], what: str) -> None:
+        for index, encoding in enumerate(encodings):
+            if encoding.overflowing:
+                raise InvalidInput(
+                    f"{what} {index} has {self.count(texts[index])} tokens, more than the model's limit of "
+                    f"{self.max_tokens}; shorten it or set truncate to TRUNCATE_END or TRUNCATE_START"
+                )
+
+    def pad(self, sequences: list[list[int]], width: int, type_ids: list[list[int]] | None = None) -> TokenBatch:
+        ids = np.full((len(sequences), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(sequences), width), dtype=np.int64)
+        types = np.zeros((len(sequences), width), dtype=np.int64)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+            if type_ids is not None:
+                types[row, : len(seq)] = type_ids[row]
+        return TokenBatch(ids, mask, types)

@@ -1,0 +1,165 @@
+"""Starts the Triton Inference Server binary bundled in the `nvidia-pytriton` wheel.
+
+What it takes on a machine without a GPU (see DESIGN.md): the wheel's libraries on
+LD_LIBRARY_PATH, a writable backend folder holding the python backend plus the
+`triton_python_backend_stub` for this Python version, and the virtualenv's `bin/` first
+on PATH so that the stub finds the project's packages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+def _pytriton_dir() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed: run `make setup`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def prepare_backend_dir(target: Path) -> Path:
+    """A backend folder with the python backend and this Python's stub (built once)."""
+    triton_dir = _pytriton_dir() / "tritonserver"
+    python_backend = target / "python"
+    stub = python_backend / "triton_python_backend_stub"
+    if not stub.exists():
+        shutil.copytree(triton_dir / "backends" / "python", python_backend, dirs_exist_ok=True)
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        shutil.copy2(triton_dir / "python_backend_stubs" / version / "triton_python_backend_stub", stub)
+    return target
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+class TritonServer:
+    """A bundled Triton process on loopback: `start()`, `wait_ready()`, `stop()`."""
+
+    def __init__(self, model_repository: Path, models: list[str], ports: TritonPorts, work_dir: Path) -> None:
+        self.model_repository = Path(model_repository)
+        self.models = models
+        self.ports = ports
+        self.work_dir = Path(work_dir)
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.work_dir / f"triton-{ports.grpc}.log"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+
+    def command(self) -> list[str]:
+        binary = _pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
+        backends = prepare_backend_dir(self.work_dir / "triton_backends")
+        cmd = [
+            str(binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=explicit",
+            "--grpc-address=127.0.0.1",
+            "--http-address=127.0.0.1",
+            f"--grpc-port={self.ports.grpc}",
+            f"--http-port={self.ports.http}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=true",
+            f"--metrics-port={self.ports.metrics}",
+            "--metrics-address=127.0.0.1",
+            "--log-verbose=0",
+        ]
+        cmd += [f"--load-model={m}" for m in self.models]
+        return cmd
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = _pytriton_dir().parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join((venv_bin, env.get("PATH", "")))
+        return env
+
+    def start(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        log.info("triton_starting", models=self.models, grpc_port=self.ports.grpc, log=str(self.log_path))
+        with open(self.log_path, "ab") as out:
+            # Own process group: a Ctrl-C meant for the gateway does not kill Triton mid-drain.
+            self.process = subprocess.Popen(
+                self.command(), env=self.environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.http}/v2/health/ready", timeout=1) as r:
+                if r.status != 200:
+                    return False
+            for model in self.models:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.http}/v2/models/{model}/ready", timeout=1) as r:
+                    if r.status != 200:
+                        return False
+            return True
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"Triton exited with {self.process.returncode}; see {self.log_path}:\n{self.log_tail()}")
+            if self.is_ready():
+                log.info("triton_ready", grpc=self.grpc_url, metrics=self.metrics_url)
+                return
+            time.sleep(0.25)
+        raise TimeoutError(f"Triton not ready after {timeout:.0f}s; see {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        log.info("triton_stopped", code=self.process.returncode)
+
+
+def available_models(model_repository: Path, wanted: list[str]) -> list[str]:
+    """The wanted models whose built artifacts exist (a model `make models` did not build is skipped)."""
+    found = []
+    for name in wanted:
+        version_dir = Path(model_repository) / name / "1"
+        if not (version_dir / "model.py").exists():
+            continue
+        if name == "minilm" and not (version_dir / "model.onnx").exists():
+            continue
+        if name == "smollm2" and not (version_dir / "hf" / "config.json").exists():
+            continue
+        found.append(name)
+    return found
