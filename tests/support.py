@@ -1,0 +1,93 @@
+"""Starting real processes for tests and benchmarks: bundled Triton, gateway, health waits."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ragserve_server.triton_launcher import TritonPorts, TritonServer, available_models
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_REPOSITORY = ROOT / "model_repository"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_triton(work_dir: Path, models: list[str], repository: Path = MODEL_REPOSITORY) -> TritonServer:
+    loaded = available_models(repository, models)
+    if loaded != models:
+        raise RuntimeError(f"models not built: {sorted(set(models) - set(loaded))}; run `make models`")
+    server = TritonServer(repository, loaded, TritonPorts(free_port(), free_port(), free_port()), work_dir)
+    server.start()
+    try:
+        server.wait_ready(180)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def health_status(address: str, service: str = "", timeout: float = 2.0) -> int | None:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            return reply.status
+        except grpc.RpcError:
+            return None
+
+
+def wait_for_health(address: str, service: str = "", serving: bool = True, timeout: float = 60.0) -> None:
+    want = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health_status(address, service) == want:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{address} health for {service!r} is not {'SERVING' if serving else 'NOT_SERVING'} after {timeout}s")
+
+
+class GatewayProcess:
+    """`python -m ragserve_server` against an external Triton, on a free loopback port."""
+
+    def __init__(self, triton_url: str, triton_models: list[str], log_path: Path, *extra_args: str) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        args = [
+            sys.executable, "-m", "ragserve_server",
+            "--port", str(self.port),
+            "--metrics-port", "0",
+            "--triton-url", triton_url,
+            "--triton-models", ",".join(triton_models),
+            "--health-poll-interval", "0.2",
+            "--log-format", "json",
+            *extra_args,
+        ]
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+    def wait_serving(self, timeout: float = 60.0) -> "GatewayProcess":
+        wait_for_health(self.address, timeout=timeout)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
