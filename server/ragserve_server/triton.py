@@ -12,10 +12,17 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import (
+    InferenceServerException,
+    deserialize_bytes_tensor,
+    np_to_triton_dtype,
+    serialize_byte_tensor,
+    triton_to_np_dtype,
+)
 
 from ragserve_server.errors import (
     BackendError,
@@ -51,15 +58,14 @@ class InferenceBackend(Protocol):
     async def close(self) -> None: ...
 
 
-def map_triton_error(exc: InferenceServerException) -> RagserveError:
-    """Turns a tritonclient exception into the gateway's error for it."""
-    status = str(exc.status() or "")
-    message = str(exc.message() or exc)
+def map_triton_error(status: str, message: str) -> RagserveError:
+    """The gateway's error for a Triton failure (status: a gRPC status name or tritonclient's string)."""
     # Messages our own Triton models send on purpose carry a status prefix.
     for prefix, error in (("RESOURCE_EXHAUSTED:", Overloaded), ("INVALID_ARGUMENT:", InvalidInput)):
         if prefix in message:
             return error(message[message.index(prefix) + len(prefix) :].strip())
-    if "DEADLINE_EXCEEDED" in status or "timeout" in message.lower() and "expired" in message.lower():
+    lowered = message.lower()
+    if "DEADLINE_EXCEEDED" in status or ("timeout" in lowered and "expired" in lowered):
         return DeadlineExceeded("deadline exceeded while waiting for the model server")
     if "UNAVAILABLE" in status:
         return BackendUnavailable(f"model server unavailable: {message}")
@@ -67,9 +73,13 @@ def map_triton_error(exc: InferenceServerException) -> RagserveError:
         return Cancelled("request cancelled")
     if "RESOURCE_EXHAUSTED" in status:
         return Overloaded(f"model server overloaded: {message}")
-    if "unknown model" in message or "is not ready" in message or "not found" in message.lower():
+    if "unknown model" in lowered or "is not ready" in lowered or "not found" in lowered:
         return BackendUnavailable(f"model not loaded on the model server: {message}")
     return BackendError(f"model server error: {message}")
+
+
+def _from_rpc_error(exc: grpc.aio.AioRpcError) -> RagserveError:
+    return map_triton_error(exc.code().name, exc.details() or "")
 
 
 @contextmanager
@@ -77,15 +87,34 @@ def _mapped_errors():
     try:
         yield
     except InferenceServerException as exc:
-        raise map_triton_error(exc) from exc
+        raise map_triton_error(str(exc.status() or ""), str(exc.message() or exc)) from exc
+    except grpc.aio.AioRpcError as exc:
+        raise _from_rpc_error(exc) from exc
 
 
-def _infer_inputs(inputs: Mapping[str, np.ndarray]) -> list[InferInput]:
-    result = []
+def _infer_request(model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> service_pb2.ModelInferRequest:
+    """A KServe v2 request with raw tensor contents (lighter than tritonclient's InferInput path)."""
+    request = service_pb2.ModelInferRequest(model_name=model)
     for name, array in inputs.items():
-        tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        result.append(tensor)
+        datatype = np_to_triton_dtype(array.dtype)
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        if datatype == "BYTES":
+            request.raw_input_contents.append(serialize_byte_tensor(array).tobytes())
+        else:
+            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def _outputs(response: service_pb2.ModelInferResponse) -> dict[str, np.ndarray]:
+    result = {}
+    for tensor, raw in zip(response.outputs, response.raw_output_contents):
+        if tensor.datatype == "BYTES":
+            array = deserialize_bytes_tensor(raw)
+        else:
+            array = np.frombuffer(raw, dtype=triton_to_np_dtype(tensor.datatype))
+        result[tensor.name] = array.reshape(tuple(tensor.shape))
     return result
 
 
@@ -94,7 +123,11 @@ class TritonBackend:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._client = triton_aio.InferenceServerClient(url)
+        self._client = triton_aio.InferenceServerClient(url)  # health and statistics
+        self._channel = grpc.aio.insecure_channel(
+            url, options=[("grpc.max_receive_message_length", 256 * 1024 * 1024), ("grpc.max_send_message_length", 256 * 1024 * 1024)]
+        )
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def infer(
         self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *, timeout: float | None
@@ -102,13 +135,8 @@ class TritonBackend:
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded("deadline exceeded before the model was called")
         with _mapped_errors():
-            result = await self._client.infer(
-                model,
-                _infer_inputs(inputs),
-                outputs=[InferRequestedOutput(name) for name in outputs],
-                client_timeout=timeout,
-            )
-        return {name: result.as_numpy(name) for name in outputs}
+            response = await self._stub.ModelInfer(_infer_request(model, inputs, outputs), timeout=timeout)
+        return _outputs(response)
 
     async def stream(
         self,
@@ -120,35 +148,29 @@ class TritonBackend:
     ) -> AsyncIterator[tuple[dict[str, np.ndarray], bool]]:
         """Streams the responses of a decoupled model: yields (outputs, is_final).
 
-        Closing the iterator early (a stop sequence, a cancelled caller) cancels the
-        Triton request, so the model stops computing for it.
+        Leaving the iteration early (a stop sequence, a cancelled caller, a deadline)
+        cancels the gRPC stream, and Triton cancels the request, so the model stops
+        computing for it.
         """
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded("deadline exceeded before the model was called")
-
-        async def requests():
-            yield {
-                "model_name": model,
-                "inputs": _infer_inputs(inputs),
-                "outputs": [InferRequestedOutput(name) for name in outputs],
-                "enable_empty_final_response": True,
-            }
-
-        responses = self._client.stream_infer(requests(), stream_timeout=timeout)
+        request = _infer_request(model, inputs, outputs)
+        # Lets the model close the stream with a final flag that carries no tensors.
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
+        call = self._stub.ModelStreamInfer(iter([request]), timeout=timeout)
         try:
-            async for result, error in responses:
-                if error is not None:
-                    raise map_triton_error(error)
-                response = result.get_response()
-                final = bool(response.parameters.get("triton_final_response").bool_param) if "triton_final_response" in response.parameters else False
-                values = {name: result.as_numpy(name) for name in outputs if result.as_numpy(name) is not None}
-                yield values, final
+            async for message in call:
+                if message.error_message:
+                    raise map_triton_error("", message.error_message)
+                response = message.infer_response
+                final = response.parameters["triton_final_response"].bool_param if "triton_final_response" in response.parameters else False
+                yield _outputs(response), final
                 if final:
                     return
-        except InferenceServerException as exc:
-            raise map_triton_error(exc) from exc
+        except grpc.aio.AioRpcError as exc:
+            raise _from_rpc_error(exc) from exc
         finally:
-            await _cancel(responses)
+            call.cancel()  # no-op once the call is done
 
     async def is_ready(self, models: Sequence[str]) -> bool:
         try:
@@ -171,14 +193,5 @@ class TritonBackend:
         return requests, int(entry.get("execution_count", 0))
 
     async def close(self) -> None:
+        await self._channel.close()
         await self._client.close()
-
-
-async def _cancel(responses) -> None:
-    """Cancels an unfinished stream_infer call (aclose() of the async generator)."""
-    aclose = getattr(responses, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:  # noqa: BLE001 - already failing or finished: nothing to cancel
-            pass
