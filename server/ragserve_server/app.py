@@ -9,14 +9,15 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, models_pb2, models_pb2_grpc, rerank_pb2
+from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, models_pb2, models_pb2_grpc, rerank_pb2, rerank_pb2_grpc
 from ragserve_server.admission import Admission
-from ragserve_server.catalog import EMBEDDING, Catalog
+from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, Catalog
 from ragserve_server.encoder import EncoderRunner
 from ragserve_server.health import HealthMonitor
 from ragserve_server.interceptor import GatewayInterceptor
 from ragserve_server.services.embed import EmbedService
 from ragserve_server.services.models import ModelsService
+from ragserve_server.services.rerank import RerankService
 from ragserve_server.settings import Settings
 from ragserve_server.tokenization import EncoderTokenizer
 from ragserve_server.triton import InferenceBackend
@@ -54,19 +55,27 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
     )
     tokenizers = {
-        m.name: EncoderTokenizer(m.model_dir / "tokenizer.json", m.max_input_tokens) for m in catalog.by_kind(EMBEDDING)
+        m.name: EncoderTokenizer(m.model_dir / "tokenizer.json", m.max_input_tokens)
+        for m in catalog.by_kind(EMBEDDING) + catalog.by_kind(CROSS_ENCODER)
     }
     encoder = EncoderRunner(backend, settings.triton_batch_rows)
     embed_pb2_grpc.add_EmbedServicer_to_server(
         EmbedService(catalog, tokenizers, encoder, executor, settings.max_inputs_per_call), server
     )
     models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(catalog), server)
+    rerankers = catalog.by_kind(BI_ENCODER) + catalog.by_kind(CROSS_ENCODER)
+    if rerankers:
+        rerank_pb2_grpc.add_RerankServicer_to_server(
+            RerankService(catalog, tokenizers, encoder, executor, settings.max_documents_per_call), server
+        )
 
     # Health per service: what each needs from Triton. Services not built yet are not listed
     # (a health check for them answers SERVICE_UNKNOWN; their RPCs answer UNIMPLEMENTED).
     embed_models = [m.triton_model for m in catalog.by_kind(EMBEDDING)]
     all_models = sorted({m.triton_model for m in catalog.models})
     needs = {"": all_models, SERVICE_NAMES["embed"]: embed_models, SERVICE_NAMES["models"]: []}
+    if rerankers:
+        needs[SERVICE_NAMES["rerank"]] = sorted({m.triton_model for m in rerankers})
     health = HealthMonitor(backend, needs, settings.health_poll_interval)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(

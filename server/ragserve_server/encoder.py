@@ -1,6 +1,7 @@
 """Runs token sequences through a Triton encoder model: bucketed, chunked, in order.
 
-Shared by Embed and the bi-encoder reranker (one model in Triton, weights loaded once).
+Shared by Embed, the bi-encoder reranker (one model in Triton, weights loaded once) and the
+cross-encoder rerankers.
 Sequences are grouped by length bucket and sent as Triton requests of at most the model's
 max batch rows, concurrently, so that Triton's dynamic batcher can mix them with other
 callers' requests of the same shape.
@@ -33,6 +34,22 @@ class EncoderRunner:
         timeout: float | None,
     ) -> np.ndarray:
         """Mean-pooled, unnormalised embeddings (n, dim) in the order of `sequences`."""
+        return await self.rows(model, tokenizer, sequences, output="embedding", timeout=timeout)
+
+    async def rows(
+        self,
+        model: ServedModel,
+        tokenizer: EncoderTokenizer,
+        sequences: list[list[int]],
+        *,
+        output: str,
+        type_ids: list[list[int]] | None = None,
+        timeout: float | None,
+    ) -> np.ndarray:
+        """The model's `output`, one row per sequence, in the order of `sequences`.
+
+        With `type_ids` (pairs for a cross-encoder) the model also gets `token_type_ids`.
+        """
         by_width: dict[int, list[int]] = defaultdict(list)
         for index, seq in enumerate(sequences):
             by_width[bucket_length(len(seq), model.max_input_tokens)].append(index)
@@ -45,24 +62,24 @@ class EncoderRunner:
         request_record.add_padding(real=real, padded=sum(w * len(r) for w, r in chunks))
 
         async def run(width: int, rows: list[int]) -> tuple[list[int], np.ndarray]:
-            batch = tokenizer.pad([sequences[i] for i in rows], width)
-            out = await self.backend.infer(
-                model.triton_model,
-                {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
-                ["embedding"],
-                timeout=timeout,
+            batch = tokenizer.pad(
+                [sequences[i] for i in rows], width, None if type_ids is None else [type_ids[i] for i in rows]
             )
-            return rows, out["embedding"]
+            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+            if type_ids is not None:
+                inputs["token_type_ids"] = batch.token_type_ids
+            out = await self.backend.infer(model.triton_model, inputs, [output], timeout=timeout)
+            return rows, out[output]
 
         with request_record.stage("triton"):
             if len(chunks) == 1:
                 results = [await run(*chunks[0])]
             else:
                 results = await asyncio.gather(*(run(w, r) for w, r in chunks))
-        embeddings = np.empty((len(sequences), model.dimensions), dtype=np.float32)
-        for rows, values in results:
-            embeddings[rows] = values
-        return embeddings
+        values = np.empty((len(sequences), *results[0][1].shape[1:]), dtype=np.float32)
+        for rows, part in results:
+            values[rows] = part
+        return values
 
 
 def finish_embeddings(pooled: np.ndarray, *, dimensions: int, normalize: bool) -> np.ndarray:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from pathlib import Path
 
 import structlog
 
 from ragserve_server.app import create_gateway
-from ragserve_server.catalog import build_catalog
+from ragserve_server.catalog import build_catalog, parse_cross_encoders
 from ragserve_server.logging_setup import configure_logging
 from ragserve_server.settings import REPO_ROOT, Settings
 from ragserve_server.triton import TritonBackend
@@ -20,11 +21,13 @@ log = structlog.get_logger("ragserve")
 
 async def serve(settings: Settings) -> None:
     triton = None
+    cross_encoders = parse_cross_encoders(settings.cross_encoders)
     if settings.triton_url:
         triton_url = settings.triton_url
         triton_models = {m.strip() for m in settings.triton_models.split(",") if m.strip()}
     else:
         wanted = [m.strip() for m in settings.triton_models.split(",") if m.strip()]
+        wanted += bundled_cross_encoders(settings.model_repository, cross_encoders)
         loaded = available_models(settings.model_repository, wanted)
         triton = TritonServer(
             settings.model_repository,
@@ -47,7 +50,13 @@ async def serve(settings: Settings) -> None:
 
     gateway = None
     try:
-        catalog = build_catalog(max_inputs_per_call=settings.max_inputs_per_call, triton_models=triton_models)
+        catalog = build_catalog(
+            max_inputs_per_call=settings.max_inputs_per_call,
+            triton_models=triton_models,
+            max_documents_per_call=settings.max_documents_per_call,
+            cross_encoders=cross_encoders,
+            default_reranker=settings.default_reranker,
+        )
         gateway = await create_gateway(settings, TritonBackend(triton_url), catalog)
         log.info(
             "serving",
@@ -65,6 +74,22 @@ async def serve(settings: Settings) -> None:
         if triton is not None:
             await asyncio.to_thread(triton.stop)
         log.info("stopped")
+
+
+def bundled_cross_encoders(model_repository: Path, cross_encoders: dict[str, Path]) -> list[str]:
+    """The Triton models of the configured cross-encoders: the bundled Triton loads them too,
+    so they must live in its model repository."""
+    names = []
+    repository = Path(model_repository).resolve()
+    for name, folder in cross_encoders.items():
+        folder = Path(folder).resolve()
+        if folder.parent != repository:
+            raise SystemExit(
+                f"cross-encoder {name!r}: {folder} is not in the bundled Triton's model repository {repository}; "
+                f"export it there (scripts/export_cross_encoder.py --out {repository}/<name>) or pass --model-repository"
+            )
+        names.append(folder.name)
+    return names
 
 
 def main(argv: list[str] | None = None) -> None:

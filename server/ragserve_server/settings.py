@@ -35,7 +35,7 @@ class Settings:
     )
     cross_encoders: str = field(
         default="",
-        metadata={"help": "extra rerankers as name=triton_model:hf_folder, comma-separated (built by scripts/export_cross_encoder.py)"},
+        metadata={"help": "cross-encoder rerankers as name=model_dir,... (model repository entries built by scripts/export_cross_encoder.py)"},
     )
     default_reranker: str = field(default="", metadata={"help": "reranker used when a request names none (empty = the bi-encoder)"})
     max_concurrent_requests: int = field(

@@ -42,8 +42,16 @@ class EncoderTokenizer:
     def __init__(self, tokenizer_json: Path, max_tokens: int) -> None:
         self.max_tokens = max_tokens
         self._untruncated = Tokenizer.from_file(str(tokenizer_json))
+        padding = self._untruncated.padding or {}
         self._untruncated.no_padding()  # the file pads to 128 tokens: we pad to buckets ourselves
-        self.pad_id = self._untruncated.token_to_id("[PAD]") or 0
+        self._untruncated.no_truncation()  # the file also truncates to 128: counts must see every token
+        # The file's own pad id where it has one (XLM-R's <pad> is 1, not BERT's [PAD] 0).
+        self.pad_id = padding.get("pad_id", self._untruncated.token_to_id("[PAD]") or 0)
+        processor = self._untruncated.post_processor
+        # Special tokens a (query, document) pair adds beyond a single text's: [SEP] for BERT.
+        self._pair_extra = (
+            processor.num_special_tokens_to_add(True) - processor.num_special_tokens_to_add(False) if processor else 0
+        )
         # TRUNCATE_NONE uses the right-truncating tokenizer too: an over-long input shows up
         # as an encoding with overflow, found in the same single pass.
         self._singles = {TRUNCATE_END: self._truncating("right"), TRUNCATE_START: self._truncating("left")}
@@ -71,11 +79,35 @@ class EncoderTokenizer:
             self._check_no_overflow(encodings, texts, what)
         return [e.ids for e in encodings]
 
+    def check_query(self, query: str, *, paired: bool) -> int:
+        """Tokens of a rerank query (special tokens included); InvalidInput if over the limit.
+
+        A query is never truncated. Paired with documents (a cross-encoder), it must leave
+        room for the pair's extra special tokens and at least one document token.
+        """
+        tokens = self.count(query)
+        limit = self.max_tokens - (self._pair_extra + 1 if paired else 0)
+        if tokens > limit:
+            room = " (the rest of the model's limit is kept for the document)" if paired else ""
+            raise InvalidInput(
+                f"query has {tokens} tokens, more than the {limit} allowed{room}; queries are never truncated: shorten it"
+            )
+        return tokens
+
     def encode_pairs(self, query: str, documents: list[str], truncate: str) -> list[Encoding]:
-        """(query, document) pairs for a cross-encoder, truncated on the document side."""
+        """(query, document) pairs for a cross-encoder, truncated on the document side.
+
+        Call `check_query` first: a query that leaves no room for the document cannot be paired.
+        """
         encodings = self._pairs[truncate].encode_batch([(query, d) for d in documents])
         if truncate == TRUNCATE_NONE:
-            self._check_no_overflow(encodings, documents, "document")
+            for index, encoding in enumerate(encodings):
+                if encoding.overflowing:
+                    pair = len(self._untruncated.encode(query, documents[index]).ids)
+                    raise InvalidInput(
+                        f"document {index} with the query has {pair} tokens, more than the model's limit of "
+                        f"{self.max_tokens}; shorten it or set truncate to TRUNCATE_END or TRUNCATE_START"
+                    )
         return encodings
 
     def _check_no_overflow(self, encodings: list[Encoding], texts: list[str], what: str) -> None:

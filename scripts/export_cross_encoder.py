@@ -1,0 +1,162 @@
+"""Exports a Hugging Face cross-encoder (AutoModelForSequenceClassification, one logit) to a
+Triton model repository entry that the gateway serves with `--cross-encoders NAME=OUT`.
+
+    python scripts/export_cross_encoder.py --hf-folder ~/ms-marco-MiniLM-L-6-v2 --out model_repository/msmarco-minilm
+
+Writes OUT/config.pbtxt (python backend, dynamic batching), OUT/1/model.onnx (token tensors
+in, `logits` [1] out), OUT/1/model.py (ONNX Runtime, scripts/templates/ort_model.py),
+OUT/tokenizer/ (the tokenizer files and config the gateway tokenizes with) and
+OUT/ragserve.json (the token limit). The Triton model name is OUT's folder name. The ONNX
+graph is checked against PyTorch on a few pairs before anything is written in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from ragserve_server.catalog import CROSS_ENCODER_INFO, max_tokens_of
+
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "ort_model.py"
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Pairs the exported graph is checked on: short, long-ish, and an empty document.
+CHECK_PAIRS = [
+    ("what is the capital of france?", "Paris is the capital and largest city of France."),
+    ("how do vaccines work", "Vaccines train the immune system to recognise a pathogen " * 6),
+    ("empty document", ""),
+]
+
+CONFIG = """# Cross-encoder exported by scripts/export_cross_encoder.py from {source}
+# (query, document) token tensors in (tokenized by the gateway, padded to length buckets),
+# one relevance logit per pair out; the gateway applies the sigmoid.
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch}
+input [
+  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "token_type_ids" data_type: TYPE_INT64 dims: [ -1 ] }}
+]
+output [
+  {{ name: "logits" data_type: TYPE_FP32 dims: [ 1 ] }}
+]
+# Requests of equal shape (same bucket) are batched, the rerank chunks of one call with
+# those of other callers; no queue delay (see model_repository/minilm/config.pbtxt).
+dynamic_batching {{
+  preferred_batch_size: [ {max_batch} ]
+  max_queue_delay_microseconds: 0
+}}
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+parameters {{ key: "onnx_file" value: {{ string_value: "model.onnx" }} }}
+parameters {{ key: "intra_op_threads" value: {{ string_value: "{threads}" }} }}
+"""
+
+
+class LogitsOnly(torch.nn.Module):
+    """The classifier with a fixed signature; token_type_ids is ignored by models without it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.uses_types = "token_type_ids" in inspect.signature(model.forward).parameters
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        extra = {"token_type_ids": token_type_ids} if self.uses_types else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
+def export(hf_folder: Path, out: Path, *, max_batch: int = 64, threads: int = 2) -> None:
+    config = AutoConfig.from_pretrained(hf_folder)
+    if config.num_labels != 1:
+        raise SystemExit(
+            f"{hf_folder}: the classifier has {config.num_labels} labels; a cross-encoder with a single "
+            f"relevance logit (num_labels=1) is required"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder, use_fast=True)
+    if not tokenizer.is_fast:
+        raise SystemExit(f"{hf_folder}: no fast tokenizer (tokenizer.json) could be built for this model")
+    model = LogitsOnly(
+        AutoModelForSequenceClassification.from_pretrained(hf_folder, dtype=torch.float32, attn_implementation="eager")
+    ).eval()
+
+    # Build next to OUT, then swap in: a half-exported folder never looks built.
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (staging / "1").mkdir()
+        tokenizer_dir = staging / "tokenizer"
+        tokenizer.save_pretrained(tokenizer_dir)
+        config.save_pretrained(tokenizer_dir)  # max_position_embeddings / model_type for the token limit
+        max_tokens = max_tokens_of(tokenizer_dir)
+
+        sample = tokenizer(["a", "b"], ["c d", "e"], padding=True, return_tensors="pt")
+        example = tuple(sample.get(name, torch.zeros_like(sample["input_ids"])) for name in INPUTS)
+        dynamic = {name: {0: "batch", 1: "seq"} for name in INPUTS}
+        dynamic["logits"] = {0: "batch"}
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                example,
+                str(staging / "1" / "model.onnx"),
+                input_names=list(INPUTS),
+                output_names=["logits"],
+                dynamic_axes=dynamic,
+                opset_version=17,
+                dynamo=False,
+            )
+        check(model, tokenizer, staging / "1" / "model.onnx", max_tokens)
+
+        shutil.copy2(TEMPLATE, staging / "1" / "model.py")
+        (staging / "config.pbtxt").write_text(
+            CONFIG.format(source=hf_folder.resolve().name, name=out.name, max_batch=max_batch, threads=threads)
+        )
+        info = {"kind": "cross_encoder", "max_input_tokens": max_tokens, "tokenizer_dir": "tokenizer", "source": str(hf_folder.resolve())}
+        (staging / CROSS_ENCODER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"exported {hf_folder} -> {out} (Triton model {out.name!r}, max {max_tokens} tokens)")
+
+
+def check(model: torch.nn.Module, tokenizer, onnx_path: Path, max_tokens: int) -> None:
+    """ONNX Runtime must give PyTorch's logits (padding included) before the export is kept."""
+    queries, documents = zip(*CHECK_PAIRS)
+    batch = tokenizer(list(queries), list(documents), padding=True, truncation="only_second", max_length=max_tokens, return_tensors="np")
+    feed = {name: batch.get(name, np.zeros_like(batch["input_ids"])).astype(np.int64) for name in INPUTS}
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    graph_inputs = {i.name for i in session.get_inputs()}
+    (got,) = session.run(["logits"], {k: v for k, v in feed.items() if k in graph_inputs})
+    with torch.no_grad():
+        want = model(*(torch.from_numpy(feed[name]) for name in INPUTS)).numpy()
+    diff = float(np.abs(got - want).max())
+    if diff > 1e-4:
+        raise SystemExit(f"ONNX export differs from PyTorch by {diff:.2e} on the check pairs; not exported")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-folder", type=Path, required=True, help="AutoModelForSequenceClassification checkpoint folder")
+    parser.add_argument("--out", type=Path, required=True, help="model repository entry to write (its name = Triton model name)")
+    parser.add_argument("--name", help="Triton model name; must equal OUT's folder name (default: it)")
+    parser.add_argument("--max-batch", type=int, default=64, help="Triton max_batch_size (the gateway's --triton-batch-rows)")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    args = parser.parse_args()
+    if args.name and args.name != args.out.name:
+        parser.error(f"--name {args.name!r} must equal the folder name of --out ({args.out.name!r}): Triton names models by folder")
+    export(args.hf_folder, args.out, max_batch=args.max_batch, threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()

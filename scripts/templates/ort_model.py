@@ -1,0 +1,52 @@
+"""Triton python-backend model: runs an ONNX encoder graph with ONNX Runtime on the CPU.
+
+Generic over the graph: it feeds the inputs and returns the outputs that config.pbtxt
+declares (the graph's own names), so the same file serves the MiniLM embedder and every
+exported cross-encoder. Copied into each model's version folder by the export scripts;
+tests/test_rerank_unit.py checks that the copies are unchanged.
+
+Each Triton execution gets the requests the dynamic batcher grouped; they are run as one
+ONNX Runtime batch. Requests normally share a shape (the gateway pads to length buckets);
+if not, they are right-padded to the longest (padding is masked, so results are unchanged).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        onnx_path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "2"))
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        # An exporter may drop an input the graph never reads (token_type_ids of XLM-R): skip it.
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        self.inputs = [i["name"] for i in config["input"] if i["name"] in graph_inputs]
+        self.outputs = [o["name"] for o in config["output"]]
+
+    def execute(self, requests):
+        arrays = {name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests] for name in self.inputs}
+        sizes = [a.shape[0] for a in arrays[self.inputs[0]]]
+        width = max(a.shape[1] for a in arrays[self.inputs[0]])
+        feed = {name: np.concatenate([_pad(a, width) for a in parts]) for name, parts in arrays.items()}
+        results = self.session.run(self.outputs, feed)
+        responses, start = [], 0
+        for size in sizes:
+            tensors = [pb_utils.Tensor(name, value[start : start + size]) for name, value in zip(self.outputs, results)]
+            start += size
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses
+
+
+def _pad(array, width):
+    if array.shape[1] == width:
+        return array
+    return np.pad(array, ((0, 0), (0, width - array.shape[1])))
