@@ -11,7 +11,7 @@ from ragserve._errors import (
     ServerError,
     UnavailableError,
 )
-from ragserve._types import EmbedResult, ModelInfo, Usage
+from ragserve._types import EmbedResult, ModelInfo, RankedDocument, RerankResult, Usage
 
 __all__ = [
     "AsyncClient",
@@ -24,6 +24,8 @@ __all__ = [
     "ModelNotFoundError",
     "OverloadedError",
     "RagserveError",
+    "RankedDocument",
+    "RerankResult",
     "ServerError",
     "UnavailableError",
     "Usage",

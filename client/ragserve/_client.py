@@ -3,6 +3,8 @@
     with ragserve.Client("127.0.0.1:50051") as client:
         result = client.embed(["hello", "world"])
         result.embeddings.shape  # (2, 384)
+        ranked = client.rerank("capital of France", ["Berlin is ...", "Paris is ..."], top_n=1)
+        ranked.results[0].index  # 1
 
     async with ragserve.AsyncClient("127.0.0.1:50051") as client:
         result = await client.embed(["hello"], dimensions=128, timeout=2.0)
@@ -16,8 +18,8 @@ import grpc
 
 from ragserve import _protocol
 from ragserve._errors import from_rpc_error
-from ragserve._types import EmbedResult, ModelInfo
-from ragserve.v1 import embed_pb2_grpc, models_pb2, models_pb2_grpc
+from ragserve._types import EmbedResult, ModelInfo, RerankResult
+from ragserve.v1 import embed_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -26,6 +28,7 @@ class _Stubs:
     def __init__(self, channel) -> None:
         self.embed = embed_pb2_grpc.EmbedStub(channel)
         self.models = models_pb2_grpc.ModelsStub(channel)
+        self.rerank = rerank_pb2_grpc.RerankStub(channel)
 
 
 class Client:
@@ -60,6 +63,26 @@ class Client:
             inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type
         )
         return _protocol.embed_result(self._call(self._stubs.embed.Embed, request, timeout))
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        model: str | None = None,
+        top_n: int | None = None,
+        return_documents: bool = False,
+        truncate: str | None = None,
+        raw_scores: bool = False,
+        timeout: float | None = None,
+    ) -> RerankResult:
+        """Orders `documents` by relevance to `query`, best first; `top_n` keeps the best N;
+        `truncate` ("none" default, "end", "start") applies to documents only; `raw_scores`
+        gives a cross-encoder's logit instead of its sigmoid (a bi-encoder's cosine either way)."""
+        request = _protocol.rerank_request(
+            query, documents, model=model, top_n=top_n, return_documents=return_documents, truncate=truncate, raw_scores=raw_scores
+        )
+        return _protocol.rerank_result(self._call(self._stubs.rerank.Rerank, request, timeout))
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return _protocol.model_infos(self._call(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), timeout))
@@ -105,6 +128,24 @@ class AsyncClient:
             inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type
         )
         return _protocol.embed_result(await self._call(self._stubs.embed.Embed, request, timeout))
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        model: str | None = None,
+        top_n: int | None = None,
+        return_documents: bool = False,
+        truncate: str | None = None,
+        raw_scores: bool = False,
+        timeout: float | None = None,
+    ) -> RerankResult:
+        """See `Client.rerank`."""
+        request = _protocol.rerank_request(
+            query, documents, model=model, top_n=top_n, return_documents=return_documents, truncate=truncate, raw_scores=raw_scores
+        )
+        return _protocol.rerank_result(await self._call(self._stubs.rerank.Rerank, request, timeout))
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return _protocol.model_infos(await self._call(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), timeout))

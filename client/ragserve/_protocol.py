@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ragserve._errors import InvalidArgumentError
-from ragserve._types import EmbedResult, ModelInfo, Usage
-from ragserve.v1 import common_pb2, embed_pb2, models_pb2
+from ragserve._types import EmbedResult, ModelInfo, RankedDocument, RerankResult, Usage
+from ragserve.v1 import common_pb2, embed_pb2, models_pb2, rerank_pb2
 
 TRUNCATE = {
     None: common_pb2.TRUNCATE_UNSPECIFIED,
@@ -81,6 +81,42 @@ def embed_result(response: embed_pb2.EmbedResponse) -> EmbedResult:
     width = len(rows[0]) if rows else 0
     embeddings = np.array(rows, dtype=np.float32).reshape(len(rows), width)
     return EmbedResult(model=response.model, embeddings=embeddings, usage=usage(response.usage))
+
+
+def rerank_request(
+    query: str,
+    documents: Sequence[str],
+    *,
+    model: str | None,
+    top_n: int | None,
+    return_documents: bool,
+    truncate: str | None,
+    raw_scores: bool,
+) -> rerank_pb2.RerankRequest:
+    if isinstance(documents, str):
+        raise InvalidArgumentError("documents must be a sequence of str, not one str")
+    (query,) = _texts(query, "query")
+    request = rerank_pb2.RerankRequest(
+        model=model or "",
+        query=query,
+        documents=_texts(documents, "document"),
+        return_documents=return_documents,
+        truncate=_choice(TRUNCATE, truncate, "truncate"),
+        raw_scores=raw_scores,
+    )
+    if top_n is not None:
+        if top_n < 0:
+            raise InvalidArgumentError(f"top_n must be positive, got {top_n}")
+        request.top_n = top_n
+    return request
+
+
+def rerank_result(response: rerank_pb2.RerankResponse) -> RerankResult:
+    results = [
+        RankedDocument(index=r.index, score=r.score, document=r.document if r.HasField("document") else None)
+        for r in response.results
+    ]
+    return RerankResult(model=response.model, results=results, usage=usage(response.usage))
 
 
 def model_infos(response: models_pb2.ListModelsResponse) -> list[ModelInfo]:

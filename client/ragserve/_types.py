@@ -24,6 +24,25 @@ class EmbedResult:
 
 
 @dataclass(frozen=True)
+class RankedDocument:
+    """One reranked document: `index` is its position in the request; `document` its text
+    when `return_documents` was asked for, else None."""
+
+    index: int
+    score: float
+    document: str | None = None
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """`results` sorted by score, best first (ties in request order), at most `top_n`."""
+
+    model: str
+    results: list[RankedDocument]
+    usage: Usage
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     kind: str  # "embedding", "cross_encoder", "bi_encoder" or "generation"
