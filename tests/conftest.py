@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 
-from support import GatewayProcess, start_triton
+from support import MODEL_REPOSITORY, ROOT, GatewayProcess, start_triton
 
 
 @pytest.fixture(scope="session")
-def triton(tmp_path_factory):
-    server = start_triton(tmp_path_factory.mktemp("triton"), ["minilm"])
+def model_repository(tmp_path_factory) -> Path:
+    """A temporary copy of the model repository (its entries linked, not copied): tests add
+    models to it, never to the real one."""
+    repository = tmp_path_factory.mktemp("model_repository")
+    for entry in MODEL_REPOSITORY.iterdir():
+        if entry.is_dir():
+            (repository / entry.name).symlink_to(entry, target_is_directory=True)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory, model_repository):
+    server = start_triton(tmp_path_factory.mktemp("triton"), ["minilm"], model_repository)
     yield server
     server.stop()
 
@@ -17,6 +33,55 @@ def triton(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gateway(triton, tmp_path_factory):
     process = GatewayProcess(triton.grpc_url, triton.models, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    try:
+        process.wait_serving()
+    except BaseException:
+        process.stop()
+        print(process.log_path.read_text()[-4000:])
+        raise
+    yield process
+    process.stop()
+
+
+@dataclass(frozen=True)
+class CrossEncoder:
+    name: str  # the gateway's model name
+    hf_folder: Path  # the checkpoint, for in-process references
+    model_dir: Path  # its entry in the session's model repository
+
+
+@pytest.fixture(scope="session")
+def cross_encoder(triton, model_repository, tmp_path_factory) -> CrossEncoder:
+    """A cross-encoder checkpoint built at test time, exported with scripts/export_cross_encoder.py
+    into the temporary model repository and loaded into the session Triton."""
+    import tritonclient.grpc as triton_grpc
+
+    from reference import build_test_cross_encoder
+
+    hf_folder = build_test_cross_encoder(tmp_path_factory.mktemp("cross_encoder_hf"))
+    model_dir = model_repository / "test-cross-encoder"
+    export = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export_cross_encoder.py"), "--hf-folder", str(hf_folder), "--out", str(model_dir)],
+        capture_output=True,
+        text=True,
+    )
+    if export.returncode != 0:
+        pytest.fail(f"export_cross_encoder.py failed ({export.returncode}):\n{export.stderr[-4000:]}")
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
+    client.load_model(model_dir.name)  # explicit model control: the repository is scanned on load
+    assert client.is_model_ready(model_dir.name)
+    return CrossEncoder("test-cross-encoder", hf_folder, model_dir)
+
+
+@pytest.fixture(scope="session")
+def rerank_gateway(triton, cross_encoder, tmp_path_factory):
+    """A gateway serving the embedded default plus the test cross-encoder (--cross-encoders)."""
+    process = GatewayProcess(
+        triton.grpc_url,
+        triton.models,
+        tmp_path_factory.mktemp("rerank_gateway") / "gateway.log",
+        "--cross-encoders", f"{cross_encoder.name}={cross_encoder.model_dir}",
+    )
     try:
         process.wait_serving()
     except BaseException:

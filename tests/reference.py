@@ -37,3 +37,39 @@ def minilm_embeddings(
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def build_test_cross_encoder(folder, seed: int = 0):
+    """A real sequence-classification checkpoint for the cross-encoder path: MiniLM's weights
+    with a freshly initialised (seeded) single-logit head. No trained cross-encoder ships in
+    a PyPI package; this one ranks arbitrarily, but exactly like transformers does."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(MINILM_DIR, num_labels=1, dtype=torch.float32)
+    # The default init (std 0.02) gives logits near 0; a wider head spreads the scores out.
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 1.0)
+        model.classifier.bias.fill_(0.1)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(MINILM_DIR).save_pretrained(folder)
+    return folder
+
+
+@functools.lru_cache(maxsize=None)
+def _cross_encoder(folder: str, truncation_side: str):
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, truncation_side=truncation_side)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def cross_encoder_logits(folder, query: str, documents: list[str], *, truncation_side: str = "right") -> np.ndarray:
+    """The logit per (query, document) pair, document side truncated to the model's limit."""
+    tokenizer, model = _cross_encoder(str(folder), truncation_side)
+    batch = tokenizer(
+        [query] * len(documents), documents, padding=True, truncation="only_second", max_length=512, return_tensors="pt"
+    )
+    with torch.no_grad():
+        return model(**batch).logits[:, 0].numpy().astype(np.float64)
