@@ -1,0 +1,107 @@
+"""Rerank pieces that need no Triton: settings parsing, catalog defaults, token limits,
+the exported model template, model discovery."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ragserve_server.catalog import (
+    BI_ENCODER,
+    CROSS_ENCODER,
+    CROSS_ENCODER_INFO,
+    build_catalog,
+    max_tokens_of,
+    parse_cross_encoders,
+)
+from ragserve_server.errors import InvalidInput
+from ragserve_server.tokenization import TRUNCATE_END, TRUNCATE_NONE, EncoderTokenizer
+from ragserve_server.triton_launcher import available_models
+from reference import MINILM_DIR
+from support import ROOT
+
+
+def test_model_py_copies_match_the_template():
+    template = (ROOT / "scripts" / "templates" / "ort_model.py").read_text()
+    assert (ROOT / "model_repository" / "minilm" / "1" / "model.py").read_text() == template
+
+
+def test_parse_cross_encoders(tmp_path):
+    assert parse_cross_encoders("") == {}
+    assert parse_cross_encoders(f" a={tmp_path}/x , b=rel/y ") == {"a": tmp_path / "x", "b": Path("rel/y")}
+    for bad in ("a", "=x", "a=", "a=x,a=y"):
+        with pytest.raises(ValueError, match="--cross-encoders"):
+            parse_cross_encoders(bad)
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """The files the gateway reads from an exported cross-encoder (no ONNX needed here)."""
+    model_dir = tmp_path / "my-ce"
+    (model_dir / "tokenizer").mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        shutil.copy(MINILM_DIR / name, model_dir / "tokenizer" / name)
+    (model_dir / "config.pbtxt").write_text('name: "my-ce"\n')
+    (model_dir / CROSS_ENCODER_INFO).write_text(json.dumps({"max_input_tokens": 512}))
+    return model_dir
+
+
+def test_catalog_default_reranker_is_the_bi_encoder(exported):
+    catalog = build_catalog(max_inputs_per_call=8, triton_models={"minilm"}, cross_encoders={"ce": exported})
+    assert catalog.get("", (BI_ENCODER, CROSS_ENCODER)).name == "all-minilm-l6-v2-bi-encoder"
+    ce = catalog.get("ce", (BI_ENCODER, CROSS_ENCODER))
+    assert (ce.kind, ce.triton_model, ce.max_input_tokens, ce.max_batch) == (CROSS_ENCODER, "my-ce", 512, 1000)
+    bi = catalog.get("all-minilm-l6-v2-bi-encoder", (BI_ENCODER,))
+    assert (bi.triton_model, bi.embedding_model, bi.max_input_tokens) == ("minilm", "all-minilm-l6-v2", 256)
+
+
+def test_catalog_default_reranker_can_be_a_cross_encoder(exported):
+    catalog = build_catalog(
+        max_inputs_per_call=8, triton_models={"minilm"}, cross_encoders={"ce": exported}, default_reranker="ce"
+    )
+    assert catalog.get("", (BI_ENCODER, CROSS_ENCODER)).name == "ce"
+    assert sorted(catalog.defaults.values()) == ["all-minilm-l6-v2", "ce"]  # one default reranker
+    with pytest.raises(ValueError, match="not a served reranker"):
+        build_catalog(max_inputs_per_call=8, triton_models={"minilm"}, default_reranker="nope")
+    with pytest.raises(ValueError, match="not an exported cross-encoder"):
+        build_catalog(max_inputs_per_call=8, triton_models=set(), cross_encoders={"x": exported.parent})
+
+
+def test_max_tokens_of(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "xlm-roberta", "max_position_embeddings": 514}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": int(1e30)}))
+    assert max_tokens_of(tmp_path) == 512
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
+    assert max_tokens_of(tmp_path) == 256
+
+
+def test_query_limits_leave_room_for_the_document():
+    tokenizer = EncoderTokenizer(MINILM_DIR / "tokenizer.json", 20)
+    ok, too_long = " ".join(["w"] * 16), " ".join(["w"] * 17)  # 18 and 19 tokens with [CLS] [SEP]
+    assert tokenizer.check_query(ok, paired=True) == 18
+    with pytest.raises(InvalidInput, match="query has 19 tokens, more than the 18 allowed"):
+        tokenizer.check_query(too_long, paired=True)
+    assert tokenizer.check_query(too_long, paired=False) == 19
+    # Paired, the document alone is cut, keeping one token; the pair fits exactly.
+    (pair,) = tokenizer.encode_pairs(ok, ["x y z"], TRUNCATE_END)
+    assert len(pair.ids) == 20 and pair.type_ids.count(1) == 2
+    with pytest.raises(InvalidInput, match="document 1 with the query has 22 tokens, more than the model's limit of 20"):
+        tokenizer.encode_pairs(ok, ["", "x y z"], TRUNCATE_NONE)
+
+
+def test_counts_are_not_cut_at_the_files_truncation():
+    tokenizer = EncoderTokenizer(MINILM_DIR / "tokenizer.json", 256)
+    assert tokenizer.count(" ".join(["w"] * 300)) == 302
+
+
+def test_available_models_needs_the_onnx_file_a_config_names(tmp_path):
+    version = tmp_path / "ce" / "1"
+    version.mkdir(parents=True)
+    (version / "model.py").write_text("")
+    (tmp_path / "ce" / "config.pbtxt").write_text('parameters { key: "onnx_file" value: { string_value: "model.onnx" } }\n')
+    assert available_models(tmp_path, ["ce"]) == []
+    (version / "model.onnx").write_bytes(b"")
+    assert available_models(tmp_path, ["ce"]) == ["ce"]
