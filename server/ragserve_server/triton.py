@@ -7,14 +7,12 @@ gateway's own errors, most specific first.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
 import grpc
 import numpy as np
-import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import (
     InferenceServerException,
@@ -118,15 +116,22 @@ def _outputs(response: service_pb2.ModelInferResponse) -> dict[str, np.ndarray]:
     return result
 
 
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    # A restarted Triton is found again within a second, not after minutes of backoff.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
 class TritonBackend:
     """InferenceBackend over a Triton server's gRPC endpoint (host:port)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._client = triton_aio.InferenceServerClient(url)  # health and statistics
-        self._channel = grpc.aio.insecure_channel(
-            url, options=[("grpc.max_receive_message_length", 256 * 1024 * 1024), ("grpc.max_send_message_length", 256 * 1024 * 1024)]
-        )
+        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def infer(
@@ -173,25 +178,24 @@ class TritonBackend:
             call.cancel()  # no-op once the call is done
 
     async def is_ready(self, models: Sequence[str]) -> bool:
+        # Probes on the inference channel itself: when this says ready, that channel is connected.
         try:
-            if not await self._client.is_server_ready(client_timeout=2.0):
+            if not (await self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2.0)).ready:
                 return False
             for model in models:
-                if not await self._client.is_model_ready(model, client_timeout=2.0):
+                if not (await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=2.0)).ready:
                     return False
             return True
-        except (InferenceServerException, asyncio.TimeoutError, OSError):
+        except grpc.aio.AioRpcError:
             return False
 
     async def execution_stats(self, model: str) -> tuple[int, int]:
         """(successful requests, model executions) since Triton started: fewer executions
         than requests means the dynamic batcher grouped requests."""
         with _mapped_errors():
-            stats = await self._client.get_inference_statistics(model, as_json=True)
-        entry = stats["model_stats"][0]
-        requests = int(entry.get("inference_stats", {}).get("success", {}).get("count", 0))
-        return requests, int(entry.get("execution_count", 0))
+            reply = await self._stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name=model), timeout=5.0)
+        stats = reply.model_stats[0]
+        return stats.inference_stats.success.count, stats.execution_count
 
     async def close(self) -> None:
         await self._channel.close()
-        await self._client.close()

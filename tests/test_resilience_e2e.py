@@ -1,0 +1,96 @@
+"""Triton going away and coming back, health, and draining on SIGTERM: real processes."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+import ragserve
+from support import GatewayProcess, health_status, start_triton, wait_for_health
+from ragserve_server.triton_launcher import TritonServer
+
+pytestmark = pytest.mark.integration
+
+EMBED = "ragserve.v1.Embed"
+
+
+@pytest.fixture
+def own_stack(tmp_path):
+    """A Triton and gateway of this test's own, so stopping Triton disturbs no other test."""
+    triton = start_triton(tmp_path, ["minilm"])
+    gateway = GatewayProcess(triton.grpc_url, triton.models, tmp_path / "gateway.log")
+    try:
+        gateway.wait_serving()
+        yield triton, gateway
+    finally:
+        gateway.stop()
+        triton.stop()
+
+
+def test_triton_stopped_then_restarted(own_stack):
+    triton, gateway = own_stack
+    with ragserve.Client(gateway.address) as client:
+        assert client.embed(["before"]).embeddings.shape == (1, 384)
+
+        triton.stop()
+        started = time.monotonic()
+        with pytest.raises(ragserve.UnavailableError) as info:
+            client.embed(["while down"], timeout=5)
+        assert time.monotonic() - started < 5
+        assert "unavailable" in info.value.message
+        wait_for_health(gateway.address, EMBED, serving=False, timeout=10)
+        assert health_status(gateway.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        # The same ports again: the gateway reconnects on its own.
+        restarted = TritonServer(triton.model_repository, triton.models, triton.ports, triton.work_dir)
+        restarted.start()
+        try:
+            restarted.wait_ready(120)
+            wait_for_health(gateway.address, EMBED, serving=True, timeout=30)
+            assert client.embed(["after"], timeout=30).embeddings.shape == (1, 384)
+        finally:
+            restarted.stop()
+
+
+def test_sigterm_drains_in_flight_calls(own_stack):
+    _, gateway = own_stack
+    texts = [f"a long-ish passage number {i} " * 6 for i in range(300)]
+    outcome: dict = {}
+    client = ragserve.Client(gateway.address)
+    client.embed(["connect first"], timeout=30)  # so the big call is on the wire at once
+
+    def call() -> None:
+        try:
+            outcome["result"] = client.embed(texts, timeout=120)
+        except ragserve.RagserveError as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    time.sleep(1.0)  # the call is in flight (it takes several seconds)
+    gateway.process.send_signal(signal.SIGTERM)
+    worker.join(120)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].embeddings.shape == (300, 384)
+    assert gateway.process.wait(30) == 0
+    client.close()
+    with pytest.raises(ragserve.UnavailableError):
+        with ragserve.Client(gateway.address) as client:
+            client.embed(["after shutdown"], timeout=2)
+
+
+def test_health_and_reflection(gateway):
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    for service in ("", EMBED, "ragserve.v1.Models"):
+        assert health_status(gateway.address, service) == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (reply,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        names = {s.name for s in reply.list_services_response.service}
+    assert {"ragserve.v1.Embed", "ragserve.v1.Rerank", "ragserve.v1.Generate", "ragserve.v1.Models", "grpc.health.v1.Health"} <= names
