@@ -46,3 +46,18 @@ bench: setup models
 
 clean:
 	rm -rf $(VENV) build reports $(MINILM_ONNX) model_repository/smollm2/1/hf
+
+# Rerank: quality on bench/data/relevance.jsonl next to BM25, and 1000-document Rerank vs Embed.
+.PHONY: bench-rerank
+bench-rerank: setup models
+	$(PY) bench/rerank_bench.py
+
+# A cross-encoder of your own (a single-logit AutoModelForSequenceClassification folder), then serve it:
+#   make models CROSS_ENCODER_HF=~/ms-marco-MiniLM-L-6-v2 CROSS_ENCODER_NAME=msmarco-minilm
+#   RAGSERVE_CROSS_ENCODERS=msmarco-minilm=model_repository/msmarco-minilm make run
+CROSS_ENCODER_NAME ?= cross-encoder
+ifneq ($(CROSS_ENCODER_HF),)
+models: model_repository/$(CROSS_ENCODER_NAME)/1/model.onnx
+model_repository/$(CROSS_ENCODER_NAME)/1/model.onnx: scripts/export_cross_encoder.py $(STAMP)
+	$(PY) scripts/export_cross_encoder.py --hf-folder $(CROSS_ENCODER_HF) --out model_repository/$(CROSS_ENCODER_NAME)
+endif

@@ -1,0 +1,191 @@
+"""Rerank benchmark: quality on a hand-labelled relevance set and speed at 1000 documents per
+call, end to end through the gateway, printed as one table.
+
+    quality  MRR@10 and nDCG@10 of the reranker (default: the server's default) on
+             bench/data/relevance.jsonl, next to BM25 over the same candidates
+    speed    one Rerank call of 1000 short documents next to one Embed call of the same
+             1000 documents (same run, interleaved, median of --repeats): the bi-encoder
+             default should cost at most 1.3x the Embed call
+
+Starts its own Triton and gateway on free loopback ports (stopped at the end) unless
+--address points at a running gateway.
+
+    .venv/bin/python bench/rerank_bench.py [--address HOST:PORT] [--model NAME] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import ragserve  # noqa: E402
+from support import GatewayProcess, start_triton  # noqa: E402
+
+DATA = ROOT / "bench" / "data" / "relevance.jsonl"
+ANSWER = 2  # label of a document that answers the query (1: on topic, 0: not relevant)
+
+
+def load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def mrr_at_10(labels_in_rank_order: list[int]) -> float:
+    """Reciprocal rank of the first answer in the top 10 (0 if none)."""
+    for rank, label in enumerate(labels_in_rank_order[:10], start=1):
+        if label >= ANSWER:
+            return 1.0 / rank
+    return 0.0
+
+
+def ndcg_at_10(labels_in_rank_order: list[int]) -> float:
+    """Graded nDCG@10 with gain 2^label - 1."""
+
+    def dcg(labels: list[int]) -> float:
+        return sum((2**label - 1) / math.log2(rank + 1) for rank, label in enumerate(labels[:10], start=1))
+
+    ideal = dcg(sorted(labels_in_rank_order, reverse=True))
+    return dcg(labels_in_rank_order) / ideal if ideal else 0.0
+
+
+# --- BM25 baseline -----------------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class BM25:
+    """Okapi BM25 (k1 1.2, b 0.75); document frequencies from every candidate in the set."""
+
+    def __init__(self, corpus: list[str], k1: float = 1.2, b: float = 0.75) -> None:
+        tokenized = [words(d) for d in corpus]
+        self.k1, self.b = k1, b
+        self.avgdl = sum(map(len, tokenized)) / len(tokenized)
+        df = Counter(w for doc in tokenized for w in set(doc))
+        n = len(tokenized)
+        self.idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}
+
+    def score(self, query: str, document: str) -> float:
+        terms = Counter(words(document))
+        length = sum(terms.values())
+        total = 0.0
+        for w in set(words(query)):
+            tf = terms.get(w, 0)
+            if tf:
+                total += self.idf.get(w, 0.0) * tf * (self.k1 + 1) / (tf + self.k1 * (1 - self.b + self.b * length / self.avgdl))
+        return total
+
+
+def ranked_labels(scores: list[float], labels: list[int]) -> list[int]:
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep file order
+    return [labels[i] for i in order]
+
+
+# --- the measurements ----------------------------------------------------------------------------
+
+
+def quality(client: ragserve.Client, model: str | None, sets: list[dict]) -> tuple[str, dict[str, float]]:
+    bm25 = BM25([d for s in sets for d in s["documents"]])
+    rows = {"model_mrr": [], "model_ndcg": [], "bm25_mrr": [], "bm25_ndcg": []}
+    name = ""
+    for s in sets:
+        result = client.rerank(s["query"], s["documents"], model=model)
+        name = result.model
+        model_order = [s["labels"][r.index] for r in result.results]
+        bm25_order = ranked_labels([bm25.score(s["query"], d) for d in s["documents"]], s["labels"])
+        rows["model_mrr"].append(mrr_at_10(model_order))
+        rows["model_ndcg"].append(ndcg_at_10(model_order))
+        rows["bm25_mrr"].append(mrr_at_10(bm25_order))
+        rows["bm25_ndcg"].append(ndcg_at_10(bm25_order))
+    return name, {k: statistics.fmean(v) for k, v in rows.items()}
+
+
+def short_documents(sets: list[dict], n: int) -> list[str]:
+    """n distinct short documents (~10-30 tokens) drawn from the relevance set."""
+    pool = [d for s in sets for d in s["documents"]]
+    return [f"{pool[i % len(pool)]} ({i})" for i in range(n)]
+
+
+def speed(client: ragserve.Client, model: str | None, documents: list[str], repeats: int) -> tuple[float, float]:
+    """Median seconds of one Rerank call and one Embed call over the same documents, interleaved."""
+    query = "which document explains how the immune system learns from vaccines?"
+    client.rerank(query, documents, model=model)  # warm-up: buckets, thread pools, Triton
+    client.embed(documents)
+    rerank_times, embed_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        client.rerank(query, documents, model=model)
+        rerank_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        client.embed(documents)
+        embed_times.append(time.perf_counter() - start)
+    return statistics.median(rerank_times), statistics.median(embed_times)
+
+
+def run(address: str, args: argparse.Namespace) -> None:
+    sets = load(args.data)
+    with ragserve.Client(address, timeout=300) as client:
+        name, q = quality(client, args.model, sets)
+        documents = short_documents(sets, args.documents)
+        rerank_s, embed_s = speed(client, args.model, documents, args.repeats)
+    n_docs = sum(len(s["documents"]) for s in sets)
+    ratio = rerank_s / embed_s
+    table = [
+        ("", name, "BM25 / Embed"),
+        ("MRR@10", f"{q['model_mrr']:.3f}", f"{q['bm25_mrr']:.3f}"),
+        ("nDCG@10", f"{q['model_ndcg']:.3f}", f"{q['bm25_ndcg']:.3f}"),
+        (f"{args.documents} docs in one call, s", f"{rerank_s:.3f}", f"{embed_s:.3f}"),
+        ("documents/s", f"{args.documents / rerank_s:.0f}", f"{args.documents / embed_s:.0f}"),
+        ("Rerank / Embed time", f"{ratio:.2f}x", "goal <= 1.30x"),
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    print(f"\nrerank benchmark: {len(sets)} queries, {n_docs} labelled candidates; "
+          f"speed = median of {args.repeats} calls of {args.documents} short documents, end to end")
+    for i, row in enumerate(table):
+        print("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--address", help="a running gateway (default: start Triton and a gateway here)")
+    parser.add_argument("--model", help="reranker to measure (default: the server's default)")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--documents", type=int, default=1000, help="documents per call for the speed rows")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    if args.address:
+        run(args.address, args)
+        return
+    with tempfile.TemporaryDirectory(prefix="rerank_bench_") as work:
+        print("starting Triton and the gateway...", file=sys.stderr)
+        triton = start_triton(Path(work), ["minilm"])
+        gateway = None
+        try:
+            gateway = GatewayProcess(triton.grpc_url, triton.models, Path(work) / "gateway.log").wait_serving()
+            run(gateway.address, args)
+        finally:
+            if gateway is not None:
+                gateway.stop()
+            triton.stop()
+
+
+if __name__ == "__main__":
+    main()
