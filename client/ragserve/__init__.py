@@ -11,7 +11,7 @@ from ragserve._errors import (
     ServerError,
     UnavailableError,
 )
-from ragserve._types import EmbedResult, ModelInfo, RankedDocument, RerankResult, Usage
+from ragserve._types import EmbedResult, GenerateResult, ModelInfo, RankedDocument, RerankResult, TextDelta, Usage
 
 __all__ = [
     "AsyncClient",
@@ -19,6 +19,7 @@ __all__ = [
     "Client",
     "DeadlineExceededError",
     "EmbedResult",
+    "GenerateResult",
     "InvalidArgumentError",
     "ModelInfo",
     "ModelNotFoundError",
@@ -27,6 +28,7 @@ __all__ = [
     "RankedDocument",
     "RerankResult",
     "ServerError",
+    "TextDelta",
     "UnavailableError",
     "Usage",
 ]

@@ -12,14 +12,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 
 from ragserve import _protocol
 from ragserve._errors import from_rpc_error
-from ragserve._types import EmbedResult, ModelInfo, RerankResult
-from ragserve.v1 import embed_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2_grpc
+from ragserve._types import EmbedResult, GenerateResult, ModelInfo, RerankResult, TextDelta
+from ragserve.v1 import embed_pb2_grpc, generate_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -28,6 +28,7 @@ class _Stubs:
     def __init__(self, channel) -> None:
         self.embed = embed_pb2_grpc.EmbedStub(channel)
         self.models = models_pb2_grpc.ModelsStub(channel)
+        self.generate = generate_pb2_grpc.GenerateStub(channel)
         self.rerank = rerank_pb2_grpc.RerankStub(channel)
 
 
@@ -83,6 +84,61 @@ class Client:
             query, documents, model=model, top_n=top_n, return_documents=return_documents, truncate=truncate, raw_scores=raw_scores
         )
         return _protocol.rerank_result(self._call(self._stubs.rerank.Rerank, request, timeout))
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """Generates a completion for `prompt` (raw text) or `messages` (chat: dicts with
+        "role" and "content"). temperature 0 = greedy; same `seed` and input = same text."""
+        request = _protocol.generate_request(
+            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+        )
+        return _protocol.generate_result(self._call(self._stubs.generate.Generate, request, timeout))
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[TextDelta | GenerateResult]:
+        """Like `generate`, streamed: `TextDelta`s, then the final `GenerateResult`.
+        Leaving the loop early cancels the generation on the server."""
+        request = _protocol.generate_request(
+            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+        )
+        call = self._stubs.generate.GenerateStream(
+            request, timeout=timeout if timeout is not None else self._timeout, metadata=self._metadata
+        )
+        try:
+            for message in call:
+                yield _protocol.stream_event(message)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return _protocol.model_infos(self._call(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), timeout))
@@ -146,6 +202,59 @@ class AsyncClient:
             query, documents, model=model, top_n=top_n, return_documents=return_documents, truncate=truncate, raw_scores=raw_scores
         )
         return _protocol.rerank_result(await self._call(self._stubs.rerank.Rerank, request, timeout))
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """See `Client.generate`."""
+        request = _protocol.generate_request(
+            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+        )
+        return _protocol.generate_result(await self._call(self._stubs.generate.Generate, request, timeout))
+
+    async def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[TextDelta | GenerateResult]:
+        """See `Client.stream`: an async iterator here."""
+        request = _protocol.generate_request(
+            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+        )
+        call = self._stubs.generate.GenerateStream(
+            request, timeout=timeout if timeout is not None else self._timeout, metadata=self._metadata
+        )
+        try:
+            async for message in call:
+                yield _protocol.stream_event(message)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return _protocol.model_infos(await self._call(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), timeout))

@@ -5,13 +5,13 @@ Only the transport differs between the two clients; everything a call means live
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from ragserve._errors import InvalidArgumentError
-from ragserve._types import EmbedResult, ModelInfo, RankedDocument, RerankResult, Usage
-from ragserve.v1 import common_pb2, embed_pb2, models_pb2, rerank_pb2
+from ragserve._types import EmbedResult, GenerateResult, ModelInfo, RankedDocument, RerankResult, TextDelta, Usage
+from ragserve.v1 import common_pb2, embed_pb2, generate_pb2, models_pb2, rerank_pb2
 
 TRUNCATE = {
     None: common_pb2.TRUNCATE_UNSPECIFIED,
@@ -131,3 +131,62 @@ def model_infos(response: models_pb2.ListModelsResponse) -> list[ModelInfo]:
         )
         for m in response.models
     ]
+
+
+FINISH_REASON = {generate_pb2.FINISH_REASON_STOP: "stop", generate_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+def generate_request(
+    prompt: str | None,
+    *,
+    messages: Sequence[Mapping[str, str]] | None,
+    model: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    repetition_penalty: float | None,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+) -> generate_pb2.GenerateRequest:
+    request = generate_pb2.GenerateRequest(model=model or "")
+    if prompt is not None:
+        request.prompt = _texts([prompt], "prompt")[0]
+    for index, message in enumerate(messages or ()):
+        try:
+            role, content = message["role"], message["content"]
+        except (KeyError, TypeError):
+            raise InvalidArgumentError(f"message {index} must be a mapping with 'role' and 'content'") from None
+        request.messages.add(role=role, content=_texts([content], "message")[0])
+    optional = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+    }
+    for field, value in optional.items():
+        if value is not None:
+            try:
+                setattr(request, field, value)
+            except (ValueError, TypeError) as exc:
+                raise InvalidArgumentError(f"{field}: {exc}") from None
+    if stop is not None:
+        request.stop.extend(_texts(stop, "stop sequence"))
+    return request
+
+
+def generate_result(response: generate_pb2.GenerateResponse) -> GenerateResult:
+    return GenerateResult(
+        model=response.model,
+        text=response.text,
+        finish_reason=FINISH_REASON.get(response.finish_reason, "unspecified"),
+        usage=usage(response.usage),
+    )
+
+
+def stream_event(message: generate_pb2.GenerateStreamResponse) -> TextDelta | GenerateResult:
+    if message.WhichOneof("event") == "final":
+        return generate_result(message.final)
+    return TextDelta(message.delta)

@@ -50,3 +50,21 @@ class ModelInfo:
     max_input_tokens: int
     max_batch: int
     is_default: bool
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """The whole completion. `finish_reason` is "stop" (end of sequence or a stop sequence)
+    or "length" (max_tokens or the context reached)."""
+
+    model: str
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of a streamed generation (never a broken character)."""
+
+    text: str

@@ -9,13 +9,14 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, models_pb2, models_pb2_grpc, rerank_pb2, rerank_pb2_grpc
+from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2, rerank_pb2_grpc
 from ragserve_server.admission import Admission
-from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, Catalog
+from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog
 from ragserve_server.encoder import EncoderRunner
 from ragserve_server.health import HealthMonitor
 from ragserve_server.interceptor import GatewayInterceptor
 from ragserve_server.services.embed import EmbedService
+from ragserve_server.services.generate import GenerateService
 from ragserve_server.services.models import ModelsService
 from ragserve_server.services.rerank import RerankService
 from ragserve_server.settings import Settings
@@ -63,6 +64,9 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         EmbedService(catalog, tokenizers, encoder, executor, settings.max_inputs_per_call), server
     )
     models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(catalog), server)
+    generators = catalog.by_kind(GENERATION)
+    if generators:
+        generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(catalog, backend, executor), server)
     rerankers = catalog.by_kind(BI_ENCODER) + catalog.by_kind(CROSS_ENCODER)
     if rerankers:
         rerank_pb2_grpc.add_RerankServicer_to_server(
@@ -74,6 +78,8 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     embed_models = [m.triton_model for m in catalog.by_kind(EMBEDDING)]
     all_models = sorted({m.triton_model for m in catalog.models})
     needs = {"": all_models, SERVICE_NAMES["embed"]: embed_models, SERVICE_NAMES["models"]: []}
+    if generators:
+        needs[SERVICE_NAMES["generate"]] = sorted({m.triton_model for m in generators})
     if rerankers:
         needs[SERVICE_NAMES["rerank"]] = sorted({m.triton_model for m in rerankers})
     health = HealthMonitor(backend, needs, settings.health_poll_interval)

@@ -164,6 +164,7 @@ def build_catalog(
     max_documents_per_call: int = 1000,
     cross_encoders: dict[str, Path] | None = None,
     default_reranker: str = "",
+    model_repository: Path | None = None,
 ) -> Catalog:
     """The embedded default (the models the bundled model repository serves), plus the
     cross-encoders configured by name; `default_reranker` empty = the bi-encoder."""
@@ -178,6 +179,11 @@ def build_catalog(
         if any(m.name == name for m in models):
             raise ValueError(f"cross-encoder name {name!r} is already taken by another model")
         models.append(cross_encoder(name, folder, max_documents_per_call))
+    if "smollm2" in triton_models and model_repository is not None:
+        folder = Path(model_repository) / "smollm2"
+        generator = generation_model(folder / "1" / "hf", engine_context_length(folder / "config.pbtxt"))
+        models.append(generator)
+        defaults[GENERATION] = generator.name
     rerankers = [m for m in models if m.kind in (BI_ENCODER, CROSS_ENCODER)]
     if default_reranker:
         chosen = next((m for m in rerankers if m.name == default_reranker), None)
@@ -190,3 +196,23 @@ def build_catalog(
         # One default reranker, keyed by its kind (ListModels marks exactly one).
         defaults[chosen.kind] = chosen.name
     return Catalog(models, defaults)
+
+
+def generation_model(hf_dir: Path, context_length: int, name: str = "smollm2-135m-instruct", triton_model: str = "smollm2") -> ServedModel:
+    """A causal LM served by the in-flight batching engine; `context_length` is the engine's."""
+    return ServedModel(
+        name=name,
+        kind=GENERATION,
+        triton_model=triton_model,
+        model_dir=hf_dir,
+        max_input_tokens=context_length,
+        max_batch=1,
+    )
+
+
+def engine_context_length(model_config: Path, default: int = 2048) -> int:
+    """The `context_length` parameter of a generation model's config.pbtxt (the engine's limit)."""
+    import re
+
+    match = re.search(r'key:\s*"context_length"\s*value:\s*\{\s*string_value:\s*"(\d+)"', model_config.read_text())
+    return int(match.group(1)) if match else default

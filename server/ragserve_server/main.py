@@ -56,6 +56,7 @@ async def serve(settings: Settings) -> None:
             max_documents_per_call=settings.max_documents_per_call,
             cross_encoders=cross_encoders,
             default_reranker=settings.default_reranker,
+            model_repository=settings.model_repository,
         )
         gateway = await create_gateway(settings, TritonBackend(triton_url), catalog)
         log.info(
