@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_reflection.v1alpha import reflection
@@ -15,6 +16,7 @@ from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERA
 from ragserve_server.encoder import EncoderRunner
 from ragserve_server.health import HealthMonitor
 from ragserve_server.interceptor import GatewayInterceptor
+from ragserve_server.metrics import GatewayMetrics
 from ragserve_server.services.embed import EmbedService
 from ragserve_server.services.generate import GenerateService
 from ragserve_server.services.models import ModelsService
@@ -38,11 +40,17 @@ class Gateway:
     health: HealthMonitor
     backend: InferenceBackend
     executor: ThreadPoolExecutor
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    background: list[asyncio.Task] = field(default_factory=list)
 
     async def stop(self, grace: float) -> None:
         """Drains: health goes NOT_SERVING, new calls are refused, in-flight calls get `grace` seconds."""
         await self.health.shutdown()
         await self.server.stop(grace)
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        self.metrics.close()
         await self.backend.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -51,8 +59,9 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     """Builds, binds and starts the gateway; `settings.port` 0 binds any free port."""
     executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
     admission = Admission(settings.max_concurrent_requests)
+    metrics = GatewayMetrics()  # served over HTTP by main (--metrics-port); tests read metrics.registry
     server = grpc.aio.server(
-        interceptors=[GatewayInterceptor(admission)],
+        interceptors=[GatewayInterceptor(admission, on_finish=metrics.call_finished, on_start=metrics.call_started)],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
     )
     tokenizers = {
@@ -93,4 +102,5 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
     await server.start()
     await health.start()
-    return Gateway(server, port, health, backend, executor)
+    poll = metrics.triton_batches.poll(backend, all_models, settings.triton_stats_interval)
+    return Gateway(server, port, health, backend, executor, metrics, [asyncio.create_task(poll)])

@@ -61,9 +61,15 @@ async def _checked_messages(request_iterator):
 
 
 class GatewayInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, admission: Admission, on_finish: Callable[[RequestRecord, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        on_finish: Callable[[RequestRecord, str], None] | None = None,
+        on_start: Callable[[RequestRecord], None] | None = None,
+    ) -> None:
         self.admission = admission
         self.on_finish = on_finish or (lambda record, code: None)
+        self.on_start = on_start or (lambda record: None)  # in-flight gauges need the start too
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -129,6 +135,7 @@ class _Call:
         record = RequestRecord(self.service, self.method, self.request_id)
         structlog.contextvars.bind_contextvars(request_id=self.request_id, service=self.service, method=self.method)
         token = request_record.start(record)
+        self.interceptor.on_start(record)
         admission = self.interceptor.admission
         admitted = False
         code, message = grpc.StatusCode.OK, ""
@@ -140,17 +147,19 @@ class _Call:
             yield
         except RagserveError as exc:
             code, message = status_of(exc)
+            record.error_reason = exc.reason
             log.info("rpc_rejected", code=code.name, error=message)
         except (asyncio.CancelledError, GeneratorExit):
             code = grpc.StatusCode.CANCELLED  # the caller went away or the stream was closed
             raise
         except Exception as exc:  # noqa: BLE001 - a bug: logged once with its cause, answered INTERNAL
             code, message = status_of(exc)
+            record.error_reason = "internal"
             log.error("rpc_failed", code=code.name, exc_info=exc)
         finally:
             if admitted:
                 admission.release()
-            duration = time.perf_counter() - record.started
+            duration = record.duration = time.perf_counter() - record.started
             log.info(
                 "rpc",
                 status=code.name,

@@ -59,10 +59,13 @@ async def serve(settings: Settings) -> None:
             model_repository=settings.model_repository,
         )
         gateway = await create_gateway(settings, TritonBackend(triton_url), catalog)
+        if settings.metrics_port:
+            gateway.metrics.serve(settings.host, settings.metrics_port)
         log.info(
             "serving",
             grpc=f"{settings.host}:{gateway.port}",
             triton=triton_url,
+            metrics=f"http://{settings.host}:{settings.metrics_port}/metrics" if settings.metrics_port else None,
             triton_metrics=triton.metrics_url if triton else None,
             models=[m.name for m in catalog.models],
         )

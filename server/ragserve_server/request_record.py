@@ -3,6 +3,14 @@
 Services note stages with `stage("tokenize")` and tokens with `add_tokens(...)`; the
 interceptor opens a record per call and hands it to the metrics module when the call ends,
 so handlers never touch Prometheus.
+
+Generation contract (read by metrics.GatewayMetrics): times are `time.perf_counter()`
+values, the clock of `started`. A service that generates calls `token_emitted(n)` when n
+tokens arrive from the engine (or fills the fields itself): `first_token_at` is when the
+first token arrived (time to first token = first_token_at - started) and `token_times` has
+one entry per generated token, the first one included (inter-token latency = the
+differences of consecutive entries; tokens that arrive together share a time).
+`completion_tokens` counts them for usage via `add_tokens(completion=...)`.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ class RequestRecord:
     real_tokens: int = 0  # of which real tokens
     first_token_at: float | None = None
     token_times: list[float] = field(default_factory=list)
+    duration: float = 0.0  # whole call, set by the interceptor when it ends
+    error_reason: str | None = None  # RagserveError.reason (or "internal") of a failed call
 
     def add_stage(self, name: str, seconds: float) -> None:
         self.stages[name] = self.stages.get(name, 0.0) + seconds
@@ -70,3 +80,13 @@ def add_padding(*, real: int, padded: int) -> None:
     if record is not None:
         record.real_tokens += real
         record.padded_tokens += padded
+
+
+def token_emitted(count: int = 1) -> None:
+    """Notes `count` generated tokens arriving now (see the generation contract above)."""
+    record = _current.get()
+    if record is not None and count > 0:
+        now = time.perf_counter()
+        if record.first_token_at is None:
+            record.first_token_at = now
+        record.token_times.extend([now] * count)

@@ -47,6 +47,9 @@ class Settings:
     tokenizer_threads: int = field(default=1, metadata={"help": "threads that tokenize off the event loop"})
     triton_ready_timeout: float = field(default=180.0, metadata={"help": "seconds to wait for the bundled Triton to be ready"})
     health_poll_interval: float = field(default=1.0, metadata={"help": "seconds between Triton readiness checks"})
+    triton_stats_interval: float = field(
+        default=5.0, metadata={"help": "seconds between reads of Triton's batch statistics (ragserve_triton_batch_size)"}
+    )
     drain_seconds: float = field(default=10.0, metadata={"help": "grace period for in-flight calls on SIGTERM"})
     log_format: str = field(default="auto", metadata={"help": "json, console, or auto (console when a terminal)"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})

@@ -53,6 +53,8 @@ class InferenceBackend(Protocol):
 
     async def execution_stats(self, model: str) -> tuple[int, int]: ...
 
+    async def batch_statistics(self, model: str) -> dict[int, int]: ...
+
     async def close(self) -> None: ...
 
 
@@ -196,6 +198,17 @@ class TritonBackend:
             reply = await self._stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name=model), timeout=5.0)
         stats = reply.model_stats[0]
         return stats.inference_stats.success.count, stats.execution_count
+
+    async def batch_statistics(self, model: str) -> dict[int, int]:
+        """Executions per batch size (rows) since Triton started: what the dynamic batcher
+        actually ran, for the ragserve_triton_batch_size metric."""
+        with _mapped_errors():
+            reply = await self._stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name=model), timeout=5.0)
+        sizes: dict[int, int] = {}
+        for stats in reply.model_stats:  # one entry per loaded version
+            for batch in stats.batch_stats:
+                sizes[batch.batch_size] = sizes.get(batch.batch_size, 0) + batch.compute_infer.count
+        return sizes
 
     async def close(self) -> None:
         await self._channel.close()
