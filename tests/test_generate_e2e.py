@@ -1,0 +1,166 @@
+"""Generate against the real Triton (SmolLM2 in the in-flight batching engine) and gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import ragserve
+from support import GatewayProcess, start_triton
+
+pytestmark = pytest.mark.integration
+
+HF = Path(__file__).resolve().parents[1] / "model_repository" / "smollm2" / "1" / "hf"
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Name three primary colours."}],
+    [{"role": "user", "content": "Write one sentence about the sea."}],
+]
+MAX_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def generation(tmp_path_factory):
+    work = tmp_path_factory.mktemp("generation")
+    triton = start_triton(work, ["smollm2"])
+    gateway = GatewayProcess(triton.grpc_url, ["smollm2"], work / "gateway.log")
+    try:
+        gateway.wait_serving(timeout=120)
+        yield triton, gateway
+    finally:
+        gateway.stop()
+        triton.stop()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' own greedy generate on the same folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(HF)
+    model = AutoModelForCausalLM.from_pretrained(HF, dtype=torch.float32).eval()
+
+    def greedy(messages, max_new_tokens=MAX_TOKENS):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, ids["input_ids"].shape[1] :].tolist()
+        return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+    return greedy
+
+
+def running_sequences(triton) -> float:
+    with urllib.request.urlopen(triton.metrics_url, timeout=5) as reply:
+        text = reply.read().decode()
+    match = re.search(r'^ragserve_engine_running_sequences\{[^}]*\} (\S+)$', text, re.MULTILINE)
+    assert match, "engine metric missing from Triton's metrics port"
+    return float(match.group(1))
+
+
+def wait_running(triton, value: float, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running_sequences(triton) == value:
+            return value
+        time.sleep(0.05)
+    return running_sequences(triton)
+
+
+async def test_greedy_equals_transformers_alone_and_batched(generation, reference):
+    _, gateway = generation
+    expected = [reference(m) for m in CHATS]
+    async with ragserve.AsyncClient(gateway.address, timeout=120) as client:
+        alone = [await client.generate(messages=m, max_tokens=MAX_TOKENS, temperature=0) for m in CHATS]
+        # The same prompts again, all at once and among longer sampled sequences.
+        noise = [client.generate(prompt=f"Tell me a story about number {i}.", max_tokens=40, temperature=0.8, seed=i) for i in range(3)]
+        batched = await asyncio.gather(*(client.generate(messages=m, max_tokens=MAX_TOKENS, temperature=0) for m in CHATS), *noise)
+    for (text, n_tokens), one, many in zip(expected, alone, batched):
+        assert one.text == text and one.usage.completion_tokens == n_tokens
+        assert many.text == text
+    assert "Paris" in alone[0].text
+
+
+async def test_seeded_sampling_is_reproducible(generation):
+    _, gateway = generation
+    kwargs = dict(prompt="Once upon a time", max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    async with ragserve.AsyncClient(gateway.address, timeout=120) as client:
+        first = await client.generate(**kwargs)
+        together = await asyncio.gather(client.generate(**kwargs), client.generate(**{**kwargs, "seed": 99}))
+    assert together[0].text == first.text
+    assert first.usage.completion_tokens == 16 and first.finish_reason == "length"
+
+
+def test_stream_deltas_concatenate_to_unary_text(generation):
+    _, gateway = generation
+    with ragserve.Client(gateway.address, timeout=120) as client:
+        unary = client.generate(messages=CHATS[1], max_tokens=MAX_TOKENS, temperature=0)
+        events = list(client.stream(messages=CHATS[1], max_tokens=MAX_TOKENS, temperature=0))
+    assert isinstance(events[-1], ragserve.GenerateResult)
+    assert all(isinstance(e, ragserve.TextDelta) for e in events[:-1]) and len(events) > 3
+    assert "".join(e.text for e in events[:-1]) == events[-1].text == unary.text
+
+
+def test_stop_sequence_and_max_tokens(generation, reference):
+    _, gateway = generation
+    text, _ = reference(CHATS[0])
+    cut = text.index("Paris")
+    with ragserve.Client(gateway.address, timeout=120) as client:
+        stopped = client.generate(messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0, stop=["Paris", "zzz"])
+        short = client.generate(messages=CHATS[0], max_tokens=3, temperature=0)
+    assert stopped.text == text[:cut] and stopped.finish_reason == "stop"
+    assert short.finish_reason == "length" and short.usage.completion_tokens == 3
+
+
+def test_chat_template_matches_rendered_prompt(generation):
+    from transformers import AutoTokenizer
+
+    _, gateway = generation
+    rendered = AutoTokenizer.from_pretrained(HF).apply_chat_template(CHATS[0], add_generation_prompt=True, tokenize=False)
+    with ragserve.Client(gateway.address, timeout=120) as client:
+        chat = client.generate(messages=CHATS[0], max_tokens=8, temperature=0)
+        raw = client.generate(prompt=rendered, max_tokens=8, temperature=0)
+    assert chat.text == raw.text and chat.usage.prompt_tokens == raw.usage.prompt_tokens
+
+
+def test_cancelled_stream_frees_its_slot(generation):
+    triton, gateway = generation
+    assert wait_running(triton, 0, 10) == 0
+    with ragserve.Client(gateway.address, timeout=120) as client:
+        stream = client.stream(prompt="Count from one to one thousand:", max_tokens=1000, temperature=0)
+        next(stream)
+        assert wait_running(triton, 1, 5.0) == 1  # the engine reports after each step
+        stream.close()  # leaves the loop: the SDK cancels the call
+        started = time.monotonic()
+        assert wait_running(triton, 0, 1.0) == 0
+        assert time.monotonic() - started < 1.0
+        assert client.generate(prompt="Still serving?", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_deadline_cancels_generation(generation):
+    triton, gateway = generation
+    with ragserve.Client(gateway.address) as client:
+        started = time.monotonic()
+        with pytest.raises(ragserve.DeadlineExceededError):
+            client.generate(prompt="Count from one to one thousand:", max_tokens=1000, temperature=0, timeout=1.0)
+        assert time.monotonic() - started < 3
+    assert wait_running(triton, 0, 2.0) == 0
+
+
+def test_bad_input_against_the_real_engine(generation):
+    _, gateway = generation
+    with ragserve.Client(gateway.address, timeout=60) as client:
+        with pytest.raises(ragserve.InvalidArgumentError, match="exceeds the context of 2048"):
+            client.generate(prompt="word " * 2100, max_tokens=10)
+        with pytest.raises(ragserve.InvalidArgumentError, match="max_tokens must be between 1 and 2047"):
+            client.generate(prompt="hi", max_tokens=4096)
+        assert client.generate(prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        models = {m.name: m for m in client.list_models()}
+        assert models["smollm2-135m-instruct"].kind == "generation"
+        assert models["smollm2-135m-instruct"].max_input_tokens == 2048
