@@ -61,3 +61,32 @@ models: model_repository/$(CROSS_ENCODER_NAME)/1/model.onnx
 model_repository/$(CROSS_ENCODER_NAME)/1/model.onnx: scripts/export_cross_encoder.py $(STAMP)
 	$(PY) scripts/export_cross_encoder.py --hf-folder $(CROSS_ENCODER_HF) --out model_repository/$(CROSS_ENCODER_NAME)
 endif
+
+# Observability: the Debian Prometheus server (the Prometheus integration test needs it too).
+# `make observe` runs it in the foreground on 127.0.0.1:$(PROMETHEUS_PORT), scraping a stack
+# started by `make run` (gateway metrics and Triton's metrics port).
+PROMETHEUS_PORT ?= 9090
+GATEWAY_METRICS ?= 127.0.0.1:9000
+TRITON_METRICS ?= 127.0.0.1:8002
+.PHONY: prometheus
+test: prometheus
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+observe: setup prometheus
+	$(PY) scripts/prometheus_config.py --gateway $(GATEWAY_METRICS) --triton $(TRITON_METRICS) --out build/prometheus/prometheus.yml
+	prometheus --config.file=build/prometheus/prometheus.yml --storage.tsdb.path=build/prometheus/data \
+	  --web.listen-address=127.0.0.1:$(PROMETHEUS_PORT)
+
+# Load test of a running stack (`make run` in another terminal): bounded users and time,
+# CSV + HTML reports under reports/, exit code 1 on any failed call or a missed SLO.
+RAGSERVE_ADDRESS ?= 127.0.0.1:50051
+LOADTEST_USERS ?= 4
+LOADTEST_TIME ?= 60s
+loadtest: setup
+	mkdir -p reports
+	$(VENV)/bin/locust -f loadtest/locustfile.py --headless --host $(RAGSERVE_ADDRESS) \
+	  -u $(LOADTEST_USERS) -r $(LOADTEST_USERS) -t $(LOADTEST_TIME) --stop-timeout 60 \
+	  --csv reports/loadtest --html reports/loadtest.html --only-summary
