@@ -1,0 +1,221 @@
+"""In-process tests of the SmolLM2 in-flight batching engine (no Triton).
+
+The engine module is loaded by path from model_repository/smollm2/1/engine.py. Needs the
+HF folder built by scripts/convert_smollm2.py; skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+VERSION_DIR = ROOT / "model_repository" / "smollm2" / "1"
+HF_DIR = VERSION_DIR / "hf"
+TIMEOUT = 120
+
+if not (HF_DIR / "model.safetensors").is_file():
+    pytest.skip(f"{HF_DIR} not built: run .venv/bin/python scripts/convert_smollm2.py "
+                f"--out model_repository/smollm2/1/hf", allow_module_level=True)
+
+
+def _load_engine_module():
+    spec = importlib.util.spec_from_file_location("smollm2_engine", VERSION_DIR / "engine.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+eng = _load_engine_module()
+
+QUESTIONS = ["What is the capital of France?",
+             "Write a haiku about the sea.",
+             "List three prime numbers."]
+OTHERS = ["Explain gravity to a child.",
+          "Give me a recipe for pancakes.",
+          "Why is the sky blue? Answer in detail."]
+
+
+class Collector:
+    """Callbacks of one sequence; the engine calls them on its own thread."""
+
+    def __init__(self, cancel_after: int | None = None):
+        self.tokens: list[int] = []
+        self.reason: str | None = None
+        self.abort: tuple[str, str] | None = None
+        self.done = threading.Event()
+        self.cancel_after = cancel_after
+        self.seq = None
+
+    def on_token(self, token, reason):
+        self.tokens.append(token)
+        if self.cancel_after is not None and len(self.tokens) == self.cancel_after:
+            self.seq.cancel()
+        if reason is not None:
+            self.reason = reason
+            self.done.set()
+
+    def on_abort(self, kind, message):
+        self.abort = (kind, message)
+        self.done.set()
+
+    def wait(self):
+        assert self.done.wait(TIMEOUT), "sequence did not finish"
+        return self
+
+
+def submit(engine, prompt, max_tokens, cancel_after=None, ignore_eos=False, **params):
+    c = Collector(cancel_after)
+    c.seq = eng.Sequence(list(prompt), max_tokens, eng.SamplingParams(**params), c.on_token,
+                         c.on_abort, ignore_eos=ignore_eos)
+    engine.submit(c.seq)
+    return c
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(HF_DIR)
+
+
+def chat(tokenizer, question):
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                              add_generation_prompt=True)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [chat(tokenizer, q) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def reference(prompts):
+    """transformers' own greedy generate, one prompt at a time."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32)
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
+                                 do_sample=False)
+            out.append(gen[0, len(p):].tolist())
+    del model
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = eng.Engine(HF_DIR, num_threads=2, max_running=8, max_waiting=8,
+                   context_length=2048).start()
+    yield e
+    e.stop()
+
+
+def test_eos_is_im_end(engine, tokenizer):
+    assert engine.eos == {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+
+
+def test_greedy_alone_matches_transformers(engine, prompts, reference):
+    for prompt, ref in zip(prompts, reference):
+        c = submit(engine, prompt, 20, temperature=0.0).wait()
+        assert c.tokens == ref
+        assert c.reason == ("stop" if ref[-1] in engine.eos else "length")
+
+
+def test_greedy_batched_matches_transformers(engine, tokenizer, prompts, reference):
+    # Three other sequences of different lengths run alongside (one sampled, one with a
+    # repetition penalty, one greedy running longer): batching must not change results.
+    others = [chat(tokenizer, q) for q in OTHERS]
+    side = [submit(engine, others[0], 40, temperature=0.9, top_p=0.9, seed=1),
+            submit(engine, others[1], 30, temperature=0.0, repetition_penalty=1.3),
+            submit(engine, others[2], 35, temperature=0.0)]
+    mine = [submit(engine, p, 20, temperature=0.0) for p in prompts]
+    for c, ref in zip(mine, reference):
+        assert c.wait().tokens == ref
+    for c in side:
+        assert c.wait().reason in ("stop", "length")
+
+
+def test_seeded_sampling_reproducible_alone_and_batched(engine, tokenizer, prompts):
+    params = dict(temperature=0.9, top_p=0.95, top_k=50, repetition_penalty=1.1, seed=1234)
+    first = submit(engine, prompts[1], 16, **params).wait().tokens
+    again = submit(engine, prompts[1], 16, **params).wait().tokens
+    assert first == again
+    noise = [submit(engine, chat(tokenizer, q), 24, temperature=1.0, seed=i)
+             for i, q in enumerate(OTHERS)]
+    batched = submit(engine, prompts[1], 16, **params).wait().tokens
+    for c in noise:
+        c.wait()
+    assert batched == first
+
+
+def test_length_finish_reason(engine, prompts):
+    c = submit(engine, prompts[1], 5, temperature=0.0, ignore_eos=True).wait()
+    assert len(c.tokens) == 5 and c.reason == "length"
+
+
+def test_cancel_mid_way_frees_slot(engine, tokenizer, prompts):
+    keeper = submit(engine, prompts[0], 20, temperature=0.0)
+    c = submit(engine, chat(tokenizer, "Write a long essay about the ocean."), 400,
+               cancel_after=3, temperature=0.0, ignore_eos=True).wait()
+    assert c.abort is not None and c.abort[0] == "cancelled"
+    assert c.abort[1].startswith("CANCELLED:")
+    assert 3 <= len(c.tokens) <= 4  # dropped within one decode step
+    assert c.seq not in engine.running and c.seq.slot == -1
+    keeper.wait()
+    assert engine.stats() == (0, 0) and engine.reserved_tokens == 0
+
+
+def test_invalid_requests_rejected_without_disturbing_others(engine, prompts, reference):
+    running = submit(engine, prompts[0], 20, temperature=0.0)
+    bad = [(prompts[0], 2048), ([], 5), (prompts[0], 0), ([10**6], 5)]
+    for prompt, max_tokens in bad:
+        with pytest.raises(eng.RequestError) as info:
+            submit(engine, prompt, max_tokens, temperature=0.0)
+        assert str(info.value).startswith("INVALID_ARGUMENT:")
+    with pytest.raises(eng.RequestError, match="^INVALID_ARGUMENT:"):
+        submit(engine, prompts[0], 5, temperature=-1.0)
+    assert running.wait().tokens == reference[0]
+
+
+def test_waiting_queue_and_full_queue_rejection(prompts):
+    seen = []
+    e = eng.Engine(HF_DIR, num_threads=2, max_running=1, max_waiting=2,
+                   on_stats=lambda r, w, n: seen.append((r, w)))
+    try:
+        # Not started yet: everything queues. One request may start at once (a free
+        # slot), plus max_waiting queued; the next is refused.
+        cs = [submit(e, prompts[2], 6, temperature=0.0, ignore_eos=True) for _ in range(3)]
+        with pytest.raises(eng.RequestError, match="^RESOURCE_EXHAUSTED:"):
+            submit(e, prompts[2], 6, temperature=0.0)
+        e.start()
+        for c in cs:
+            assert c.wait().reason == "length" and len(c.tokens) == 6
+        assert max(r for r, _ in seen) == 1  # max_running respected
+        assert (1, 2) in seen  # two waited while one ran
+    finally:
+        e.stop()
+
+
+def test_kv_budget_makes_requests_wait(prompts):
+    need = len(prompts[0]) + 8
+    seen = []
+    e = eng.Engine(HF_DIR, num_threads=2, max_running=4, max_kv_tokens=need + need // 2,
+                   on_stats=lambda r, w, n: seen.append((r, w))).start()
+    try:
+        cs = [submit(e, prompts[0], 8, temperature=0.0, ignore_eos=True) for _ in range(2)]
+        outs = [c.wait().tokens for c in cs]
+        assert outs[0] == outs[1]
+        assert max(r for r, _ in seen) == 1  # the second waited for KV room
+        with pytest.raises(eng.RequestError, match="^INVALID_ARGUMENT:.*max_kv_tokens"):
+            submit(e, prompts[0], need, temperature=0.0)
+    finally:
+        e.stop()
