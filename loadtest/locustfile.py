@@ -20,6 +20,8 @@ from grpc.experimental import gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
+import atexit  # noqa: E402
+import csv  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
@@ -28,6 +30,7 @@ import grpc  # noqa: E402
 from locust import User, between, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING  # noqa: E402
+from locust.stats import PERCENTILES_TO_REPORT, StatsCSV  # noqa: E402
 
 from ragserve.v1 import (  # noqa: E402
     common_pb2,
@@ -303,3 +306,18 @@ def report(environment, **_kwargs) -> None:
         print(f"SLO missed: {line}")
     if failures or missed:
         environment.process_exit_code = 1
+    # At exit, after locust closed (and flushed) its own CSV files.
+    atexit.register(write_final_stats_csv, environment)
+
+
+def write_final_stats_csv(environment) -> None:
+    """Rewrites <csv prefix>_stats.csv with the final numbers: locust's CSV writer refreshes it
+    once a second and not at exit, so the calls of the last second would be missing."""
+    prefix = getattr(environment.parsed_options, "csv_prefix", None)
+    if not prefix:
+        return
+    stats_csv = StatsCSV(environment, PERCENTILES_TO_REPORT)
+    with open(f"{prefix}_stats.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(stats_csv.requests_csv_columns)
+        stats_csv._requests_data_rows(writer)

@@ -60,14 +60,18 @@ def wait_for_health(address: str, service: str = "", serving: bool = True, timeo
 class GatewayProcess:
     """`python -m ragserve_server` against an external Triton, on a free loopback port."""
 
-    def __init__(self, triton_url: str, triton_models: list[str], log_path: Path, *extra_args: str) -> None:
+    def __init__(
+        self, triton_url: str, triton_models: list[str], log_path: Path, *extra_args: str, metrics_port: int = 0
+    ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.metrics_port = metrics_port  # 0: no metrics endpoint
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.log_path = log_path
         args = [
             sys.executable, "-m", "ragserve_server",
             "--port", str(self.port),
-            "--metrics-port", "0",
+            "--metrics-port", str(metrics_port),
             "--triton-url", triton_url,
             "--triton-models", ",".join(triton_models),
             "--health-poll-interval", "0.2",
