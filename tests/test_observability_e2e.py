@@ -19,7 +19,8 @@ from collections import defaultdict
 import pytest
 
 import ragserve
-from support import ROOT, GatewayProcess, free_port
+from ragserve_server.triton_launcher import available_models
+from support import MODEL_REPOSITORY, ROOT, GatewayProcess, free_port, start_triton
 
 pytestmark = pytest.mark.integration
 
@@ -260,39 +261,103 @@ def locust_counts(stats_csv) -> dict[str, tuple[int, int]]:
         }
 
 
-def test_short_locust_run_is_fully_accounted_for(observed_gateway, tmp_path):
-    before = scrape(observed_gateway.metrics_url)
+def run_locust(gateway: GatewayProcess, tmp_path, users: int, seconds: int, *user_classes: str):
+    """A bounded headless locust run of loadtest/locustfile.py against `gateway`:
+    (gateway scrape before, gateway scrape after, {name: (requests, failures)}, output)."""
+    before = scrape(gateway.metrics_url)
     prefix = tmp_path / "run"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     run = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
-         "--host", observed_gateway.address, "-u", "6", "-r", "6", "-t", "6s", "--stop-timeout", "60",
-         "--csv", str(prefix), "--only-summary"],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+         "--host", gateway.address, "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", "60",
+         "--csv", str(prefix), "--only-summary", *user_classes],
+        capture_output=True, text=True, timeout=180, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=tmp_path,
     )
     output = run.stdout + run.stderr
     counts = locust_counts(f"{prefix}_stats.csv")
-    assert counts.get("Embed/Embed", (0, 0))[0] > 0 and counts.get("Rerank/Rerank", (0, 0))[0] > 0, output[-3000:]
-    assert all(failures == 0 for _, failures in counts.values()), output[-3000:]
+    assert counts and all(failures == 0 for _, failures in counts.values()), output[-3000:]
     assert "p95 ms" in output  # the percentile table
     # exit code 1 only for a missed SLO here (no call failed); on a shared 2-core machine that can happen
     assert run.returncode == 0 or (run.returncode == 1 and "SLO missed" in output), output[-3000:]
+    return before, scrape(gateway.metrics_url), counts, output
 
-    after = scrape(observed_gateway.metrics_url)
+
+def assert_accounted_for(before, after, counts, output) -> None:
+    """The gateway counted exactly the calls locust made, per method, and its stage
+    histograms add up to its whole-call histogram within 10 %."""
     delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
-    served = defaultdict(float)
+    served = {}
     for (name, labels), _ in after.items():
         if name == "ragserve_requests_total":
             ls = dict(labels)
             served[f"{ls['service']}/{ls['method']}"] = delta(name, service=ls["service"], method=ls["method"])
     served = {k: v for k, v in served.items() if v}
-    # every call locust made is counted by the gateway, and no other
     locust_requests = {name: requests for name, (requests, _) in counts.items()}
     assert served == locust_requests, f"gateway {served} != locust {locust_requests}\n{output[-3000:]}"
-
     for name in served:
         service, method = name.split("/")
         whole = delta("ragserve_request_duration_seconds_sum", service=service, method=method)
         stages = delta("ragserve_stage_duration_seconds_sum", service=service, method=method)
         assert whole > 0
         assert abs(stages - whole) <= 0.10 * whole, (name, stages, whole)
+
+
+def test_short_locust_run_is_fully_accounted_for(observed_gateway, triton, tmp_path):
+    before, after, counts, output = run_locust(observed_gateway, tmp_path, 6, 6)
+    assert counts.get("Embed/Embed", (0, 0))[0] > 0 and counts.get("Rerank/Rerank", (0, 0))[0] > 0, output[-3000:]
+    if "smollm2" not in triton.models:
+        # the Generate users met UNIMPLEMENTED and stopped: neither side counted that call
+        assert "Generate/GenerateStream answered UNIMPLEMENTED" in output
+    assert_accounted_for(before, after, counts, output)
+
+
+@pytest.fixture(scope="module")
+def generation_stack(tmp_path_factory):
+    """Triton running SmolLM2 (the in-flight batching engine) and a gateway with metrics."""
+    if available_models(MODEL_REPOSITORY, ["smollm2"]) != ["smollm2"]:
+        pytest.skip("SmolLM2 is not built: `make models`")
+    work = tmp_path_factory.mktemp("generation_observed")
+    triton = start_triton(work, ["smollm2"])
+    gateway = GatewayProcess(triton.grpc_url, ["smollm2"], work / "gateway.log", metrics_port=free_port())
+    try:
+        gateway.wait_serving(timeout=120)
+        wait_for_url(gateway.metrics_url, gateway.process)
+        yield triton, gateway
+    except BaseException:
+        print(gateway.log_path.read_text()[-4000:])
+        raise
+    finally:
+        gateway.stop()
+        triton.stop()
+
+
+def test_generation_metrics_ttft_inter_token_and_engine_gauges(generation_stack):
+    triton, gateway = generation_stack
+    messages = [{"role": "user", "content": "Name three rivers."}]
+    with ragserve.Client(gateway.address, timeout=120) as client:
+        events = list(client.stream(messages=messages, max_tokens=12, temperature=0))
+        streamed = events[-1].usage.completion_tokens
+        unary = client.generate(messages=messages, max_tokens=6, temperature=0).usage.completion_tokens
+    scrape_ = scrape(gateway.metrics_url)
+    stream_labels = {"service": "Generate", "method": "GenerateStream"}
+    assert total(scrape_, "ragserve_time_to_first_token_seconds_count", **stream_labels) == 1
+    assert total(scrape_, "ragserve_time_to_first_token_seconds_count", service="Generate", method="Generate") == 1
+    # one timestamp per generated token: n tokens, n - 1 gaps
+    assert total(scrape_, "ragserve_inter_token_latency_seconds_count", **stream_labels) == streamed - 1
+    assert total(scrape_, "ragserve_tokens_total", service="Generate", kind="completion") == streamed + unary
+    ttft = total(scrape_, "ragserve_time_to_first_token_seconds_sum", **stream_labels)
+    assert 0 < ttft < total(scrape_, "ragserve_request_duration_seconds_sum", **stream_labels)
+
+    # every generation metric the dashboard queries is live on the gateway or on Triton
+    live = {name for name, _ in scrape_} | {name for name, _ in scrape(triton.metrics_url)}
+    assert GENERATION_ONLY <= live, GENERATION_ONLY - live
+
+
+def test_locust_generate_stream_is_accounted_for_with_ttft(generation_stack, tmp_path):
+    _, gateway = generation_stack
+    before, after, counts, output = run_locust(gateway, tmp_path, 2, 5, "GenerateUser")
+    streams = counts.get("Generate/GenerateStream", (0, 0))[0]
+    assert streams > 0, output[-3000:]
+    with open(tmp_path / "run_stats.csv", newline="") as f:
+        ttft = {row["Name"]: int(row["Request Count"]) for row in csv.DictReader(f) if row["Type"] == "ttft"}
+    assert ttft == {"Generate/GenerateStream": streams}  # one time-to-first-token entry per stream
+    assert_accounted_for(before, after, counts, output)
