@@ -250,7 +250,7 @@ class RerankUser(GrpcUser):
 class GenerateUser(GrpcUser):
     """Streamed chat answers grounded in a retrieved passage, 16-64 new tokens."""
 
-    weight = 1
+    fixed_count = 1  # one streaming user whatever -u is: on a CPU engine a few streams saturate it
 
     def on_start(self) -> None:
         super().on_start()
