@@ -12,7 +12,8 @@ Design
   Running sequences always occupy slots ``0..n-1`` (when one leaves, the last slot is
   moved into its place), so a decode step reads the cache through plain views
   ``[:, :n, :, :L]`` without gathering. Capacity grows by doubling (up to the context
-  length) when an admitted sequence needs more, so memory follows the longest request.
+  length) when an admitted sequence needs more, so memory follows the longest request
+  (it never shrinks; a freed slot and its KV reservation are reusable at the next step).
 * Each slot has its own position; RoPE is looked up per position and attention masks every
   slot to its own valid length, so sequences of any lengths share a decode step. GQA is
   done without repeating K/V: the query heads that share a KV head become extra query
