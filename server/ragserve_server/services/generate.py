@@ -123,11 +123,13 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                         break
                 if stops.stopped:
                     break  # leaving the stream cancels the Triton request: the engine stops at once
+                reason = outputs.get("finish_reason")
+                if reason is not None and reason.size:  # sent with the last token: the end of the sequence
+                    value = reason.reshape(-1)[0]
+                    finish = value.decode() if isinstance(value, bytes) else str(value)
+                    break
                 if final:
-                    reason = outputs.get("finish_reason")
-                    if reason is not None and reason.size:
-                        value = reason.reshape(-1)[0]
-                        finish = value.decode() if isinstance(value, bytes) else str(value)
+                    break
         finally:
             await stream.aclose()
             if record is not None:
