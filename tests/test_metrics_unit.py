@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import numpy as np
@@ -189,3 +188,22 @@ async def test_request_id_generated_when_absent_and_logged(stack):
     # the error is logged once, with its cause, under the caller's request id
     (rejected,) = [e for e in logs if e["event"] == "rpc_rejected"]
     assert rejected["request_id"] == "mine-1" and "empty" in rejected["error"]
+
+
+def test_metrics_endpoint_serves_the_registry_and_reports_a_taken_port():
+    import socket
+    import urllib.request
+
+    metrics = GatewayMetrics()
+    metrics.requests.labels("Embed", "Embed", "OK").inc(3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    metrics.serve("127.0.0.1", port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert 'ragserve_requests_total{code="OK",method="Embed",service="Embed"} 3.0' in reply.read().decode()
+        with pytest.raises(RuntimeError, match="--metrics-port"):
+            GatewayMetrics().serve("127.0.0.1", port)
+    finally:
+        metrics.close()

@@ -14,7 +14,6 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections import defaultdict
 
 import pytest
 

@@ -145,7 +145,10 @@ class GatewayMetrics:
 
     def serve(self, host: str, port: int) -> None:
         """Serves /metrics over HTTP on a daemon thread (prometheus_client's server)."""
-        self._http = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._http = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise RuntimeError(f"could not bind the metrics port {host}:{port} (--metrics-port): {exc}") from exc
 
     def close(self) -> None:
         if self._http is not None:
