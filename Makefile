@@ -6,7 +6,6 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 MINILM_ONNX := model_repository/minilm/1/model.onnx
 SMOLLM2_HF := model_repository/smollm2/1/hf/config.json
-PROTOS := $(wildcard proto/ragserve/v1/*.proto)
 
 .PHONY: setup proto models run test test-unit bench loadtest observe clean
 
@@ -20,7 +19,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt client/pyproject.toml server/
 	$(PIP) install -q --no-deps -e ./client -e ./server
 	touch $@
 
-# Regenerates the SDK's stubs; tests/test_proto_up_to_date.py checks they match the protos.
+# Regenerates the SDK's stubs; tests/test_sdk.py checks they match the protos.
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 

@@ -150,7 +150,12 @@ class _Call:
             record.error_reason = exc.reason
             log.info("rpc_rejected", code=code.name, error=message)
         except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED  # the caller went away or the stream was closed
+            # The caller went away, or its deadline passed (gRPC cancels the handler then too).
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code, record.error_reason = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline"
+            else:
+                code = grpc.StatusCode.CANCELLED  # the caller's choice: not a rejection
             raise
         except Exception as exc:  # noqa: BLE001 - a bug: logged once with its cause, answered INTERNAL
             code, message = status_of(exc)
