@@ -46,6 +46,11 @@ bench: setup models
 clean:
 	rm -rf $(VENV) build reports $(MINILM_ONNX) model_repository/smollm2/1/hf
 
+# Generate: in-flight batching at 1/4/16 streams vs sequential transformers generate.
+.PHONY: bench-generate
+bench-generate: setup models
+	$(PY) bench/generate_bench.py
+
 # Rerank: quality on bench/data/relevance.jsonl next to BM25, and 1000-document Rerank vs Embed.
 .PHONY: bench-rerank
 bench-rerank: setup models
