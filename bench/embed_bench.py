@@ -132,16 +132,17 @@ def ragserve_stack(work: Path, repository: Path, texts: list[str], per_level: in
         triton.stop()
 
 
-def without_dynamic_batching(work: Path) -> Path:
-    """A copy of the model repository whose minilm model has no dynamic_batching block."""
-    repository = work / "repo-nobatch"
+def variant_repository(work: Path, name: str, dynamic_batching: str) -> Path:
+    """A copy of the model repository whose minilm model has another dynamic_batching block
+    ("" = none: every request executes alone)."""
+    repository = work / f"repo-{name}"
     target = repository / "minilm"
     (target / "1").mkdir(parents=True)
     source = ROOT / "model_repository" / "minilm"
     config = (source / "config.pbtxt").read_text()
     start = config.index("dynamic_batching {")
     end = config.index("}", start) + 1
-    (target / "config.pbtxt").write_text(config[:start] + config[end:])
+    (target / "config.pbtxt").write_text(config[:start] + dynamic_batching + config[end:])
     shutil.copy2(source / "1" / "model.py", target / "1" / "model.py")
     os.symlink(source / "1" / "model.onnx", target / "1" / "model.onnx")
     return repository
@@ -172,6 +173,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests-per-level", type=int, default=1500, help="calls measured per concurrency level")
     parser.add_argument("--skip", default="", help="comma-separated of: nobatch,naive")
+    parser.add_argument(
+        "--queue-delay-us", type=int, action="append", default=[],
+        help="also measure ragserve with this max_queue_delay_microseconds (repeatable; tuning the config)",
+    )
     args = parser.parse_args()
     texts = sentences(3000)
     skip = set(args.skip.split(","))
@@ -182,24 +187,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ragserve-bench-") as tmp:
         work = Path(tmp)
         rows = {"(b) ragserve": ragserve_stack(work / "b", ROOT / "model_repository", texts, args.requests_per_level)}
+        for delay in args.queue_delay_us:
+            repository = variant_repository(work, f"delay{delay}", f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}")
+            rows[f"(b) ragserve, queue delay {delay} us"] = ragserve_stack(work / f"b{delay}", repository, texts, args.requests_per_level)
         if "nobatch" not in skip:
-            rows["(c) ragserve, no dynamic batching"] = ragserve_stack(work / "c", without_dynamic_batching(work), texts, args.requests_per_level)
+            rows["(c) ragserve, no dynamic batching"] = ragserve_stack(work / "c", variant_repository(work, "nobatch", ""), texts, args.requests_per_level)
         if "naive" not in skip:
             rows["(d) naive gRPC server"] = naive_stack(work, texts, args.requests_per_level)
 
     naive = rows.get("(d) naive gRPC server")
     print()
     print(f"Embed, single-sentence calls (~10-16 tokens), {os.cpu_count()} CPUs; ceiling = raw model at batch {best_batch}")
-    header = f"{'setup':38} {'conc':>4} {'sent/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs (a)':>7} {'vs (d)':>7} {'errors':>6}"
+    header = f"{'setup':40} {'conc':>4} {'sent/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs (a)':>7} {'vs (d)':>7} {'errors':>6}"
     print(header)
     print("-" * len(header))
     for batch in sorted(raw):
         rate, p50, p99 = raw[batch]
-        print(f"{'(a) raw ONNX in-process, batch ' + str(batch):38} {'-':>4} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {'':>7} {'':>6}")
+        print(f"{'(a) raw ONNX in-process, batch ' + str(batch):40} {'-':>4} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {'':>7} {'':>6}")
     for name, levels in rows.items():
         for concurrency, (rate, p50, p99, errors) in levels.items():
             vs_naive = f"{rate / naive[concurrency][0]:6.2f}x" if naive else ""
-            print(f"{name:38} {concurrency:4d} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {vs_naive:>7} {errors:6d}")
+            print(f"{name:40} {concurrency:4d} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {vs_naive:>7} {errors:6d}")
     b = rows["(b) ragserve"]
     print()
     print(f"goals: (b) at 64 >= 80% of (a): {b[64][0] / ceiling:.0%}", end="")
