@@ -88,6 +88,9 @@ class TritonServer:
             f"--metrics-port={self.ports.metrics}",
             "--metrics-address=127.0.0.1",
             "--log-verbose=0",
+            # Bounded shutdown: Triton exits after this even if a model does not unload in
+            # time (seen with the generation model after some cancelled streams).
+            "--exit-timeout-secs=10",
         ]
         cmd += [f"--load-model={m}" for m in self.models]
         return cmd
@@ -139,7 +142,7 @@ class TritonServer:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)
