@@ -33,13 +33,7 @@ def triton(tmp_path_factory, model_repository):
 @pytest.fixture(scope="session")
 def gateway(triton, tmp_path_factory):
     process = GatewayProcess(triton.grpc_url, triton.models, tmp_path_factory.mktemp("gateway") / "gateway.log")
-    try:
-        process.wait_serving()
-    except BaseException:
-        process.stop()
-        print(process.log_path.read_text()[-4000:])
-        raise
-    yield process
+    yield process.wait_serving()
     process.stop()
 
 
@@ -82,11 +76,5 @@ def rerank_gateway(triton, cross_encoder, tmp_path_factory):
         tmp_path_factory.mktemp("rerank_gateway") / "gateway.log",
         "--cross-encoders", f"{cross_encoder.name}={cross_encoder.model_dir}",
     )
-    try:
-        process.wait_serving()
-    except BaseException:
-        process.stop()
-        print(process.log_path.read_text()[-4000:])
-        raise
-    yield process
+    yield process.wait_serving()
     process.stop()

@@ -82,8 +82,16 @@ class GatewayProcess:
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
 
     def wait_serving(self, timeout: float = 60.0) -> "GatewayProcess":
-        wait_for_health(self.address, timeout=timeout)
+        """Waits for health SERVING; on failure stops the process and raises with its log."""
+        try:
+            wait_for_health(self.address, timeout=timeout)
+        except BaseException as exc:
+            self.stop()
+            raise RuntimeError(f"gateway not serving; the end of {self.log_path}:\n{self.log_tail()}") from exc
         return self
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:

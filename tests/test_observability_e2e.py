@@ -45,12 +45,11 @@ def observed_gateway(triton, tmp_path_factory):
         "--triton-stats-interval", "0.5",
         metrics_port=free_port(),
     )
+    process.wait_serving()
     try:
-        process.wait_serving()
         wait_for_url(process.metrics_url, process.process)
     except BaseException:
         process.stop()
-        print(process.log_path.read_text()[-4000:])
         raise
     yield process
     process.stop()
