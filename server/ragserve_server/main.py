@@ -69,7 +69,12 @@ async def serve(settings: Settings) -> None:
             triton_metrics=triton.metrics_url if triton else None,
             models=[m.name for m in catalog.models],
         )
-        print(f"ragserve listening on {settings.host}:{gateway.port} (Triton gRPC {triton_url}); Ctrl-C to stop", file=sys.stderr, flush=True)
+        where = [f"Triton gRPC {triton_url}"]
+        if settings.metrics_port:
+            where.append(f"metrics http://{settings.host}:{settings.metrics_port}/metrics")
+        if triton is not None:
+            where.append(f"Triton metrics {triton.metrics_url}")
+        print(f"ragserve listening on {settings.host}:{gateway.port} ({'; '.join(where)}); Ctrl-C to stop", file=sys.stderr, flush=True)
         await stop.wait()
         log.info("draining", grace_seconds=settings.drain_seconds)
     finally:
