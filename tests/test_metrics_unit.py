@@ -207,3 +207,19 @@ def test_metrics_endpoint_serves_the_registry_and_reports_a_taken_port():
             GatewayMetrics().serve("127.0.0.1", port)
     finally:
         metrics.close()
+
+
+async def test_spent_deadline_is_a_deadline_rejection_and_a_cancel_is_none(stack):
+    backend, client, gateway = stack
+    backend.delay = 2.0
+    with pytest.raises(ragserve.DeadlineExceededError):
+        await client.embed(["slow"], timeout=0.2)
+    task = asyncio.create_task(client.embed(["cancelled by its caller"], timeout=10))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    await asyncio.sleep(0.3)  # the handlers see the deadline / the cancel and finish
+    scrape = samples(gateway.metrics.registry)
+    assert value(scrape, "ragserve_requests_total", service="Embed", method="Embed", code="DEADLINE_EXCEEDED") == 1
+    assert value(scrape, "ragserve_requests_total", service="Embed", method="Embed", code="CANCELLED") == 1
+    assert value(scrape, "ragserve_rejections_total", service="Embed", reason="deadline") == 1
+    assert not any(name == "ragserve_rejections_total" and ("reason", "cancelled") in labels for name, labels in scrape)
