@@ -183,4 +183,12 @@ def test_request_id_is_echoed(gateway):
         _, call = stub.Embed.with_call(
             embed_pb2.EmbedRequest(inputs=["hi"]), metadata=[("x-request-id", "test-123")], timeout=10
         )
-        assert ("x-request-id", "test-123") in call.initial_metadata()
+        assert ("x-request-id", "test-123") in call.trailing_metadata()
+
+
+async def test_stream_sends_request_id_first(gateway):
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = embed_pb2_grpc.EmbedStub(channel)
+        call = stub.EmbedStream(iter([embed_pb2.EmbedStreamRequest(id="a", request=embed_pb2.EmbedRequest(inputs=["hi"]))]), metadata=[("x-request-id", "stream-7")], timeout=10)
+        assert ("x-request-id", "stream-7") in tuple(await call.initial_metadata())
+        assert [answer.id async for answer in call] == ["a"]

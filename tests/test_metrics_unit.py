@@ -173,10 +173,11 @@ async def test_request_id_generated_when_absent_and_logged(stack):
         with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
             call = stub.Embed(embed_pb2.EmbedRequest(inputs=["hello there"]), timeout=10)
             await call
-            metadata = await call.initial_metadata()
+            metadata = await call.trailing_metadata()
             bad = stub.Embed(embed_pb2.EmbedRequest(inputs=[""]), metadata=[("x-request-id", "mine-1")], timeout=10)
-            with pytest.raises(grpc.aio.AioRpcError):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
                 await bad
+    assert ("x-request-id", "mine-1") in tuple(error.value.trailing_metadata())
     generated = metadata["x-request-id"]
     assert len(generated) == 32
     access = [e for e in logs if e["event"] == "rpc"]

@@ -86,7 +86,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
-                async with call.scope(context):
+                async with call.scope(context, streaming=False):
                     if isinstance(request, Undecodable):
                         raise request.invalid()
                     return await inner(request, context)
@@ -131,7 +131,10 @@ class _Call:
         self.request_id = request_id or uuid.uuid4().hex
 
     @asynccontextmanager
-    async def scope(self, context: grpc.aio.ServicerContext):
+    async def scope(self, context: grpc.aio.ServicerContext, streaming: bool = True):
+        """The request id goes back in the initial metadata of a stream (the caller sees it
+        at once) and in the trailing metadata of a unary call (sent with the status: no
+        extra send on the hot path)."""
         record = RequestRecord(self.service, self.method, self.request_id)
         structlog.contextvars.bind_contextvars(request_id=self.request_id, service=self.service, method=self.method)
         token = request_record.start(record)
@@ -139,8 +142,12 @@ class _Call:
         admission = self.interceptor.admission
         admitted = False
         code, message = grpc.StatusCode.OK, ""
+        request_id_metadata = (("x-request-id", self.request_id),)
         try:
-            await context.send_initial_metadata((("x-request-id", self.request_id),))
+            if streaming:
+                await context.send_initial_metadata(request_id_metadata)
+            else:
+                context.set_trailing_metadata(request_id_metadata)
             with request_record.stage("admission"):
                 admission.acquire()
             admitted = True
@@ -176,4 +183,4 @@ class _Call:
             request_record.finish(token)
             structlog.contextvars.unbind_contextvars("request_id", "service", "method")
         if code is not grpc.StatusCode.OK:
-            await context.abort(code, message)  # the one place a status is set
+            await context.abort(code, message, trailing_metadata=request_id_metadata)  # the one place a status is set
