@@ -5,10 +5,12 @@
     (c) ragserve with Triton's dynamic batching off
     (d) a naive gRPC server running the model once per request (bench/naive_server.py)
 
-Every server runs on loopback, started and stopped by this script; the same load generator
-(grpc.aio, one call in flight per simulated client) drives (b), (c) and (d).
+Every server runs on loopback, started by this script before any measurement; then every
+setup is measured in turn, round after round (`--rounds`), so that the machine's noise falls
+on all of them alike, and the median round is shown. The same load generator (grpc.aio, one
+call in flight per simulated client) drives (b), (c) and (d).
 
-    .venv/bin/python bench/embed_bench.py [--requests-per-level 1500]
+    .venv/bin/python bench/embed_bench.py [--requests-per-level 1500] [--rounds 3] [--queue-delay-us 2000]
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import grpc
@@ -112,23 +116,23 @@ async def load(address: str, texts: list[str], concurrency: int, total: int) -> 
     return len(latencies) / elapsed, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000, errors
 
 
-def measure(address: str, texts: list[str], per_level: int) -> dict[int, tuple[float, float, float, int]]:
-    results = {}
-    for concurrency in CONCURRENCY:
-        total = max(200, per_level // (4 if concurrency == 1 else 1))
-        asyncio.run(load(address, texts, concurrency, min(total, 100)))  # warm this level
-        results[concurrency] = asyncio.run(load(address, texts, concurrency, total))
-    return results
+def measure(address: str, texts: list[str], concurrency: int, per_level: int) -> tuple[float, float, float, int]:
+    total = max(200, per_level // (4 if concurrency == 1 else 1))
+    asyncio.run(load(address, texts, concurrency, min(total, 100)))  # warm this level
+    return asyncio.run(load(address, texts, concurrency, total))
 
 
-def ragserve_stack(work: Path, repository: Path, texts: list[str], per_level: int):
+@contextmanager
+def ragserve_stack(work: Path, repository: Path) -> Iterator[str]:
+    """Triton + gateway on free loopback ports; yields the gateway's address."""
     triton = start_triton(work, ["minilm"], repository)
-    gateway = GatewayProcess(triton.grpc_url, ["minilm"], work / f"gateway-{triton.ports.grpc}.log")
     try:
-        gateway.wait_serving()
-        return measure(gateway.address, texts, per_level)
+        gateway = GatewayProcess(triton.grpc_url, ["minilm"], work / f"gateway-{triton.ports.grpc}.log").wait_serving()
+        try:
+            yield gateway.address
+        finally:
+            gateway.stop()
     finally:
-        gateway.stop()
         triton.stop()
 
 
@@ -148,7 +152,8 @@ def variant_repository(work: Path, name: str, dynamic_batching: str) -> Path:
     return repository
 
 
-def naive_stack(work: Path, texts: list[str], per_level: int):
+@contextmanager
+def naive_stack() -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "naive_server.py"), "--port", str(port)])
     try:
@@ -163,16 +168,22 @@ def naive_stack(work: Path, texts: list[str], per_level: int):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        return measure(address, texts, per_level)
+        yield address
     finally:
         process.terminate()
         process.wait()
+
+
+def median_by_rate(runs: list[tuple]) -> tuple:
+    """The run with the median throughput (its latencies stay consistent with it)."""
+    return sorted(runs, key=lambda r: r[0])[len(runs) // 2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests-per-level", type=int, default=1500, help="calls measured per concurrency level")
     parser.add_argument("--skip", default="", help="comma-separated of: nobatch,naive")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements of every setup, interleaved; medians are shown")
     parser.add_argument(
         "--queue-delay-us", type=int, action="append", default=[],
         help="also measure ragserve with this max_queue_delay_microseconds (repeatable; tuning the config)",
@@ -181,23 +192,38 @@ def main() -> None:
     texts = sentences(3000)
     skip = set(args.skip.split(","))
 
-    raw = raw_model(texts)
-    best_batch = max(raw, key=lambda b: raw[b][0])
-    ceiling = raw[best_batch][0]
-    with tempfile.TemporaryDirectory(prefix="ragserve-bench-") as tmp:
+    # Every server is started first, then the setups are measured in turn, round after
+    # round, so that the machine's noise falls on all of them alike; medians are reported.
+    raw_runs: dict[int, list] = {}
+    runs: dict[str, dict[int, list]] = {}
+    with tempfile.TemporaryDirectory(prefix="ragserve-bench-") as tmp, ExitStack() as servers:
         work = Path(tmp)
-        rows = {"(b) ragserve": ragserve_stack(work / "b", ROOT / "model_repository", texts, args.requests_per_level)}
+        setups = {"(b) ragserve": servers.enter_context(ragserve_stack(work / "b", ROOT / "model_repository"))}
         for delay in args.queue_delay_us:
             repository = variant_repository(work, f"delay{delay}", f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}")
-            rows[f"(b) ragserve, queue delay {delay} us"] = ragserve_stack(work / f"b{delay}", repository, texts, args.requests_per_level)
+            setups[f"(b) ragserve, queue delay {delay} us"] = servers.enter_context(ragserve_stack(work / f"b{delay}", repository))
         if "nobatch" not in skip:
-            rows["(c) ragserve, no dynamic batching"] = ragserve_stack(work / "c", variant_repository(work, "nobatch", ""), texts, args.requests_per_level)
+            setups["(c) ragserve, no dynamic batching"] = servers.enter_context(ragserve_stack(work / "c", variant_repository(work, "nobatch", "")))
         if "naive" not in skip:
-            rows["(d) naive gRPC server"] = naive_stack(work, texts, args.requests_per_level)
+            setups["(d) naive gRPC server"] = servers.enter_context(naive_stack())
+        for _ in range(args.rounds):
+            for batch, result in raw_model(texts, seconds=2.0).items():
+                raw_runs.setdefault(batch, []).append(result)
+            for concurrency in CONCURRENCY:
+                for name, address in setups.items():
+                    result = measure(address, texts, concurrency, args.requests_per_level)
+                    runs.setdefault(name, {}).setdefault(concurrency, []).append(result)
+    raw = {batch: median_by_rate(results) for batch, results in raw_runs.items()}
+    rows = {name: {c: median_by_rate(r) for c, r in levels.items()} for name, levels in runs.items()}
+    best_batch = max(raw, key=lambda b: raw[b][0])
+    ceiling = raw[best_batch][0]
 
     naive = rows.get("(d) naive gRPC server")
     print()
-    print(f"Embed, single-sentence calls (~10-16 tokens), {os.cpu_count()} CPUs; ceiling = raw model at batch {best_batch}")
+    print(
+        f"Embed, single-sentence calls (~10-16 tokens), {os.cpu_count()} CPUs; ceiling = raw model at batch {best_batch}; "
+        f"median of {args.rounds} interleaved rounds"
+    )
     header = f"{'setup':40} {'conc':>4} {'sent/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs (a)':>7} {'vs (d)':>7} {'errors':>6}"
     print(header)
     print("-" * len(header))
