@@ -392,9 +392,11 @@ class Engine:
             reason = FINISH_LENGTH
         if reason is not None:
             self._retire(seq)
-        if not self._safe(seq.on_token, token, reason) and reason is None:
-            # The caller can no longer receive tokens (e.g. stream gone): stop work on it.
+        if not self._safe(seq.on_token, token, reason):
+            # The caller can no longer receive tokens (e.g. stream gone): stop work on it, and
+            # still try to close its stream, or Triton keeps the request (and the model) alive.
             self._retire(seq)
+            self._safe(seq.on_abort, "cancelled", "CANCELLED: response could not be sent")
 
     def _retire(self, seq: Sequence) -> None:
         """Remove a running sequence and free its slot: the last slot moves into it."""
