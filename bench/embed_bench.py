@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from ragserve.v1 import embed_pb2, embed_pb2_grpc  # noqa: E402
 from ragserve_server.catalog import package_dir  # noqa: E402
-from support import GatewayProcess, free_port, start_triton, wait_for_health  # noqa: E402
+from support import GatewayProcess, free_port, start_triton  # noqa: E402
 
 SUBJECTS = ["The quick brown fox", "A retrieval system", "Our search engine", "The support team", "This small model", "A web service"]
 VERBS = ["quickly answers", "carefully ranks", "embeds", "summarises", "indexes", "returns"]
