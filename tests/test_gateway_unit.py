@@ -44,9 +44,6 @@ class FakeBackend:
     async def is_ready(self, models):
         return self.fail is None
 
-    async def execution_stats(self, model):
-        return self.calls, self.calls
-
     async def close(self):
         pass
 

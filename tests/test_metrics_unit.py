@@ -37,9 +37,6 @@ class FakeBackend:
     async def is_ready(self, models):
         return True
 
-    async def execution_stats(self, model):
-        return 0, 0
-
     async def batch_statistics(self, model):
         return {1: 4, 8: 2, 64: 1}
 

@@ -31,8 +31,12 @@ class HealthMonitor:
         self._task: asyncio.Task | None = None
 
     async def check_once(self) -> None:
-        for service, models in self.needs.items():
-            ready = await self.backend.is_ready(models)
+        # Each model is asked about once per poll, however many services need it.
+        models = sorted({m for needed in self.needs.values() for m in needed})
+        server_ready = await self.backend.is_ready([])
+        model_ready = {m: server_ready and await self.backend.is_ready([m]) for m in models}
+        for service, needed in self.needs.items():
+            ready = server_ready and all(model_ready[m] for m in needed)
             if self.serving.get(service) != ready:
                 log.info("health_changed", health_service=service or "<server>", serving=ready)
             self.serving[service] = ready

@@ -65,6 +65,3 @@ class Settings:
             default = kind(env[env_name]) if env_name in env else f.default
             parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']} [env {env_name}] (default: %(default)s)")
         return cls(**vars(parser.parse_args(argv)))
-
-    def replace(self, **changes) -> "Settings":
-        return dataclasses.replace(self, **changes)

@@ -51,8 +51,6 @@ class InferenceBackend(Protocol):
 
     async def is_ready(self, models: Sequence[str]) -> bool: ...
 
-    async def execution_stats(self, model: str) -> tuple[int, int]: ...
-
     async def batch_statistics(self, model: str) -> dict[int, int]: ...
 
     async def close(self) -> None: ...
@@ -190,14 +188,6 @@ class TritonBackend:
             return True
         except grpc.aio.AioRpcError:
             return False
-
-    async def execution_stats(self, model: str) -> tuple[int, int]:
-        """(successful requests, model executions) since Triton started: fewer executions
-        than requests means the dynamic batcher grouped requests."""
-        with _mapped_errors():
-            reply = await self._stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name=model), timeout=5.0)
-        stats = reply.model_stats[0]
-        return stats.inference_stats.success.count, stats.execution_count
 
     async def batch_statistics(self, model: str) -> dict[int, int]:
         """Executions per batch size (rows) since Triton started: what the dynamic batcher

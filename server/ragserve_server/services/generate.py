@@ -9,7 +9,6 @@ cancels, disconnects or runs out of deadline (leaving the stream cancels the Tri
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -96,44 +95,37 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                 f"the prompt has {len(prompt_ids)} tokens; with max_tokens {sampling.max_tokens} that exceeds the "
                 f"context of {model.max_input_tokens} tokens: shorten the prompt or lower max_tokens"
             )
-        record = request_record.current()
         request_record.add_tokens(prompt=len(prompt_ids))
 
         detokenizer = IncrementalDetokenizer(tokenizer.fast)
         stops = StopMatcher(sampling.stops)
         text, completion_tokens, finish = [], 0, "length"
         stream = self.backend.stream(model.triton_model, _engine_inputs(prompt_ids, sampling), ["token_id", "finish_reason"], timeout=timeout)
-        started = time.perf_counter()
-        try:
-            async for outputs, final in stream:
-                tokens = outputs.get("token_id")
-                for token in ([] if tokens is None else tokens.reshape(-1).tolist()):
-                    completion_tokens += 1
-                    if record is not None:
-                        now = time.perf_counter()
-                        if record.first_token_at is None:
-                            record.first_token_at = now
-                        record.token_times.append(now)
-                    delta = stops.feed(detokenizer.add(int(token)))
-                    if delta:
-                        text.append(delta)
-                        yield delta
+        with request_record.stage("triton"):  # queue + decode in the engine, as the tokens arrive
+            try:
+                async for outputs, final in stream:
+                    tokens = outputs.get("token_id")
+                    for token in ([] if tokens is None else tokens.reshape(-1).tolist()):
+                        completion_tokens += 1
+                        request_record.token_emitted()
+                        delta = stops.feed(detokenizer.add(int(token)))
+                        if delta:
+                            text.append(delta)
+                            yield delta
+                        if stops.stopped:
+                            finish = "stop"
+                            break
                     if stops.stopped:
-                        finish = "stop"
+                        break  # leaving the stream cancels the Triton request: the engine stops at once
+                    reason = outputs.get("finish_reason")
+                    if reason is not None and reason.size:  # sent with the last token: the end of the sequence
+                        value = reason.reshape(-1)[0]
+                        finish = value.decode() if isinstance(value, bytes) else str(value)
                         break
-                if stops.stopped:
-                    break  # leaving the stream cancels the Triton request: the engine stops at once
-                reason = outputs.get("finish_reason")
-                if reason is not None and reason.size:  # sent with the last token: the end of the sequence
-                    value = reason.reshape(-1)[0]
-                    finish = value.decode() if isinstance(value, bytes) else str(value)
-                    break
-                if final:
-                    break
-        finally:
-            await stream.aclose()
-            if record is not None:
-                record.add_stage("triton", time.perf_counter() - started)
+                    if final:
+                        break
+            finally:
+                await stream.aclose()
         if not stops.stopped:
             tail = stops.feed(detokenizer.flush()) + stops.flush()
             if tail:
