@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MINILM_ONNX := model_repository/minilm/1/model.onnx
 SMOLLM2_HF := model_repository/smollm2/1/hf/config.json
 
-.PHONY: setup proto models run test test-unit bench loadtest observe clean
+.PHONY: setup proto models configs engines run test test-unit bench loadtest observe clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,18 @@ proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
 models: $(MINILM_ONNX) $(SMOLLM2_HF)
+
+# Every config.pbtxt is rendered from server/ragserve_server/registry.py (every fact about a
+# model lives there); tests/test_registry.py checks the committed CPU configs are up to date.
+configs: $(STAMP)
+	$(PY) -m ragserve_server.repository --device cpu
+
+# The GPU repository for NVIDIA's Triton container: configs rendered for the GPU, artifacts
+# copied in, FP16 TensorRT plans built from the same ONNX files. Needs an NVIDIA GPU and the
+# `tensorrt` Python package (e.g. inside nvcr.io/nvidia/tritonserver:24.10-py3); see README.
+GPU_REPOSITORY ?= build/model_repository_gpu
+engines: models
+	$(PY) scripts/build_engines.py --out $(GPU_REPOSITORY)
 
 $(MINILM_ONNX): scripts/export_minilm.py $(STAMP)
 	$(PY) scripts/export_minilm.py --out $@

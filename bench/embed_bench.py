@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from ragserve.v1 import embed_pb2, embed_pb2_grpc  # noqa: E402
-from ragserve_server.catalog import package_dir  # noqa: E402
+from ragserve_server.registry import package_dir  # noqa: E402
 from support import GatewayProcess, free_port, start_triton  # noqa: E402
 
 SUBJECTS = ["The quick brown fox", "A retrieval system", "Our search engine", "The support team", "This small model", "A web service"]

@@ -3,18 +3,18 @@ Triton model repository entry that the gateway serves with `--cross-encoders NAM
 
     python scripts/export_cross_encoder.py --hf-folder ~/ms-marco-MiniLM-L-6-v2 --out model_repository/msmarco-minilm
 
-Writes OUT/config.pbtxt (python backend, dynamic batching), OUT/1/model.onnx (token tensors
-in, `logits` [1] out), OUT/1/model.py (ONNX Runtime, scripts/templates/ort_model.py),
-OUT/tokenizer/ (the tokenizer files and config the gateway tokenizes with) and
-OUT/ragserve.json (the token limit). The Triton model name is OUT's folder name. The ONNX
-graph is checked against PyTorch on a few pairs before anything is written in place.
+Writes OUT/ragserve.json (the model's registry entry: server/ragserve_server/registry.py),
+OUT/config.pbtxt (rendered from that entry for the CPU), OUT/1/model.onnx (token tensors
+in, `logits` [1] out), OUT/1/model.py (ONNX Runtime, scripts/templates/ort_model.py) and
+OUT/hf/ (tokenizer, config and weights: the gateway tokenizes with it, the GPU variant runs
+it with PyTorch). The Triton model name is OUT's folder name. The ONNX graph is checked
+against PyTorch on a few pairs before anything is written in place.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +24,11 @@ import onnxruntime as ort
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from ragserve_server.catalog import CROSS_ENCODER_INFO, max_tokens_of
+from ragserve_server import model_config
+from ragserve_server.catalog import max_tokens_of
+from ragserve_server.model_config import TensorSpec
+from ragserve_server.registry import CROSS_ENCODER, ONNXRUNTIME, encoder_spec, write_manifest
+from ragserve_server.repository import config_header, triton_config
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "ort_model.py"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -34,32 +38,6 @@ CHECK_PAIRS = [
     ("how do vaccines work", "Vaccines train the immune system to recognise a pathogen " * 6),
     ("empty document", ""),
 ]
-
-CONFIG = """# Cross-encoder exported by scripts/export_cross_encoder.py from {source}
-# (query, document) token tensors in (tokenized by the gateway, padded to length buckets),
-# one relevance logit per pair out; the gateway applies the sigmoid.
-name: "{name}"
-backend: "python"
-max_batch_size: {max_batch}
-input [
-  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
-  {{ name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] }},
-  {{ name: "token_type_ids" data_type: TYPE_INT64 dims: [ -1 ] }}
-]
-output [
-  {{ name: "logits" data_type: TYPE_FP32 dims: [ 1 ] }}
-]
-# Requests of equal shape (same bucket) are batched, the rerank chunks of one call with
-# those of other callers; no queue delay (see model_repository/minilm/config.pbtxt).
-dynamic_batching {{
-  preferred_batch_size: [ {max_batch} ]
-  max_queue_delay_microseconds: 0
-}}
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-parameters {{ key: "onnx_file" value: {{ string_value: "model.onnx" }} }}
-parameters {{ key: "intra_op_threads" value: {{ string_value: "{threads}" }} }}
-"""
-
 
 class LogitsOnly(torch.nn.Module):
     """The classifier with a fixed signature; token_type_ids is ignored by models without it."""
@@ -94,10 +72,10 @@ def export(hf_folder: Path, out: Path, *, max_batch: int = 64, threads: int = 2)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (staging / "1").mkdir()
-        tokenizer_dir = staging / "tokenizer"
-        tokenizer.save_pretrained(tokenizer_dir)
-        config.save_pretrained(tokenizer_dir)  # max_position_embeddings / model_type for the token limit
-        max_tokens = max_tokens_of(tokenizer_dir)
+        hf_dir = staging / "hf"
+        tokenizer.save_pretrained(hf_dir)
+        model.model.save_pretrained(hf_dir)  # config (token limit) and weights (the PyTorch GPU variant)
+        max_tokens = max_tokens_of(hf_dir)
 
         sample = tokenizer(["a", "b"], ["c d", "e"], padding=True, return_tensors="pt")
         example = tuple(sample.get(name, torch.zeros_like(sample["input_ids"])) for name in INPUTS)
@@ -117,11 +95,22 @@ def export(hf_folder: Path, out: Path, *, max_batch: int = 64, threads: int = 2)
         check(model, tokenizer, staging / "1" / "model.onnx", max_tokens)
 
         shutil.copy2(TEMPLATE, staging / "1" / "model.py")
-        (staging / "config.pbtxt").write_text(
-            CONFIG.format(source=hf_folder.resolve().name, name=out.name, max_batch=max_batch, threads=threads)
+        spec = encoder_spec(
+            name=out.name,
+            kind=CROSS_ENCODER,
+            triton_model=out.name,
+            tokenizer_dir=hf_dir,
+            max_input_tokens=max_tokens,
+            output=TensorSpec("logits", "TYPE_FP32", (1,), comment="relevance logit; the gateway applies the sigmoid"),
+            max_batch=max_batch,
+            token_types=True,
+            onnx_built_by=f"scripts/export_cross_encoder.py --hf-folder {hf_folder.resolve()} --out {out}",
+            intra_op_threads=threads,
+            description=f"cross-encoder exported from {hf_folder.resolve().name}: (query, document) tokens in, one logit out",
         )
-        info = {"kind": "cross_encoder", "max_input_tokens": max_tokens, "tokenizer_dir": "tokenizer", "source": str(hf_folder.resolve())}
-        (staging / CROSS_ENCODER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        spec.validate()
+        write_manifest(spec, staging)
+        model_config.write(staging / "config.pbtxt", triton_config(spec, ONNXRUNTIME), config_header(spec, ONNXRUNTIME))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -150,7 +139,7 @@ def main() -> None:
     parser.add_argument("--hf-folder", type=Path, required=True, help="AutoModelForSequenceClassification checkpoint folder")
     parser.add_argument("--out", type=Path, required=True, help="model repository entry to write (its name = Triton model name)")
     parser.add_argument("--name", help="Triton model name; must equal OUT's folder name (default: it)")
-    parser.add_argument("--max-batch", type=int, default=64, help="Triton max_batch_size (the gateway's --triton-batch-rows)")
+    parser.add_argument("--max-batch", type=int, default=64, help="Triton max_batch_size: rows per Triton request")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     args = parser.parse_args()
     if args.name and args.name != args.out.name:

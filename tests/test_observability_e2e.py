@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 import ragserve
-from ragserve_server.triton_launcher import available_models
+from ragserve_server.registry import smollm2_spec
 from support import MODEL_REPOSITORY, ROOT, GatewayProcess, free_port, start_triton
 
 pytestmark = pytest.mark.integration
@@ -311,7 +311,7 @@ def test_short_locust_run_is_fully_accounted_for(observed_gateway, triton, tmp_p
 @pytest.fixture(scope="module")
 def generation_stack(tmp_path_factory):
     """Triton running SmolLM2 (the in-flight batching engine) and a gateway with metrics."""
-    if available_models(MODEL_REPOSITORY, ["smollm2"]) != ["smollm2"]:
+    if smollm2_spec(MODEL_REPOSITORY).missing_artifacts(MODEL_REPOSITORY):
         pytest.skip("SmolLM2 is not built: `make models`")
     work = tmp_path_factory.mktemp("generation_observed")
     triton = start_triton(work, ["smollm2"])

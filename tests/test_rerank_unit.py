@@ -9,17 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ragserve_server.catalog import (
-    BI_ENCODER,
-    CROSS_ENCODER,
-    CROSS_ENCODER_INFO,
-    build_catalog,
-    max_tokens_of,
-    parse_cross_encoders,
-)
+from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, build_catalog, max_tokens_of
+from ragserve_server.model_config import TensorSpec
+from ragserve_server.registry import encoder_spec, exported_spec, minilm_spec, parse_named_folders, write_manifest
 from ragserve_server.errors import InvalidInput
 from ragserve_server.tokenization import TRUNCATE_END, TRUNCATE_NONE, EncoderTokenizer
-from ragserve_server.triton_launcher import available_models
 from reference import MINILM_DIR
 from support import ROOT
 
@@ -29,45 +23,59 @@ def test_model_py_copies_match_the_template():
     assert (ROOT / "model_repository" / "minilm" / "1" / "model.py").read_text() == template
 
 
-def test_parse_cross_encoders(tmp_path):
-    assert parse_cross_encoders("") == {}
-    assert parse_cross_encoders(f" a={tmp_path}/x , b=rel/y ") == {"a": tmp_path / "x", "b": Path("rel/y")}
+def test_parse_named_folders(tmp_path):
+    assert parse_named_folders("", "--cross-encoders") == {}
+    assert parse_named_folders(f" a={tmp_path}/x , b=rel/y ", "--cross-encoders") == {"a": tmp_path / "x", "b": Path("rel/y")}
     for bad in ("a", "=x", "a=", "a=x,a=y"):
         with pytest.raises(ValueError, match="--cross-encoders"):
-            parse_cross_encoders(bad)
+            parse_named_folders(bad, "--cross-encoders")
 
 
 @pytest.fixture
 def exported(tmp_path):
-    """The files the gateway reads from an exported cross-encoder (no ONNX needed here)."""
+    """An exported cross-encoder's registry entry and tokenizer files (no ONNX needed here)."""
     model_dir = tmp_path / "my-ce"
-    (model_dir / "tokenizer").mkdir(parents=True)
+    (model_dir / "hf").mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
-        shutil.copy(MINILM_DIR / name, model_dir / "tokenizer" / name)
-    (model_dir / "config.pbtxt").write_text('name: "my-ce"\n')
-    (model_dir / CROSS_ENCODER_INFO).write_text(json.dumps({"max_input_tokens": 512}))
+        shutil.copy(MINILM_DIR / name, model_dir / "hf" / name)
+    spec = encoder_spec(
+        name="my-ce", kind=CROSS_ENCODER, triton_model="my-ce", tokenizer_dir=model_dir / "hf", max_input_tokens=512,
+        output=TensorSpec("logits", "TYPE_FP32", (1,)), token_types=True,
+    )
+    write_manifest(spec, model_dir)
     return model_dir
 
 
 def test_catalog_default_reranker_is_the_bi_encoder(exported):
-    catalog = build_catalog(max_inputs_per_call=8, triton_models={"minilm"}, cross_encoders={"ce": exported})
+    catalog = build_catalog([minilm_spec(), exported_spec(exported, name="ce", kind=CROSS_ENCODER)], max_inputs_per_call=8)
     assert catalog.get("", (BI_ENCODER, CROSS_ENCODER)).name == "all-minilm-l6-v2-bi-encoder"
     ce = catalog.get("ce", (BI_ENCODER, CROSS_ENCODER))
-    assert (ce.kind, ce.triton_model, ce.max_input_tokens, ce.max_batch) == (CROSS_ENCODER, "my-ce", 512, 1000)
+    assert (ce.kind, ce.triton_model, ce.max_input_tokens, ce.max_batch, ce.rows_per_request) == (CROSS_ENCODER, "my-ce", 512, 1000, 64)
+    assert ce.model_dir == exported / "hf"
     bi = catalog.get("all-minilm-l6-v2-bi-encoder", (BI_ENCODER,))
     assert (bi.triton_model, bi.embedding_model, bi.max_input_tokens) == ("minilm", "all-minilm-l6-v2", 256)
 
 
 def test_catalog_default_reranker_can_be_a_cross_encoder(exported):
-    catalog = build_catalog(
-        max_inputs_per_call=8, triton_models={"minilm"}, cross_encoders={"ce": exported}, default_reranker="ce"
-    )
+    ce = exported_spec(exported, name="ce")
+    catalog = build_catalog([minilm_spec(), ce], default_reranker="ce")
     assert catalog.get("", (BI_ENCODER, CROSS_ENCODER)).name == "ce"
     assert sorted(catalog.defaults.values()) == ["all-minilm-l6-v2", "ce"]  # one default reranker
     with pytest.raises(ValueError, match="not a served reranker"):
-        build_catalog(max_inputs_per_call=8, triton_models={"minilm"}, default_reranker="nope")
-    with pytest.raises(ValueError, match="not an exported cross-encoder"):
-        build_catalog(max_inputs_per_call=8, triton_models=set(), cross_encoders={"x": exported.parent})
+        build_catalog([minilm_spec()], default_reranker="nope")
+    with pytest.raises(ValueError, match="given twice"):
+        build_catalog([minilm_spec(), ce, ce])
+
+
+def test_exported_spec_refuses_what_is_not_an_exported_model(exported):
+    with pytest.raises(ValueError, match="not an exported model"):
+        exported_spec(exported.parent)
+    with pytest.raises(ValueError, match="is a cross_encoder model, not a embedding model"):
+        exported_spec(exported, kind="embedding")
+    renamed = exported.parent / "other-name"
+    exported.rename(renamed)
+    with pytest.raises(ValueError, match="Triton names models by folder"):
+        exported_spec(renamed)
 
 
 def test_max_tokens_of(tmp_path):
@@ -95,13 +103,3 @@ def test_query_limits_leave_room_for_the_document():
 def test_counts_are_not_cut_at_the_files_truncation():
     tokenizer = EncoderTokenizer(MINILM_DIR / "tokenizer.json", 256)
     assert tokenizer.count(" ".join(["w"] * 300)) == 302
-
-
-def test_available_models_needs_the_onnx_file_a_config_names(tmp_path):
-    version = tmp_path / "ce" / "1"
-    version.mkdir(parents=True)
-    (version / "model.py").write_text("")
-    (tmp_path / "ce" / "config.pbtxt").write_text('parameters { key: "onnx_file" value: { string_value: "model.onnx" } }\n')
-    assert available_models(tmp_path, ["ce"]) == []
-    (version / "model.onnx").write_bytes(b"")
-    assert available_models(tmp_path, ["ce"]) == ["ce"]

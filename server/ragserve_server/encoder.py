@@ -3,7 +3,7 @@
 Shared by Embed, the bi-encoder reranker (one model in Triton, weights loaded once) and the
 cross-encoder rerankers.
 Sequences are grouped by length bucket and sent as Triton requests of at most the model's
-max batch rows, concurrently, so that Triton's dynamic batcher can mix them with other
+Triton max_batch_size rows, concurrently, so that Triton's dynamic batcher can mix them with other
 callers' requests of the same shape.
 """
 
@@ -21,9 +21,8 @@ from ragserve_server.triton import InferenceBackend
 
 
 class EncoderRunner:
-    def __init__(self, backend: InferenceBackend, max_rows: int) -> None:
+    def __init__(self, backend: InferenceBackend) -> None:
         self.backend = backend
-        self.max_rows = max_rows
 
     async def pooled(
         self,
@@ -54,9 +53,9 @@ class EncoderRunner:
         for index, seq in enumerate(sequences):
             by_width[bucket_length(len(seq), model.max_input_tokens)].append(index)
         chunks = [
-            (width, rows[start : start + self.max_rows])
+            (width, rows[start : start + model.rows_per_request])
             for width, rows in by_width.items()
-            for start in range(0, len(rows), self.max_rows)
+            for start in range(0, len(rows), model.rows_per_request)
         ]
         real = sum(len(s) for s in sequences)
         request_record.add_padding(real=real, padded=sum(w * len(r) for w, r in chunks))

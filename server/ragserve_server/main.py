@@ -10,28 +10,127 @@ from pathlib import Path
 import structlog
 
 from ragserve_server.app import create_gateway
-from ragserve_server.catalog import build_catalog, parse_cross_encoders
+from ragserve_server.catalog import build_catalog
+from ragserve_server.errors import RagserveError
 from ragserve_server.logging_setup import configure_logging
+from ragserve_server.model_config import mismatches
+from ragserve_server.registry import (
+    CPU,
+    CROSS_ENCODER,
+    DEVICES,
+    EMBEDDING,
+    GPU,
+    TORCH_CUDA,
+    ModelSpec,
+    builtin_specs,
+    exported_spec,
+    parse_named_folders,
+)
+from ragserve_server.repository import render_repository
 from ragserve_server.settings import REPO_ROOT, Settings
-from ragserve_server.triton import TritonBackend
-from ragserve_server.triton_launcher import TritonPorts, TritonServer, available_models
+from ragserve_server.triton import InferenceBackend, TritonBackend
+from ragserve_server.triton_launcher import TritonPorts, TritonServer
 
 log = structlog.get_logger("ragserve")
 
 
+class StartupError(SystemExit):
+    """Start-up refused with a message for a person (no traceback): exit code 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"ragserve: {message}")
+
+
+def select_specs(settings: Settings) -> list[ModelSpec]:
+    """The registry entries this gateway serves: built-ins by Triton name, then exported models."""
+    try:
+        names = [m.strip() for m in settings.triton_models.split(",") if m.strip()]
+        specs = builtin_specs(settings.model_repository, names)
+        for flag, value, kind in (
+            ("--embedding-models", settings.embedding_models, EMBEDDING),
+            ("--cross-encoders", settings.cross_encoders, CROSS_ENCODER),
+        ):
+            for name, folder in parse_named_folders(value, flag).items():
+                specs.append(exported_spec(folder, name=name, kind=kind))
+    except (ValueError, RuntimeError) as exc:
+        raise StartupError(str(exc)) from None
+    taken: dict[str, str] = {}
+    for spec in specs:
+        if spec.triton_model in taken:
+            raise StartupError(f"models {taken[spec.triton_model]!r} and {spec.name!r} both use Triton model {spec.triton_model!r}")
+        taken[spec.triton_model] = spec.name
+    return specs
+
+
+def check_device(device: str) -> None:
+    """`--device gpu` needs a CUDA GPU where the bundled Triton runs (this machine)."""
+    if device not in DEVICES:
+        raise StartupError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == GPU:
+        import torch  # only for the check: the models import it in Triton's processes
+
+        if not torch.cuda.is_available():
+            raise StartupError(
+                "--device gpu: no CUDA GPU is visible on this machine (torch.cuda.is_available() is False); "
+                "run on a machine with an NVIDIA GPU and driver, use --device cpu, or point --triton-url at a GPU Triton"
+            )
+
+
+def bundled_repository(settings: Settings, specs: list[ModelSpec]) -> Path:
+    """The repository the bundled Triton runs: model_repository/ itself on the CPU (configs
+    re-rendered from the registry), a rendered GPU repository under build/ on a GPU."""
+    repository = Path(settings.model_repository).resolve()
+    for spec in specs:
+        if not (repository / spec.triton_model).is_dir():
+            raise StartupError(
+                f"model {spec.name!r}: its folder is not in the bundled Triton's model repository {repository}; "
+                f"export it there (--out {repository}/{spec.triton_model}) or pass --model-repository"
+            )
+    missing = [line for spec in specs for line in spec.missing_artifacts(repository)]
+    if missing:
+        raise StartupError(
+            "models not built:\n  " + "\n  ".join(missing) + "\n(or leave the model out: --triton-models / --cross-encoders)"
+        )
+    if settings.device == CPU:
+        render_repository(specs, CPU, repository, source=repository)
+        return repository
+    out = REPO_ROOT / "build" / "model_repository" / GPU
+    render_repository(specs, GPU, out, source=repository, encoder_backend=TORCH_CUDA)
+    return out
+
+
+async def check_triton_configs(backend: InferenceBackend, specs: list[ModelSpec]) -> None:
+    """Refuses to serve when a model's config in the running Triton disagrees with what the
+    gateway sends (max batch, input names, dtypes, dims): never an INTERNAL at request time."""
+    problems = []
+    for spec in specs:
+        try:
+            config = await backend.model_config(spec.triton_model)
+        except RagserveError as exc:
+            problems.append(f"{spec.triton_model}: could not read its config from Triton ({exc})")
+            continue
+        problems += mismatches(spec.triton_model, spec.max_batch, spec.inputs, spec.outputs, config)
+    if problems:
+        raise StartupError(
+            "Triton serves models whose config disagrees with the registry (server/ragserve_server/registry.py):\n  "
+            + "\n  ".join(problems)
+            + "\nre-render the repository (`make configs`, or `python -m ragserve_server.repository`) and restart Triton"
+        )
+
+
 async def serve(settings: Settings) -> None:
     triton = None
-    cross_encoders = parse_cross_encoders(settings.cross_encoders)
+    specs = select_specs(settings)
     if settings.triton_url:
+        if settings.device not in DEVICES:  # the GPU is on Triton's host: only the name is checked here
+            raise StartupError(f"--device {settings.device!r} is not one of {', '.join(DEVICES)}")
         triton_url = settings.triton_url
-        triton_models = {m.strip() for m in settings.triton_models.split(",") if m.strip()}
     else:
-        wanted = [m.strip() for m in settings.triton_models.split(",") if m.strip()]
-        wanted += bundled_cross_encoders(settings.model_repository, cross_encoders)
-        loaded = available_models(settings.model_repository, wanted)
+        check_device(settings.device)
+        repository = bundled_repository(settings, specs)
         triton = TritonServer(
-            settings.model_repository,
-            loaded,
+            repository,
+            [s.triton_model for s in specs],
             TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port),
             REPO_ROOT / "build",
         )
@@ -41,7 +140,7 @@ async def serve(settings: Settings) -> None:
         except BaseException:
             triton.stop()
             raise
-        triton_url, triton_models = triton.grpc_url, set(loaded)
+        triton_url = triton.grpc_url
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -49,22 +148,26 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     gateway = None
+    backend = TritonBackend(triton_url)
     try:
-        catalog = build_catalog(
-            max_inputs_per_call=settings.max_inputs_per_call,
-            triton_models=triton_models,
-            max_documents_per_call=settings.max_documents_per_call,
-            cross_encoders=cross_encoders,
-            default_reranker=settings.default_reranker,
-            model_repository=settings.model_repository,
-        )
-        gateway = await create_gateway(settings, TritonBackend(triton_url), catalog)
+        await check_triton_configs(backend, specs)
+        try:
+            catalog = build_catalog(
+                specs,
+                max_inputs_per_call=settings.max_inputs_per_call,
+                max_documents_per_call=settings.max_documents_per_call,
+                default_reranker=settings.default_reranker,
+            )
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        gateway = await create_gateway(settings, backend, catalog)
         if settings.metrics_port:
             gateway.metrics.serve(settings.host, settings.metrics_port)
         log.info(
             "serving",
             grpc=f"{settings.host}:{gateway.port}",
             triton=triton_url,
+            device=settings.device,
             metrics=f"http://{settings.host}:{settings.metrics_port}/metrics" if settings.metrics_port else None,
             triton_metrics=triton.metrics_url if triton else None,
             models=[m.name for m in catalog.models],
@@ -80,25 +183,11 @@ async def serve(settings: Settings) -> None:
     finally:
         if gateway is not None:
             await gateway.stop(settings.drain_seconds)
+        else:
+            await backend.close()
         if triton is not None:
             await asyncio.to_thread(triton.stop)
         log.info("stopped")
-
-
-def bundled_cross_encoders(model_repository: Path, cross_encoders: dict[str, Path]) -> list[str]:
-    """The Triton models of the configured cross-encoders: the bundled Triton loads them too,
-    so they must live in its model repository."""
-    names = []
-    repository = Path(model_repository).resolve()
-    for name, folder in cross_encoders.items():
-        folder = Path(folder).resolve()
-        if folder.parent != repository:
-            raise SystemExit(
-                f"cross-encoder {name!r}: {folder} is not in the bundled Triton's model repository {repository}; "
-                f"export it there (scripts/export_cross_encoder.py --out {repository}/<name>) or pass --model-repository"
-            )
-        names.append(folder.name)
-    return names
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,13 +29,21 @@ class Settings:
     model_repository: Path = field(
         default=REPO_ROOT / "model_repository", metadata={"help": "Triton model repository of the bundled Triton"}
     )
+    device: str = field(
+        default="cpu",
+        metadata={"help": "cpu, or gpu: the bundled Triton runs a GPU repository rendered from the registry (PyTorch fp16 on CUDA); with --triton-url, the repository of `make engines`"},
+    )
     triton_models: str = field(
         default="minilm,smollm2",
-        metadata={"help": "comma-separated Triton models the bundled Triton loads (those whose files exist)"},
+        metadata={"help": "comma-separated built-in models to serve, by Triton model name (server/ragserve_server/registry.py)"},
     )
     cross_encoders: str = field(
         default="",
         metadata={"help": "cross-encoder rerankers as name=model_dir,... (model repository entries built by scripts/export_cross_encoder.py)"},
+    )
+    embedding_models: str = field(
+        default="",
+        metadata={"help": "more embedding models as name=model_dir,... (model repository entries built by scripts/export_encoder.py)"},
     )
     default_reranker: str = field(default="", metadata={"help": "reranker used when a request names none (empty = the bi-encoder)"})
     max_concurrent_requests: int = field(
@@ -43,7 +51,6 @@ class Settings:
     )
     max_inputs_per_call: int = field(default=2048, metadata={"help": "most texts in one Embed call"})
     max_documents_per_call: int = field(default=1000, metadata={"help": "most documents in one Rerank call"})
-    triton_batch_rows: int = field(default=64, metadata={"help": "most rows in one Triton request (the model's max_batch_size)"})
     tokenizer_threads: int = field(default=1, metadata={"help": "threads that tokenize off the event loop"})
     triton_ready_timeout: float = field(default=180.0, metadata={"help": "seconds to wait for the bundled Triton to be ready"})
     health_poll_interval: float = field(default=1.0, metadata={"help": "seconds between Triton readiness checks"})

