@@ -37,7 +37,7 @@ GPU_REPOSITORY ?= build/model_repository_gpu
 engines: models
 	$(PY) scripts/build_engines.py --out $(GPU_REPOSITORY)
 
-$(MINILM_ONNX): scripts/export_minilm.py $(STAMP)
+$(MINILM_ONNX): scripts/export_minilm.py scripts/export_encoder.py $(STAMP)
 	$(PY) scripts/export_minilm.py --out $@
 
 $(SMOLLM2_HF): scripts/convert_smollm2.py $(STAMP)

@@ -230,3 +230,34 @@ def test_gateway_refuses_a_real_triton_serving_another_max_batch(tmp_path):
     assert code != 0
     assert "max_batch_size is 32 in Triton's config, the gateway sends up to 64" in log
     assert "Traceback" not in log
+
+
+@pytest.mark.integration
+def test_a_second_embedding_model_is_one_flag(triton, model_repository, tmp_path):
+    """Exported with scripts/export_encoder.py, loaded into the running Triton, served by
+    `--embedding-models name=folder` alone: its vectors equal the reference."""
+    import ragserve
+    import tritonclient.grpc as triton_grpc
+
+    from reference import MINILM_DIR, minilm_embeddings
+
+    folder = model_repository / "second-embedder"
+    export = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export_encoder.py"), "--hf-folder", str(MINILM_DIR), "--out", str(folder)],
+        capture_output=True, text=True,
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    triton_grpc.InferenceServerClient(triton.grpc_url).load_model("second-embedder")
+    gateway = GatewayProcess(
+        triton.grpc_url, triton.models, tmp_path / "gateway.log", "--embedding-models", f"copy-of-minilm={folder}"
+    ).wait_serving()
+    try:
+        with ragserve.Client(gateway.address, timeout=30) as client:
+            texts = ["a second embedding model", "served by one flag"]
+            result = client.embed(texts, model="copy-of-minilm")
+            assert result.model == "copy-of-minilm"
+            np.testing.assert_allclose(result.embeddings, minilm_embeddings(texts), atol=1e-4)
+            names = {m.name for m in client.list_models()}
+            assert {"copy-of-minilm", "all-minilm-l6-v2"} <= names
+    finally:
+        gateway.stop()
