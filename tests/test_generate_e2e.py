@@ -46,11 +46,16 @@ def reference():
     tokenizer = AutoTokenizer.from_pretrained(HF)
     model = AutoModelForCausalLM.from_pretrained(HF, dtype=torch.float32).eval()
 
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+
     def greedy(messages, max_new_tokens=MAX_TOKENS):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[0, ids["input_ids"].shape[1] :].tolist()
+        if new and new[-1] in eos:  # the end id ends the sequence; it is not returned (TensorRT-LLM's contract)
+            new = new[:-1]
         return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
     return greedy
@@ -164,3 +169,35 @@ def test_bad_input_against_the_real_engine(generation):
         models = {m.name: m for m in client.list_models()}
         assert models["smollm2-135m-instruct"].kind == "generation"
         assert models["smollm2-135m-instruct"].max_input_tokens == 2048
+
+
+async def test_triton_serves_the_tensorrt_llm_contract(generation):
+    """The running model's config is the contract, and a non-streaming request (TensorRT-LLM's
+    `streaming` false) gets one final response with every token, the end id left out."""
+    import tritonclient.grpc as triton_grpc
+
+    from ragserve_server import generation_contract as contract
+    from ragserve_server import model_config
+    from ragserve_server.triton import TritonBackend
+
+    triton, _ = generation
+    config = triton_grpc.InferenceServerClient(triton.grpc_url).get_model_config("smollm2").config
+    assert model_config.mismatches("smollm2", contract.MAX_BATCH_SIZE, contract.INPUTS, contract.OUTPUTS, config) == []
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(HF)
+    prompt = list(tokenizer.apply_chat_template(CHATS[0], add_generation_prompt=True)["input_ids"])
+    inputs = contract.request_tensors(prompt, contract.Sampling(max_tokens=MAX_TOKENS, temperature=0), end_id=tokenizer.eos_token_id)
+    backend = TritonBackend(triton.grpc_url)
+    try:
+        streamed = [(contract.response_tokens(out), final) async for out, final in backend.stream("smollm2", inputs, contract.OUTPUT_NAMES, timeout=60)]
+        inputs["streaming"][:] = False
+        whole = [(contract.response_tokens(out), final) async for out, final in backend.stream("smollm2", inputs, contract.OUTPUT_NAMES, timeout=60)]
+    finally:
+        await backend.close()
+    tokens = [t for chunk, _ in streamed for t in chunk]
+    assert [final for _, final in streamed] == [False] * (len(streamed) - 1) + [True]
+    assert streamed[-1][0] == [] and len(tokens) < MAX_TOKENS  # ended by the end id, which is not returned
+    assert tokenizer.eos_token_id not in tokens
+    assert whole == [(tokens, True)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ from tokenizers import Tokenizer
 
 import ragserve
 from ragserve_server.app import create_gateway
-from ragserve_server.catalog import GENERATION, Catalog, generation_model
+from ragserve_server import generation_contract as contract
+from ragserve_server.catalog import GENERATION, Catalog, served
 from ragserve_server.detokenizer import IncrementalDetokenizer, StopMatcher
+from ragserve_server.registry import smollm2_spec
 from ragserve_server.settings import Settings
 
 HF = Path(__file__).resolve().parents[1] / "model_repository" / "smollm2" / "1" / "hf"
@@ -48,27 +51,47 @@ def test_stop_sequences_never_leak(stop, expected):
     assert all(stop not in part for part in released)
 
 
+EOS = 2  # <|im_end|>, SmolLM2's end id
+
+
+def response(tokens: list[int]) -> dict[str, np.ndarray]:
+    """One streamed TensorRT-LLM response: the new tokens of the first beam."""
+    return {
+        "output_ids": np.array(tokens, dtype=np.int32).reshape(1, 1, len(tokens)),
+        "sequence_length": np.array([[len(tokens)]], dtype=np.int32),
+    }
+
+
 class FakeEngine:
-    """Streams the tokens of TEXT one response at a time, like the decoupled engine model."""
+    """Streams the tokens of TEXT, then its end id, like TensorRT-LLM's decoupled model: one
+    response per token, the end id left out (an empty final response), or the last allowed
+    token's response final. `returns_end_id` imitates an engine that sends the end id."""
 
     def __init__(self) -> None:
         self.tokens = tokenizer().encode(TEXT).ids
         self.closed_early = asyncio.Event()
         self.inputs = None
+        self.outputs = None
+        self.returns_end_id = False
 
     async def stream(self, model, inputs, outputs, *, timeout):
-        self.inputs = inputs
-        limit = int(inputs["max_tokens"][0])
-        sent = 0
+        self.inputs, self.outputs = inputs, outputs
+        limit = int(inputs["request_output_len"][0, 0])
+        end_id = int(inputs["end_id"][0, 0])
+        sequence = self.tokens + [end_id]
+        done = False
         try:
-            for token in self.tokens[:limit]:
-                sent += 1
-                yield {"token_id": np.array([token], dtype=np.int64)}, False
+            for i, token in enumerate(sequence[:limit]):
+                last = i == limit - 1
+                if token == end_id and not self.returns_end_id:
+                    done = True
+                    yield response([]), True
+                    return
+                done = last or token == end_id
+                yield response([token]), done
                 await asyncio.sleep(0)
-            reason = "length" if limit < len(self.tokens) else "stop"
-            yield {"finish_reason": np.array([reason.encode()], dtype=object)}, True
         finally:
-            if sent < min(limit, len(self.tokens)):
+            if not done:
                 self.closed_early.set()
 
     async def is_ready(self, models):
@@ -81,7 +104,8 @@ class FakeEngine:
 @pytest.fixture
 async def fake_generation():
     engine = FakeEngine()
-    model = generation_model(HF, context_length=64)
+    spec = dataclasses.replace(smollm2_spec(), max_input_tokens=64)
+    (model,) = served(spec)
     gateway = await create_gateway(Settings(port=0, health_poll_interval=0.05), engine, Catalog([model], {GENERATION: model.name}))
     client = ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", timeout=10)
     yield engine, client
@@ -96,8 +120,9 @@ async def test_stream_concatenates_to_unary_text(fake_generation):
     assert isinstance(final, ragserve.GenerateResult) and final.finish_reason == "stop"
     assert "".join(e.text for e in events[:-1]) == final.text == TEXT
     unary = await client.generate("hi", max_tokens=40, temperature=0)
-    assert unary.text == TEXT and unary.usage.completion_tokens == len(engine.tokens)
+    assert unary.text == TEXT and unary.usage.completion_tokens == len(engine.tokens)  # the end id is not a completion token
     assert unary.usage.prompt_tokens == len(tokenizer().encode("hi").ids)
+    assert engine.outputs == contract.OUTPUT_NAMES
 
 
 async def test_stop_sequence_cancels_the_engine_request(fake_generation):
@@ -107,13 +132,40 @@ async def test_stop_sequence_cancels_the_engine_request(fake_generation):
     await asyncio.wait_for(engine.closed_early.wait(), 2)
 
 
-async def test_length_and_sampling_inputs(fake_generation):
+async def test_finish_reason_from_the_final_flag_the_end_id_and_the_count(fake_generation):
     engine, client = fake_generation
-    result = await client.generate("hi", max_tokens=3, temperature=0.5, top_p=0.9, top_k=5, repetition_penalty=1.1, seed=7)
-    assert result.finish_reason == "length" and result.usage.completion_tokens == 3
+    n = len(engine.tokens)
+    short = await client.generate("hi", max_tokens=3)
+    assert short.finish_reason == "length" and short.usage.completion_tokens == 3
+    exact = await client.generate("hi", max_tokens=n)  # every token of TEXT, no room for the end id
+    assert exact.finish_reason == "length" and exact.text == TEXT
+    end_last = await client.generate("hi", max_tokens=n + 1)  # the end id is the last allowed token
+    assert end_last.finish_reason == "stop" and end_last.usage.completion_tokens == n
+    engine.returns_end_id = True  # an engine that sends the end id: the gateway stops on it, unseen
+    sent = await client.generate("hi", max_tokens=n + 1)
+    assert sent.finish_reason == "stop" and sent.text == TEXT and sent.usage.completion_tokens == n
+
+
+async def test_sampling_maps_onto_tensorrt_llm_tensors(fake_generation):
+    engine, client = fake_generation
+    await client.generate("hi", max_tokens=3, temperature=0.5, top_p=0.9, top_k=5, repetition_penalty=1.1, seed=2**64 - 1)
     sent = {k: v.tolist() for k, v in engine.inputs.items() if k != "input_ids"}
-    assert sent["top_k"] == [5] and sent["seed"] == [7] and sent["max_tokens"] == [3]
-    np.testing.assert_allclose(sent["temperature"] + sent["top_p"] + sent["repetition_penalty"], [0.5, 0.9, 1.1], rtol=1e-6)
+    assert sent["runtime_top_k"] == [[5]] and sent["seed"] == [[2**64 - 1]] and sent["request_output_len"] == [[3]]
+    assert sent["end_id"] == [[EOS]] and sent["streaming"] == [[True]]
+    assert sent["input_lengths"] == [[engine.inputs["input_ids"].shape[1]]]
+    np.testing.assert_allclose([sent["temperature"][0][0], sent["runtime_top_p"][0][0], sent["repetition_penalty"][0][0]], [0.5, 0.9, 1.1], rtol=1e-6)
+    # Greedy is TensorRT-LLM's runtime_top_k = 1 at a neutral temperature.
+    await client.generate("hi", max_tokens=3, temperature=0, top_k=7)
+    assert engine.inputs["runtime_top_k"].tolist() == [[1]] and engine.inputs["temperature"].tolist() == [[1.0]]
+    # Unseeded requests get a random seed each (TensorRT-LLM's default seed would be 0 for all).
+    seeds = set()
+    for _ in range(3):
+        await client.generate("hi", max_tokens=2)
+        seeds.add(int(engine.inputs["seed"][0, 0]))
+    assert len(seeds) == 3
+    # The API's defaults: full-distribution sampling (top-p 1 keeps TensorRT-LLM from greedy).
+    assert engine.inputs["runtime_top_k"].tolist() == [[0]] and engine.inputs["runtime_top_p"].tolist() == [[1.0]]
+    assert engine.inputs["temperature"].tolist() == [[1.0]] and engine.inputs["repetition_penalty"].tolist() == [[1.0]]
 
 
 BAD = [
@@ -127,6 +179,7 @@ BAD = [
     (dict(prompt="x", top_p=0.0), "top_p must be in (0, 1]"),
     (dict(prompt="x", top_p=1.5), "top_p must be in (0, 1]"),
     (dict(prompt="x", top_k=-1), "top_k must be >= 0"),
+    (dict(prompt="x", repetition_penalty=0.0), "repetition_penalty must be > 0"),
     (dict(prompt="x", stop=["a", "b", "c", "d", "e"]), "at most 4 stop sequences"),
     (dict(prompt="x", stop=["a", ""]), "stop sequence 1 is an empty string"),
     (dict(messages=[{"role": "wizard", "content": "y"}]), "unknown role 'wizard'"),

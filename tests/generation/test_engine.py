@@ -1,12 +1,13 @@
 """In-process tests of the SmolLM2 in-flight batching engine (no Triton).
 
-The engine module is loaded by path from model_repository/smollm2/1/engine.py. Needs the
-HF folder built by scripts/convert_smollm2.py; skipped otherwise.
+The engine is imported from model_repository/smollm2/1/ (engine.py, llama.py, sampler.py),
+with the deployment's settings (generation_contract.ENGINE_PARAMETERS). Needs the HF folder
+built by scripts/convert_smollm2.py; skipped otherwise.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import sys
 import threading
 from pathlib import Path
@@ -26,15 +27,17 @@ if not (HF_DIR / "model.safetensors").is_file():
                 f"--out model_repository/smollm2/1/hf", allow_module_level=True)
 
 
-def _load_engine_module():
-    spec = importlib.util.spec_from_file_location("smollm2_engine", VERSION_DIR / "engine.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(VERSION_DIR))
+import engine as eng  # noqa: E402
+
+from ragserve_server.generation_contract import ENGINE_PARAMETERS  # noqa: E402
+
+DEPLOYED = eng.EngineConfig.from_parameters(
+    {k: v for k, v in ENGINE_PARAMETERS.items() if k != "hf_dir"} | {"device": "cpu"})
 
 
-eng = _load_engine_module()
+def config(**changes) -> "eng.EngineConfig":
+    return dataclasses.replace(DEPLOYED, **changes)
 
 QUESTIONS = ["What is the capital of France?",
              "Write a haiku about the sea.",
@@ -72,10 +75,10 @@ class Collector:
         return self
 
 
-def submit(engine, prompt, max_tokens, cancel_after=None, ignore_eos=False, **params):
+def submit(engine, prompt, max_tokens, cancel_after=None, ignore_eos=False, end_id=None, **params):
     c = Collector(cancel_after)
     c.seq = eng.Sequence(list(prompt), max_tokens, eng.SamplingParams(**params), c.on_token,
-                         c.on_abort, ignore_eos=ignore_eos)
+                         c.on_abort, ignore_eos=ignore_eos, end_id=end_id)
     engine.submit(c.seq)
     return c
 
@@ -113,8 +116,7 @@ def reference(prompts):
 
 @pytest.fixture(scope="module")
 def engine():
-    e = eng.Engine(HF_DIR, num_threads=2, max_running=8, max_waiting=8,
-                   context_length=2048).start()
+    e = eng.Engine(HF_DIR, config(max_running_sequences=8, max_waiting=8)).start()
     yield e
     e.stop()
 
@@ -149,7 +151,7 @@ def test_seeded_sampling_reproducible_alone_and_batched(engine, tokenizer, promp
     first = submit(engine, prompts[1], 16, **params).wait().tokens
     again = submit(engine, prompts[1], 16, **params).wait().tokens
     assert first == again
-    noise = [submit(engine, chat(tokenizer, q), 24, temperature=1.0, seed=i)
+    noise = [submit(engine, chat(tokenizer, q), 24, temperature=1.0, top_p=1.0, seed=i)
              for i, q in enumerate(OTHERS)]
     batched = submit(engine, prompts[1], 16, **params).wait().tokens
     for c in noise:
@@ -171,7 +173,8 @@ def test_cancel_mid_way_frees_slot(engine, tokenizer, prompts):
     assert 3 <= len(c.tokens) <= 4  # dropped within one decode step
     assert c.seq not in engine.running and c.seq.slot == -1
     keeper.wait()
-    assert engine.stats() == (0, 0) and engine.reserved_tokens == 0
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.kv_tokens_reserved) == (0, 0, 0)
 
 
 def test_invalid_requests_rejected_without_disturbing_others(engine, prompts, reference):
@@ -188,8 +191,8 @@ def test_invalid_requests_rejected_without_disturbing_others(engine, prompts, re
 
 def test_waiting_queue_and_full_queue_rejection(prompts):
     seen = []
-    e = eng.Engine(HF_DIR, num_threads=2, max_running=1, max_waiting=2,
-                   on_stats=lambda r, w, n: seen.append((r, w)))
+    e = eng.Engine(HF_DIR, config(max_running_sequences=1, max_waiting=2),
+                   on_stats=lambda s: seen.append((s.running, s.waiting)))
     try:
         # Not started yet: everything queues. One request may start at once (a free
         # slot), plus max_waiting queued; the next is refused.
@@ -208,14 +211,78 @@ def test_waiting_queue_and_full_queue_rejection(prompts):
 def test_kv_budget_makes_requests_wait(prompts):
     need = len(prompts[0]) + 8
     seen = []
-    e = eng.Engine(HF_DIR, num_threads=2, max_running=4, max_kv_tokens=need + need // 2,
-                   on_stats=lambda r, w, n: seen.append((r, w))).start()
+    e = eng.Engine(HF_DIR, config(max_running_sequences=4, max_kv_tokens=need + need // 2),
+                   on_stats=lambda s: seen.append((s.running, s.waiting, s.kv_tokens_reserved))).start()
     try:
         cs = [submit(e, prompts[0], 8, temperature=0.0, ignore_eos=True) for _ in range(2)]
         outs = [c.wait().tokens for c in cs]
         assert outs[0] == outs[1]
-        assert max(r for r, _ in seen) == 1  # the second waited for KV room
+        assert max(r for r, _, _ in seen) == 1  # the second waited for KV room
+        assert max(kv for _, _, kv in seen) == need
         with pytest.raises(eng.RequestError, match="^INVALID_ARGUMENT:.*max_kv_tokens"):
             submit(e, prompts[0], need, temperature=0.0)
     finally:
         e.stop()
+
+
+# ---------------------------------------------------------------- the TensorRT-LLM contract's semantics
+def test_greedy_forms_of_the_contract(engine, prompts, reference):
+    # TensorRT-LLM is greedy with runtime_top_k = 1 (what the gateway sends for temperature 0),
+    # and when top-k and top-p are both off (absent tensors).
+    assert submit(engine, prompts[0], 20, top_k=1, top_p=1.0, temperature=1.0).wait().tokens == reference[0]
+    assert submit(engine, prompts[0], 20).wait().tokens == reference[0]
+
+
+def test_end_id_ends_the_sequence(engine, prompts, reference):
+    ref = reference[0]
+    end = ref[3]
+    c = submit(engine, prompts[0], 20, end_id=end, temperature=0.0).wait()
+    assert c.tokens == ref[: ref.index(end) + 1] and c.reason == "stop"
+    # An end id that never comes: the checkpoint's EOS does not end it either.
+    c = submit(engine, prompts[0], 20, end_id=-1, temperature=0.0).wait()
+    assert c.tokens[: len(ref)] == ref[: len(c.tokens)] and len(c.tokens) == 20 and c.reason == "length"
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=-0.5), dict(top_k=-1), dict(top_p=1.5), dict(repetition_penalty=0.0),
+    dict(temperature=float("nan")), dict(seed=-1), dict(seed=2**64),
+])
+def test_sampling_range_checks(params):
+    with pytest.raises(eng.RequestError, match="^INVALID_ARGUMENT:"):
+        eng.SamplingParams(**params).validate()
+
+
+# ---------------------------------------------------------------- settings and device
+def test_engine_config_requires_every_parameter_and_refuses_unknown_ones():
+    params = {k: v for k, v in ENGINE_PARAMETERS.items() if k != "hf_dir"} | {"device": "cpu"}
+    with pytest.raises(ValueError, match="missing max_waiting"):
+        eng.EngineConfig.from_parameters({k: v for k, v in params.items() if k != "max_waiting"})
+    with pytest.raises(ValueError, match="unknown max_runing"):
+        eng.EngineConfig.from_parameters(params | {"max_runing": "3"})
+    with pytest.raises(ValueError, match="max_kv_tokens must be an integer"):
+        eng.EngineConfig.from_parameters(params | {"max_kv_tokens": "lots"})
+    with pytest.raises(ValueError, match="device must be one of cpu, cuda"):
+        eng.EngineConfig.from_parameters(params | {"device": "tpu"})
+    assert eng.EngineConfig.from_parameters(params | {"context_length": ""}).context_length == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure on a machine without CUDA")
+def test_cuda_without_cuda_fails_at_load_with_a_clear_message():
+    with pytest.raises(RuntimeError, match="device is 'cuda' but PyTorch sees no CUDA device"):
+        eng.Engine(HF_DIR, config(device="cuda"))
+
+
+def test_every_tensor_is_created_on_the_engine_device():
+    """No torch factory call in the model folder without `device=` (CUDA runs stay on the GPU)."""
+    import ast
+
+    factories = {"tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "zeros_like", "Generator"}
+    missing = []
+    for name in ("engine.py", "llama.py", "sampler.py"):
+        tree = ast.parse((VERSION_DIR / name).read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in factories
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+                    and not any(k.arg == "device" for k in node.keywords)):
+                missing.append(f"{name}:{node.lineno} torch.{node.func.attr}")
+    assert not missing, missing

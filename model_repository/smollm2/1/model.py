@@ -4,23 +4,29 @@ The batching engine lives in ``engine.py`` next to this file (one background thr
 decodes every running sequence together, one step at a time; see its docstring). This
 module only translates between Triton requests/responses and engine sequences.
 
-Contract (decoupled model, ``max_batch_size: 0``)
--------------------------------------------------
-Inputs: ``input_ids`` INT64 [-1] (prompt token ids, chat template already applied),
-``max_tokens`` INT32 [1] (>= 1); optional ``temperature`` FP32 [1] (default 1.0,
-0 = greedy), ``top_p`` FP32 [1] (1.0), ``top_k`` INT32 [1] (0 = off),
-``repetition_penalty`` FP32 [1] (1.0), ``seed`` INT64 [1] (-1 = none).
+Contract: TensorRT-LLM's ``tensorrt_llm`` model (decoupled, ``max_batch_size > 0``)
+-------------------------------------------------------------------------------------
+The tensors, names and dtypes of TensorRT-LLM's Triton backend (the table and its source:
+server/ragserve_server/generation_contract.py), so that the gateway talks to this model and
+to a TensorRT-LLM engine alike. Every tensor has a batch dimension of 1 per request.
 
-Responses: one per generated token, each with ``token_id`` INT64 [1]. The LAST token's
-response also carries ``finish_reason`` BYTES [1] (``b"stop"``: an EOS token was
-generated, and that response's ``token_id`` IS the EOS id, e.g. 2 = ``<|im_end|>``;
-``b"length"``: ``max_tokens`` reached) and the flag TRITONSERVER_RESPONSE_COMPLETE_FINAL.
-So a stream is N token responses, the N-th being final; there is no separate empty final
-response.
+Inputs: ``input_ids`` INT32 [-1] (prompt token ids), ``input_lengths`` INT32 (how many of
+them), ``request_output_len`` INT32 (max new tokens, >= 1); optional ``end_id`` INT32
+(generation stops there; absent: the checkpoint's EOS ids), ``streaming`` BOOL (absent:
+false), ``temperature`` FP32, ``runtime_top_k`` INT32, ``runtime_top_p`` FP32,
+``repetition_penalty`` FP32, ``seed`` UINT64 (absent values and their ranges:
+``sampler.SamplingParams``, as in TensorRT-LLM: top-k and top-p both off = greedy).
+
+Responses, as TensorRT-LLM's: ``output_ids`` INT32 [1, 1, n] with the new tokens and
+``sequence_length`` INT32 [1, 1] = n. Streaming: one response per generated token; the
+last one carries TRITONSERVER_RESPONSE_COMPLETE_FINAL. The end id is never returned: when
+the sequence ends on it, the final response holds n = 0 tokens. Not streaming: one final
+response with all tokens. There is no finish reason tensor (TensorRT-LLM has none): a
+final response before ``request_output_len`` tokens means the end id was reached.
 
 Errors are one final response carrying an error whose message starts with a status name:
-``INVALID_ARGUMENT: ...`` (empty prompt, max_tokens < 1, prompt + max_tokens > context
-length or > the KV budget, token id out of range, bad sampling values; Triton code
+``INVALID_ARGUMENT: ...`` (empty prompt, request_output_len < 1, prompt + output length >
+context length or > the KV budget, token id out of range, bad sampling values; Triton code
 INVALID_ARG), ``RESOURCE_EXHAUSTED: ...`` (waiting queue full; Triton code UNAVAILABLE:
 this Triton has no RESOURCE_EXHAUSTED code), ``INTERNAL: ...`` (engine failure).
 
@@ -29,9 +35,12 @@ cancelled one is dropped within one decode step, its slot and KV reservation fre
 its stream is closed with an empty final response (``send(flags=FINAL)``) when Triton
 still accepts it.
 
-Metrics (Triton's metrics port): gauges ``ragserve_engine_running_sequences`` and
-``ragserve_engine_waiting_sequences``, counter ``ragserve_engine_generated_tokens_total``,
-all labelled ``model="smollm2"``.
+Parameters (config.pbtxt): ``hf_dir`` (weights, relative to the model's directory) and the
+engine's settings (``engine.EngineConfig``: all required, no defaults here).
+
+Metrics (Triton's metrics port), labelled ``model="<name>"``: gauges
+``ragserve_engine_running_sequences``, ``ragserve_engine_waiting_sequences``,
+``ragserve_engine_kv_tokens_reserved``, counter ``ragserve_engine_generated_tokens_total``.
 """
 
 from __future__ import annotations
@@ -43,9 +52,9 @@ import sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for engine.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # engine.py, llama.py, sampler.py
 
-from engine import Engine, RequestError, SamplingParams, Sequence  # noqa: E402
+from engine import FINISH_STOP, Engine, EngineConfig, EngineStats, RequestError, SamplingParams, Sequence  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ERROR_CODES = {
@@ -55,6 +64,14 @@ ERROR_CODES = {
     "CANCELLED": "CANCELLED",
     "INTERNAL": "INTERNAL",
 }
+# Request tensor -> SamplingParams field; an absent tensor keeps the field's default.
+SAMPLING_INPUTS = {
+    "temperature": "temperature",
+    "runtime_top_k": "top_k",
+    "runtime_top_p": "top_p",
+    "repetition_penalty": "repetition_penalty",
+    "seed": "seed",
+}
 
 
 def _error(message: str) -> "pb_utils.TritonError":
@@ -63,35 +80,44 @@ def _error(message: str) -> "pb_utils.TritonError":
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
-def _scalar(request, name: str, default):
+def _scalar(request, name: str):
+    """The one value of an input tensor ([1] or [1, 1] with the batch dimension), or None."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
-        return default
+        return None
     arr = tensor.as_numpy().reshape(-1)
     if arr.size != 1:
-        raise RequestError("INVALID_ARGUMENT", f"{name} must hold exactly one value")
+        raise RequestError("INVALID_ARGUMENT", f"{name} must hold exactly one value per request")
     return arr[0].item()
+
+
+def _response(tokens: list[int]) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32).reshape(1, 1, len(tokens))),
+        pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
+    ])
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        name = config.get("name", "smollm2")
         if not pb_utils.using_decoupled_model_transaction_policy(config):
-            raise pb_utils.TritonModelException("smollm2 must be a decoupled model")
+            raise pb_utils.TritonModelException(f"{name} must be a decoupled model")
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
-        def num(key, default):
-            value = params.get(key, "").strip()
-            return int(value) if value else default
-
-        model_dir = args["model_repository"]
-        hf_dir = params.get("hf_dir") or os.path.join(args["model_version"], "hf")
-        hf_dir = os.path.join(model_dir, hf_dir)  # no-op when absolute
+        hf_dir = params.pop("hf_dir", "") or os.path.join(args["model_version"], "hf")
+        hf_dir = os.path.join(args["model_repository"], hf_dir)  # no-op when absolute
         if not os.path.isfile(os.path.join(hf_dir, "config.json")):
             raise pb_utils.TritonModelException(
                 f"{hf_dir} not built: run scripts/convert_smollm2.py --out {hf_dir}")
+        try:
+            engine_config = EngineConfig.from_parameters(params)
+            engine_config.torch_device()
+        except (ValueError, RuntimeError) as exc:
+            raise pb_utils.TritonModelException(f"{name}: {exc} (config.pbtxt parameters)") from exc
 
-        labels = {"model": config.get("name", "smollm2")}
+        labels = {"model": name}
         self._families = [
             pb_utils.MetricFamily(name="ragserve_engine_running_sequences",
                                   description="Sequences decoding in the in-flight batch",
@@ -99,33 +125,28 @@ class TritonPythonModel:
             pb_utils.MetricFamily(name="ragserve_engine_waiting_sequences",
                                   description="Sequences queued for a batch slot",
                                   kind=pb_utils.MetricFamily.GAUGE),
+            pb_utils.MetricFamily(name="ragserve_engine_kv_tokens_reserved",
+                                  description="KV cache tokens reserved by running sequences "
+                                              "(prompt + max tokens each)",
+                                  kind=pb_utils.MetricFamily.GAUGE),
             pb_utils.MetricFamily(name="ragserve_engine_generated_tokens_total",
                                   description="Tokens generated by the engine",
                                   kind=pb_utils.MetricFamily.COUNTER),
         ]
-        self._running, self._waiting, self._tokens = (
+        self._running, self._waiting, self._kv_reserved, self._tokens = (
             f.Metric(labels=labels) for f in self._families)
 
-        self.engine = Engine(
-            hf_dir,
-            max_running=num("max_running_sequences", 16),
-            max_kv_tokens=num("max_kv_tokens", 16 * 2048),
-            max_waiting=num("max_waiting", 64),
-            context_length=num("context_length", 0) or None,
-            num_threads=num("num_threads", 2) or None,
-            prefill_tokens_per_step=num("prefill_tokens_per_step", 512),
-            on_stats=self._on_stats,
-        ).start()
+        self.engine = Engine(hf_dir, engine_config, on_stats=self._record).start()
         pb_utils.Logger.log_info(
-            f"smollm2 engine ready: hf={hf_dir} context={self.engine.context_length} "
-            f"max_running={self.engine.max_running} max_kv_tokens={self.engine.max_kv_tokens} "
-            f"max_waiting={self.engine.max_waiting} eos={sorted(self.engine.eos)}")
+            f"{name} engine ready: hf={hf_dir} {engine_config} "
+            f"context={self.engine.context_length} eos={sorted(self.engine.eos)}")
 
-    def _on_stats(self, running: int, waiting: int, produced: int) -> None:
-        self._running.set(running)
-        self._waiting.set(waiting)
-        if produced:
-            self._tokens.increment(produced)
+    def _record(self, stats: EngineStats) -> None:
+        self._running.set(stats.running)
+        self._waiting.set(stats.waiting)
+        self._kv_reserved.set(stats.kv_tokens_reserved)
+        if stats.step_tokens:
+            self._tokens.increment(stats.step_tokens)
 
     def execute(self, requests):
         for request in requests:
@@ -141,28 +162,38 @@ class TritonPythonModel:
         return None  # decoupled: responses go through the senders
 
     def _sequence(self, request, sender) -> Sequence:
-        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
-        seed = int(_scalar(request, "seed", -1))
-        params = SamplingParams(
-            temperature=float(_scalar(request, "temperature", 1.0)),
-            top_p=float(_scalar(request, "top_p", 1.0)),
-            top_k=int(_scalar(request, "top_k", 0)),
-            repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
-            seed=None if seed == -1 else seed,
-        )
+        ids_tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if ids_tensor is None:
+            raise RequestError("INVALID_ARGUMENT", "input_ids is required")
+        ids = ids_tensor.as_numpy().reshape(-1)
+        length = _scalar(request, "input_lengths")
+        if length is not None:
+            if not 0 <= length <= ids.size:
+                raise RequestError("INVALID_ARGUMENT",
+                                   f"input_lengths is {length}, input_ids holds {ids.size} ids")
+            ids = ids[:length]
+        max_tokens = _scalar(request, "request_output_len")
+        if max_tokens is None:
+            raise RequestError("INVALID_ARGUMENT", "request_output_len is required")
+        end_id = _scalar(request, "end_id")
+        streaming = bool(_scalar(request, "streaming") or False)
+        given = {field: _scalar(request, tensor) for tensor, field in SAMPLING_INPUTS.items()}
+        params = SamplingParams(**{k: v for k, v in given.items() if v is not None})
+        collected: list[int] = []
 
         def on_token(token: int, finish_reason: str | None) -> None:
-            outputs = [pb_utils.Tensor("token_id", np.array([token], dtype=np.int64))]
+            # TensorRT-LLM leaves the end id out of the output.
+            new = [] if finish_reason == FINISH_STOP else [token]
             if finish_reason is None:
-                sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
+                if streaming:
+                    sender.send(_response(new))
+                else:
+                    collected.extend(new)
                 return
-            outputs.append(pb_utils.Tensor(
-                "finish_reason", np.array([finish_reason.encode()], dtype=np.object_)))
-            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
+            sender.send(_response(new if streaming else collected + new), flags=FINAL)
 
         def on_abort(kind: str, message: str) -> None:
-            pb_utils.Logger.log_verbose(f"smollm2: request {request.request_id()!r} {kind}: "
-                                        f"{message}")
+            pb_utils.Logger.log_verbose(f"request {request.request_id()!r} {kind}: {message}")
             try:
                 if kind == "cancelled":
                     sender.send(flags=FINAL)
@@ -174,10 +205,9 @@ class TritonPythonModel:
         # Response senders of decoupled models report cancellation themselves in newer
         # Triton; the request does in 2.51+.
         probe = getattr(sender, "is_cancelled", None) or request.is_cancelled
-        return Sequence(prompt=[int(t) for t in ids.reshape(-1)],
-                        max_tokens=int(_scalar(request, "max_tokens", 0)),
+        return Sequence(prompt=[int(t) for t in ids], max_tokens=int(max_tokens),
                         params=params, on_token=on_token, on_abort=on_abort,
-                        is_cancelled=probe)
+                        is_cancelled=probe, end_id=None if end_id is None else int(end_id))
 
     def finalize(self):
         self.engine.stop()

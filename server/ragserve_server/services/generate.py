@@ -1,23 +1,24 @@
 """ragserve.v1.Generate: text generation, unary and streamed.
 
 The gateway tokenizes (chat template or raw prompt), streams token ids from the Triton
-engine model (decoupled, in-flight batching), detokenizes incrementally, and applies stop
-sequences; a stop sequence ends the Triton request early, and so does a caller that
-cancels, disconnects or runs out of deadline (leaving the stream cancels the Triton call).
+generation model (decoupled, in-flight batching; the tensors are TensorRT-LLM's, see
+generation_contract.py), detokenizes incrementally, and applies stop sequences; a stop
+sequence ends the Triton request early, and so does a caller that cancels, disconnects or
+runs out of deadline (leaving the stream cancels the Triton call).
 """
 
 from __future__ import annotations
 
-import math
+import json
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
-import numpy as np
 from tokenizers import Tokenizer
 
 from ragserve.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+from ragserve_server import generation_contract as contract
 from ragserve_server import request_record
 from ragserve_server.catalog import GENERATION, Catalog, ServedModel
 from ragserve_server.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -28,7 +29,7 @@ from ragserve_server.triton import InferenceBackend
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_SEQUENCES = 4
 ROLES = ("system", "user", "assistant")
-_FINISH = {"stop": generate_pb2.FINISH_REASON_STOP, "length": generate_pb2.FINISH_REASON_LENGTH}
+_FINISH = {contract.STOP: generate_pb2.FINISH_REASON_STOP, contract.LENGTH: generate_pb2.FINISH_REASON_LENGTH}
 
 
 class ChatTokenizer:
@@ -39,6 +40,10 @@ class ChatTokenizer:
 
         self._hf = AutoTokenizer.from_pretrained(model.model_dir)
         self.fast: Tokenizer = self._hf.backend_tokenizer
+        self.eos_ids = _eos_ids(model.model_dir, self._hf.eos_token_id)
+        if not self.eos_ids:
+            raise ValueError(f"{model.name}: no eos_token_id in {model.model_dir} (generation_config.json, config.json or the tokenizer)")
+        self.end_id = self.eos_ids[0]  # TensorRT-LLM takes one end id; the others still end a sequence here
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return list(self._hf(prompt)["input_ids"])
@@ -48,15 +53,16 @@ class ChatTokenizer:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    seed: int  # -1 = none
-    stops: list[str]
+def _eos_ids(model_dir: Path, tokenizer_eos: int | None) -> list[int]:
+    """The model's end-of-sequence ids, primary first: generation_config.json, else config.json, else the tokenizer's."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids = [eos] if isinstance(eos, int) else list(eos or [])
+            if ids:
+                return [int(i) for i in ids]
+    return [] if tokenizer_eos is None else [int(tokenizer_eos)]
 
 
 class GenerateService(generate_pb2_grpc.GenerateServicer):
@@ -84,7 +90,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         """Yields text deltas, then the final GenerateResponse."""
         model = self.catalog.get(request.model, (GENERATION,))
         tokenizer = self.tokenizers[model.name]
-        sampling = _sampling(request, model)
+        sampling, stop_strings = _sampling(request, model)
         messages = _messages(request)
         if messages is not None:
             prompt_ids = await off_loop(self.executor, tokenizer.encode_chat, messages)
@@ -98,35 +104,36 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         request_record.add_tokens(prompt=len(prompt_ids))
 
         detokenizer = IncrementalDetokenizer(tokenizer.fast)
-        stops = StopMatcher(sampling.stops)
-        text, completion_tokens, finish = [], 0, "length"
-        stream = self.backend.stream(model.triton_model, _engine_inputs(prompt_ids, sampling), ["token_id", "finish_reason"], timeout=timeout)
+        stops = StopMatcher(stop_strings)
+        text, completion_tokens, ended_by_end_id = [], 0, False
+        inputs = contract.request_tensors(prompt_ids, sampling, tokenizer.end_id)
+        stream = self.backend.stream(model.triton_model, inputs, contract.OUTPUT_NAMES, timeout=timeout)
         with request_record.stage("triton"):  # queue + decode in the engine, as the tokens arrive
             try:
                 async for outputs, final in stream:
-                    tokens = outputs.get("token_id")
-                    for token in ([] if tokens is None else tokens.reshape(-1).tolist()):
+                    for token in contract.response_tokens(outputs):
+                        if token in tokenizer.eos_ids:  # an engine that returns its end id, or a second EOS id
+                            ended_by_end_id = True
+                            break
                         completion_tokens += 1
                         request_record.token_emitted()
-                        delta = stops.feed(detokenizer.add(int(token)))
+                        delta = stops.feed(detokenizer.add(token))
                         if delta:
                             text.append(delta)
                             yield delta
                         if stops.stopped:
-                            finish = "stop"
                             break
-                    if stops.stopped:
-                        break  # leaving the stream cancels the Triton request: the engine stops at once
-                    reason = outputs.get("finish_reason")
-                    if reason is not None and reason.size:  # sent with the last token: the end of the sequence
-                        value = reason.reshape(-1)[0]
-                        finish = value.decode() if isinstance(value, bytes) else str(value)
-                        break
-                    if final:
+                    # Leaving the stream early cancels the Triton request: the engine stops at once.
+                    if final or stops.stopped or ended_by_end_id:
                         break
             finally:
                 await stream.aclose()
-        if not stops.stopped:
+        if stops.stopped:
+            finish = contract.STOP
+        else:
+            finish = contract.finish_reason(
+                completion_tokens=completion_tokens, max_tokens=sampling.max_tokens, ended_by_end_id=ended_by_end_id
+            )
             tail = stops.feed(detokenizer.flush()) + stops.flush()
             if tail:
                 text.append(tail)
@@ -136,7 +143,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         yield generate_pb2.GenerateResponse(
             model=model.name,
             text="".join(text),
-            finish_reason=_FINISH.get(finish, generate_pb2.FINISH_REASON_STOP),
+            finish_reason=_FINISH[finish],
             usage=common_pb2.Usage(
                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
             ),
@@ -157,42 +164,17 @@ def _messages(request: generate_pb2.GenerateRequest) -> list[dict[str, str]] | N
     return [{"role": m.role, "content": m.content} for m in request.messages]
 
 
-def _sampling(request: generate_pb2.GenerateRequest, model: ServedModel) -> Sampling:
-    # Defaults for optional fields are applied here, in one visible place.
+def _sampling(request: generate_pb2.GenerateRequest, model: ServedModel) -> tuple[contract.Sampling, list[str]]:
+    # Defaults of the optional fields: contract.Sampling's own (one visible place).
     max_tokens = request.max_tokens if request.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, model.max_input_tokens - 1)
-    temperature = request.temperature if request.HasField("temperature") else 1.0
-    top_p = request.top_p if request.HasField("top_p") else 1.0
-    top_k = request.top_k if request.HasField("top_k") else 0
-    repetition_penalty = request.repetition_penalty if request.HasField("repetition_penalty") else 1.0
     if not 1 <= max_tokens < model.max_input_tokens:
         raise InvalidInput(f"max_tokens must be between 1 and {model.max_input_tokens - 1} (the context), got {max_tokens}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise InvalidInput(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise InvalidInput(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise InvalidInput(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise InvalidInput(f"repetition_penalty must be > 0 (1 = none), got {repetition_penalty}")
+    sampling = contract.Sampling(max_tokens, **{f: getattr(request, f) for f in contract.Sampling.OPTIONAL if request.HasField(f)})
+    sampling.validate()
     stops = list(request.stop)
     if len(stops) > MAX_STOP_SEQUENCES:
         raise InvalidInput(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
     for index, stop in enumerate(stops):
         if not stop:
             raise InvalidInput(f"stop sequence {index} is an empty string")
-    seed = request.seed if request.HasField("seed") else -1
-    if seed > 2**63 - 1:
-        raise InvalidInput(f"seed must be below 2**63, got {seed}")
-    return Sampling(max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stops)
-
-
-def _engine_inputs(prompt_ids: list[int], sampling: Sampling) -> dict[str, np.ndarray]:
-    return {
-        "input_ids": np.asarray(prompt_ids, dtype=np.int64),
-        "max_tokens": np.asarray([sampling.max_tokens], dtype=np.int32),
-        "temperature": np.asarray([sampling.temperature], dtype=np.float32),
-        "top_p": np.asarray([sampling.top_p], dtype=np.float32),
-        "top_k": np.asarray([sampling.top_k], dtype=np.int32),
-        "repetition_penalty": np.asarray([sampling.repetition_penalty], dtype=np.float32),
-        "seed": np.asarray([sampling.seed], dtype=np.int64),
-    }
+    return sampling, stops

@@ -1,0 +1,193 @@
+"""The Llama forward pass of the in-flight batching engine, over a slotted KV cache.
+
+* Weights come straight from the HF folder's safetensors, in the engine's dtype (fp32 on
+  the CPU, fp16 on CUDA) and on its device. The forward pass is written here, not
+  ``transformers``': q/k/v and gate/up projections are fused into one matmul each, and the
+  whole running batch is decoded in one pass per step.
+* The KV cache is owned by the engine (``engine.KVSlots``): one tensor per K and V,
+  ``[layers, slots, kv_heads, capacity, head_dim]``. ``prefill`` fills one slot; ``decode``
+  runs one token for slots ``0..n-1`` and reads the cache through plain views
+  ``[:, :n, :, :L]`` without gathering.
+* Each slot has its own position; RoPE is looked up per position and attention masks every
+  slot to its own valid length, so sequences of any lengths share a decode step. GQA is done
+  without repeating K/V: the query heads that share a KV head become extra query rows of it.
+* RMSNorm and the logits are computed in fp32 (as transformers' LlamaRMSNorm does), so the
+  sampler always sees fp32 logits. Every tensor is created on the engine's device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def eos_ids(model_dir: str | os.PathLike) -> set[int]:
+    """End-of-sequence ids from generation_config.json, else config.json."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids = {eos} if isinstance(eos, int) else {int(e) for e in eos or []}
+            if ids:
+                return ids
+    return set()
+
+
+class LlamaWeights:
+    """The weights of a Llama checkpoint, laid out for the fused forward below."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: torch.device, dtype: torch.dtype):
+        from safetensors.torch import load_file
+
+        model_dir = Path(model_dir)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        self.config = cfg
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise NotImplementedError("biases in attention/MLP are not supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act {cfg.get('hidden_act')}")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise NotImplementedError(f"rope type {rope}")
+        self.rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+        self.n_layers = cfg["num_hidden_layers"]
+        self.hidden = cfg["hidden_size"]
+        self.n_heads = cfg["num_attention_heads"]
+        self.n_kv = cfg.get("num_key_value_heads", self.n_heads)
+        self.head_dim = cfg.get("head_dim") or self.hidden // self.n_heads
+        self.eps = float(cfg["rms_norm_eps"])
+        self.vocab = cfg["vocab_size"]
+        self.max_positions = int(cfg.get("max_position_embeddings", 2048))
+
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no safetensors in {model_dir}")
+        sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            sd.update(load_file(str(f)))  # on the CPU; each tensor moves once below
+
+        def get(name: str) -> torch.Tensor:
+            return sd[name].to(device=device, dtype=dtype)
+
+        def fused(*names: str) -> torch.Tensor:
+            return torch.cat([sd[n] for n in names]).to(device=device, dtype=dtype).contiguous()
+
+        self.embed = get("model.embed_tokens.weight")
+        self.lm_head = get("lm_head.weight") if "lm_head.weight" in sd else self.embed
+        self.final_norm = get("model.norm.weight")
+        self.layers = []
+        for i in range(self.n_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(dict(
+                ln1=get(p + "input_layernorm.weight"),
+                ln2=get(p + "post_attention_layernorm.weight"),
+                qkv=fused(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
+                o=get(p + "self_attn.o_proj.weight"),
+                gate_up=fused(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                down=get(p + "mlp.down_proj.weight"),
+            ))
+
+
+class Llama:
+    def __init__(self, model_dir: str | os.PathLike, *, context_length: int | None,
+                 device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.w = w = LlamaWeights(model_dir, device, dtype)
+        self.context_length = int(context_length or w.max_positions)
+        inv_freq = 1.0 / (w.rope_theta ** (
+            torch.arange(0, w.head_dim, 2, dtype=torch.int64, device=device).float() / w.head_dim))
+        freqs = torch.outer(torch.arange(self.context_length, dtype=torch.float32, device=device), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)  # [context, head_dim]
+        self.scale = w.head_dim ** -0.5
+
+    def new_cache(self, slots: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.w
+        shape = (w.n_layers, slots, w.n_kv, capacity, w.head_dim)
+        return (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # transformers' LlamaRMSNorm: the statistics in fp32, then back to the weights' dtype.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.w.eps)
+        return weight * h.to(x.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
+        h = self._rms(x, layer["ln2"])
+        gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, layer["down"])
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._rms(x, self.w.final_norm), self.w.lm_head).float()
+
+    def prefill(self, prompt: list[int], k_cache: torch.Tensor, v_cache: torch.Tensor,
+                slot: int) -> torch.Tensor:
+        """Runs a whole prompt, fills its cache slot; fp32 logits of the last position [vocab]."""
+        w = self.w
+        T, H, KV, D = len(prompt), w.n_heads, w.n_kv, w.head_dim
+        ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        x = w.embed[ids]  # [T, hidden]
+        cos, sin = self.cos[:T][None], self.sin[:T][None]  # broadcast over heads
+        rep = H // KV  # query head h uses KV head h // rep, as transformers' repeat_kv
+        for li, layer in enumerate(w.layers):
+            h = self._rms(x, layer["ln1"])
+            q, k, v = F.linear(h, layer["qkv"]).split([H * D, KV * D, KV * D], dim=-1)
+            q = self._rope(q.view(T, H, D).transpose(0, 1), cos, sin)  # [H, T, D]
+            k = self._rope(k.view(T, KV, D).transpose(0, 1), cos, sin)  # [KV, T, D]
+            v = v.view(T, KV, D).transpose(0, 1)
+            k_cache[li, slot, :, :T] = k
+            v_cache[li, slot, :, :T] = v
+            attn = F.scaled_dot_product_attention(
+                q[None], k.repeat_interleave(rep, 0)[None], v.repeat_interleave(rep, 0)[None],
+                is_causal=True, scale=self.scale)[0]  # [H, T, D]
+            x = x + F.linear(attn.transpose(0, 1).reshape(T, H * D), layer["o"])
+            x = self._mlp(x, layer)
+        return self._logits(x[-1:])[0]
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> torch.Tensor:
+        """One token for each of slots 0..n-1 (row i = slot i); fp32 logits [n, vocab]."""
+        w = self.w
+        n, H, KV, D = tokens.shape[0], w.n_heads, w.n_kv, w.head_dim
+        rep = H // KV
+        capacity = k_cache.shape[3]
+        L = int(positions.max()) + 1  # longest valid cache length after this step
+        # Flat row of (slot, kv head, position) in a layer's cache viewed as [-1, head_dim]:
+        # index_copy_ there is far cheaper than advanced-index assignment.
+        slots = torch.arange(n, device=self.device)[:, None]
+        heads = torch.arange(KV, device=self.device)[None, :]
+        cache_rows = ((slots * KV + heads) * capacity + positions[:, None]).reshape(-1)
+        # Additive mask: slot i attends to cache positions <= its own position (its history
+        # + this token). A float mask is a little faster than a bool one in CPU SDPA.
+        valid = torch.arange(L, device=self.device)[None, :] <= positions[:, None]
+        mask = torch.zeros(n, 1, 1, L, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [n, 1, D]
+        x = w.embed[tokens]  # [n, hidden]
+        for li, layer in enumerate(w.layers):
+            h = self._rms(x, layer["ln1"])
+            q, k, v = F.linear(h, layer["qkv"]).split([H * D, KV * D, KV * D], dim=-1)
+            q = self._rope(q.view(n, H, D), cos, sin)
+            k = self._rope(k.view(n, KV, D), cos, sin)
+            kc, vc = k_cache[li], v_cache[li]
+            kc.view(-1, D).index_copy_(0, cache_rows, k.reshape(n * KV, D))
+            vc.view(-1, D).index_copy_(0, cache_rows, v.reshape(n * KV, D))
+            # GQA without repeating K/V: the `rep` query heads of a KV head are its rows.
+            attn = F.scaled_dot_product_attention(
+                q.view(n, KV, rep, D), kc[:n, :, :L], vc[:n, :, :L],
+                attn_mask=mask, scale=self.scale)  # [n, KV, rep, D]
+            x = x + F.linear(attn.reshape(n, H * D), layer["o"])
+            x = self._mlp(x, layer)
+        return self._logits(x)
