@@ -9,7 +9,7 @@ Needs model_repository/smollm2/1/hf (scripts/convert_smollm2.py).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import dataclasses
 import sys
 import threading
 import time
@@ -30,11 +30,19 @@ PROMPTS = [
 
 
 def load_engine_module():
-    spec = importlib.util.spec_from_file_location("smollm2_engine", VERSION_DIR / "engine.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    sys.path.insert(0, str(VERSION_DIR))  # engine.py imports llama.py and sampler.py from there
+    import engine
+
+    return engine
+
+
+def engine_config(eng_mod, threads: int, max_running: int):
+    """The deployment's settings (generation_contract.ENGINE_PARAMETERS), resized for the run."""
+    from ragserve_server.generation_contract import ENGINE_PARAMETERS
+
+    deployed = eng_mod.EngineConfig.from_parameters(
+        {k: v for k, v in ENGINE_PARAMETERS.items() if k != "hf_dir"} | {"device": "cpu"})
+    return dataclasses.replace(deployed, num_threads=threads, max_running_sequences=max_running)
 
 
 def run_engine(eng_mod, engine, prompts, tokens):
@@ -79,8 +87,7 @@ def main() -> None:
     ids = [tok.apply_chat_template([{"role": "user", "content": p}],
                                    add_generation_prompt=True)["input_ids"] for p in PROMPTS]
     eng_mod = load_engine_module()
-    engine = eng_mod.Engine(HF_DIR, num_threads=args.threads,
-                            max_running=max(args.concurrency)).start()
+    engine = eng_mod.Engine(HF_DIR, engine_config(eng_mod, args.threads, max(args.concurrency))).start()
     run_engine(eng_mod, engine, ids[:1], 8)  # warm-up
 
     hf_tps = None
