@@ -34,6 +34,7 @@ from ragserve_server.registry import (
     ModelSpec,
     builtin_specs,
 )
+from ragserve_server.tensorrt_profiles import profile_plan
 
 # Dynamic batching on a GPU: a short wait fills bigger batches for a device that is much
 # faster per row at batch 32-64 than at 1; the queue is bounded and expired work is dropped.
@@ -59,6 +60,10 @@ def triton_config(spec: ModelSpec, variant: str) -> model_config_pb2.ModelConfig
     on_gpu = variant != ONNXRUNTIME
     group = config.instance_group.add(count=1)
     group.kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if on_gpu else model_config_pb2.ModelInstanceGroup.KIND_CPU
+    if variant == TENSORRT:
+        # Without this list Triton gives every instance profile 0 only (the 16-token bucket):
+        # list them all and it picks, per request, the profile that covers the request's shape.
+        group.profile.extend(str(i) for i in range(len(profile_plan(spec))))
     if spec.kind == GENERATION:
         # The engine batches in flight itself; Triton hands every request straight to it.
         config.dynamic_batching.SetInParent()
