@@ -1,0 +1,117 @@
+"""Triton python-backend model: runs an encoder with PyTorch, on CUDA for a GPU instance.
+
+The GPU variant (`torch_cuda`) of every encoder for the bundled Triton on a GPU box, which
+has no TensorRT backend. It takes the same token tensors as the CPU model (ort_model.py) and
+the TensorRT plan, so the gateway sends the same request on every device. Rendered into a
+model's version folder by `ragserve_server.repository`; its config.pbtxt parameters:
+
+    hf_dir  the Hugging Face folder (absolute, or relative to the model's folder)
+    head    mean_pool: AutoModel + mean pooling over the attention mask, unnormalised
+            (the gateway normalises) -> output `embedding` [n, dim]
+            logits: AutoModelForSequenceClassification -> output `logits` [n, labels]
+    dtype   float16 (default) or float32 on a GPU; a CPU instance always runs float32
+
+A GPU instance runs on cuda:<model_instance_device_id>; it fails to load, with a clear
+message, where PyTorch sees no CUDA device. Outputs are float32.
+
+Each execution runs the requests the dynamic batcher grouped as one batch; requests of a
+different width (normally all share the gateway's length bucket) are right-padded to the
+widest, which the attention mask makes harmless.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+HEADS = ("mean_pool", "logits")
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        name = config.get("name", args.get("model_name", "?"))
+        self.head = params.get("head", "mean_pool")
+        if self.head not in HEADS:
+            raise pb_utils.TritonModelException(f"model {name!r}: parameter head={self.head!r}; use one of {', '.join(HEADS)}")
+        dtype_name = params.get("dtype", "float16")
+        if dtype_name not in DTYPES:
+            raise pb_utils.TritonModelException(f"model {name!r}: parameter dtype={dtype_name!r}; use one of {', '.join(DTYPES)}")
+        hf_dir = Path(params.get("hf_dir", "1/hf"))
+        if not hf_dir.is_absolute():
+            hf_dir = Path(args["model_repository"]) / hf_dir
+        if not (hf_dir / "config.json").exists():
+            raise pb_utils.TritonModelException(
+                f"model {name!r}: parameter hf_dir={params.get('hf_dir')!r} -> {hf_dir} has no config.json; "
+                "point hf_dir at the model's Hugging Face folder (re-render the repository)"
+            )
+
+        if args.get("model_instance_kind") == "GPU":
+            if not torch.cuda.is_available():
+                raise pb_utils.TritonModelException(
+                    f"model {name!r}: its instance group is KIND_GPU but PyTorch sees no CUDA device "
+                    f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); run on a machine with an NVIDIA GPU "
+                    "and a CUDA build of PyTorch, or render the CPU repository (--device cpu)"
+                )
+            self.device = torch.device(f"cuda:{int(args.get('model_instance_device_id', '0'))}")
+            dtype = DTYPES[dtype_name]
+        else:
+            self.device = torch.device("cpu")
+            dtype = torch.float32  # half precision on a CPU is slow and not what any reference uses
+
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        loader = AutoModel if self.head == "mean_pool" else AutoModelForSequenceClassification
+        self.model = loader.from_pretrained(str(hf_dir), dtype=dtype).to(self.device).eval()
+
+        # Only the inputs the config declares (token_type_ids where the model takes them).
+        self.inputs = [i["name"] for i in config["input"]]
+        outputs = config["output"]
+        if len(outputs) != 1:
+            raise pb_utils.TritonModelException(f"model {name!r}: expected one output, the config declares {len(outputs)}")
+        self.output = outputs[0]["name"]
+        if self.head == "logits":
+            declared = [int(d) for d in outputs[0]["dims"]]
+            labels = int(self.model.config.num_labels)
+            if declared[-1:] != [labels]:
+                raise pb_utils.TritonModelException(
+                    f"model {name!r}: {hf_dir} has {labels} labels but output {self.output!r} declares dims {declared}"
+                )
+
+    def execute(self, requests):
+        arrays = {name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests] for name in self.inputs}
+        sizes = [a.shape[0] for a in arrays[self.inputs[0]]]
+        width = max(a.shape[1] for a in arrays[self.inputs[0]])
+        feed = {
+            name: torch.from_numpy(np.concatenate([_pad(a, width) for a in parts])).to(self.device, non_blocking=True)
+            for name, parts in arrays.items()
+        }
+        with torch.inference_mode():
+            if self.head == "mean_pool":
+                hidden = self.model(**feed).last_hidden_state.float()  # pool in fp32: sums over up to 512 tokens
+                mask = feed["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                result = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            else:
+                result = self.model(**feed).logits.float()
+        result = result.cpu().numpy()
+        responses, start = [], 0
+        for size in sizes:
+            tensor = pb_utils.Tensor(self.output, result[start : start + size])
+            start += size
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+        return responses
+
+    def finalize(self):
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _pad(array, width):
+    if array.shape[1] == width:
+        return np.ascontiguousarray(array)
+    return np.pad(array, ((0, 0), (0, width - array.shape[1])))
