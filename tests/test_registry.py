@@ -14,6 +14,7 @@ from ragserve_server import model_config
 from ragserve_server.catalog import build_catalog
 from ragserve_server.encoder import EncoderRunner
 from ragserve_server.main import StartupError, check_triton_configs
+from ragserve_server.replicas import ReplicaSet
 from ragserve_server.registry import (
     BUILTIN,
     CPU,
@@ -166,22 +167,36 @@ def test_mismatches_name_both_values():
     assert not any("position_ids" in p for p in problems)
 
 
-class ConfigBackend:
-    def __init__(self, configs):
-        self.configs = configs
+class ConfigReplica:
+    """A Triton replica that is up and serves `config` for every model."""
+
+    def __init__(self, config):
+        self.config = config
+
+    async def is_ready(self, models):
+        return True
 
     async def model_config(self, model):
-        return self.configs[model]
+        return self.config
+
+    async def close(self):
+        pass
 
 
 async def test_gateway_refuses_a_triton_whose_config_disagrees():
     spec = minilm_spec()
     good = triton_config(spec, ONNXRUNTIME)
-    await check_triton_configs(ConfigBackend({"minilm": good}), [spec])
     bad = triton_config(spec, ONNXRUNTIME)
     bad.max_batch_size = 8
-    with pytest.raises(StartupError, match="max_batch_size is 8 in Triton's config, the gateway sends up to 64"):
-        await check_triton_configs(ConfigBackend({"minilm": bad}), [spec])
+    configs = {"a:1": good, "b:1": bad}
+    replicas = ReplicaSet("a:1,b:1", ["minilm"], backend_factory=lambda address: ConfigReplica(configs[address]))
+    await replicas.refresh()
+    with pytest.raises(StartupError, match=r"max_batch_size is 8 in Triton's config, the gateway sends up to 64 rows per request \(replica b:1\)"):
+        await check_triton_configs(replicas, [spec])
+    configs["b:1"] = good
+    replicas = ReplicaSet("a:1,b:1", ["minilm"], backend_factory=lambda address: ConfigReplica(configs[address]))
+    await replicas.refresh()
+    await check_triton_configs(replicas, [spec])
 
 
 def run_gateway(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

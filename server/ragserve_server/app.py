@@ -62,8 +62,24 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     metrics = GatewayMetrics()  # served over HTTP by main (--metrics-port); tests read metrics.registry
     server = grpc.aio.server(
         interceptors=[GatewayInterceptor(admission, on_finish=metrics.call_finished, on_start=metrics.call_started)],
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            # Long-lived HTTP/2 connections defeat L4 balancing over several gateways: a
+            # connection past its age is asked to close (GOAWAY) and the client reconnects,
+            # re-balancing; calls on it get the grace period to finish.
+            *(
+                [
+                    ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
+                ]
+                if settings.max_connection_age > 0
+                else []
+            ),
+        ],
     )
+    if hasattr(backend, "stats"):  # a ReplicaSet: per-replica metrics
+        metrics.replicas.source = backend
     tokenizers = {
         m.name: EncoderTokenizer(m.model_dir / "tokenizer.json", m.max_input_tokens)
         for m in catalog.by_kind(EMBEDDING) + catalog.by_kind(CROSS_ENCODER)

@@ -11,7 +11,6 @@ import structlog
 
 from ragserve_server.app import create_gateway
 from ragserve_server.catalog import build_catalog
-from ragserve_server.errors import RagserveError
 from ragserve_server.logging_setup import configure_logging
 from ragserve_server.model_config import mismatches
 from ragserve_server.registry import (
@@ -28,7 +27,7 @@ from ragserve_server.registry import (
 )
 from ragserve_server.repository import render_repository
 from ragserve_server.settings import REPO_ROOT, Settings
-from ragserve_server.triton import InferenceBackend, TritonBackend
+from ragserve_server.replicas import ReplicaSet
 from ragserve_server.triton_launcher import TritonPorts, TritonServer
 
 log = structlog.get_logger("ragserve")
@@ -99,17 +98,27 @@ def bundled_repository(settings: Settings, specs: list[ModelSpec]) -> Path:
     return out
 
 
-async def check_triton_configs(backend: InferenceBackend, specs: list[ModelSpec]) -> None:
-    """Refuses to serve when a model's config in the running Triton disagrees with what the
-    gateway sends (max batch, input names, dtypes, dims): never an INTERNAL at request time."""
+def config_validator(specs: list[ModelSpec]):
+    """(triton model, its ModelConfig) -> what disagrees with what the gateway sends."""
+    by_model = {s.triton_model: s for s in specs}
+
+    def validate(model: str, config) -> list[str]:
+        spec = by_model[model]
+        return mismatches(model, spec.max_batch, spec.inputs, spec.outputs, config)
+
+    return validate
+
+
+async def check_triton_configs(backend: ReplicaSet, specs: list[ModelSpec]) -> None:
+    """Refuses to serve when a model's config in a running Triton replica disagrees with what
+    the gateway sends (max batch, input names, dtypes, dims): never an INTERNAL at request time.
+    Replicas that join later with such a config are kept out of rotation (and logged)."""
     problems = []
+    validate = config_validator(specs)
     for spec in specs:
-        try:
-            config = await backend.model_config(spec.triton_model)
-        except RagserveError as exc:
-            problems.append(f"{spec.triton_model}: could not read its config from Triton ({exc})")
-            continue
-        problems += mismatches(spec.triton_model, spec.max_batch, spec.inputs, spec.outputs, config)
+        for address, config in (await backend.model_configs(spec.triton_model)).items():
+            where = f" (replica {address})" if len(backend.replicas) > 1 else ""
+            problems += [p + where for p in validate(spec.triton_model, config)]
     if problems:
         raise StartupError(
             "Triton serves models whose config disagrees with the registry (server/ragserve_server/registry.py):\n  "
@@ -121,6 +130,8 @@ async def check_triton_configs(backend: InferenceBackend, specs: list[ModelSpec]
 async def serve(settings: Settings) -> None:
     triton = None
     specs = select_specs(settings)
+    if settings.on_no_replicas not in ("wait", "exit"):
+        raise StartupError(f"--on-no-replicas {settings.on_no_replicas!r}: use wait or exit")
     if settings.triton_url:
         if settings.device not in DEVICES:  # the GPU is on Triton's host: only the name is checked here
             raise StartupError(f"--device {settings.device!r} is not one of {', '.join(DEVICES)}")
@@ -148,8 +159,21 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     gateway = None
-    backend = TritonBackend(triton_url)
     try:
+        backend = ReplicaSet(
+            triton_url,
+            [s.triton_model for s in specs],
+            interval=settings.health_poll_interval,
+            validate=config_validator(specs),
+        )
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        await backend.start()
+        if not any(r.stats.up for r in backend.replicas.values()):
+            if settings.on_no_replicas == "exit":
+                raise StartupError(f"no Triton replica answers at {triton_url}: {backend.describe()} (--on-no-replicas exit)")
+            log.warning("no_triton_replica_ready", target=triton_url, replicas=backend.describe(), waiting=True)
         await check_triton_configs(backend, specs)
         try:
             catalog = build_catalog(

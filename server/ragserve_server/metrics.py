@@ -16,6 +16,11 @@ Metrics scraped from the gateway (`--metrics-port`, default 9000):
     ragserve_triton_input_tokens_total{service,kind}        kind: real, padding (bucket padding)
     ragserve_padding_efficiency_ratio{service}              real / padded tokens per call
     ragserve_triton_batch_size{model}                       batch sizes Triton executed (its statistics)
+    ragserve_triton_replica_up{replica}                     1 while a Triton replica answers ready
+    ragserve_triton_replica_ready_models{replica}           models ready on that replica
+    ragserve_triton_replica_calls_total{replica}            Triton calls sent to that replica
+    ragserve_triton_replica_failures_total{replica}         of those, failed (retried or not)
+    ragserve_triton_retries_total                           calls retried on another replica
     ragserve_time_to_first_token_seconds{service,method}    Generate
     ragserve_inter_token_latency_seconds{service,method}    Generate
 
@@ -32,7 +37,7 @@ from collections.abc import Iterable, Sequence
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from ragserve_server.request_record import RequestRecord
@@ -112,6 +117,8 @@ class GatewayMetrics:
         )
         self.triton_batches = TritonBatchCollector()
         r.register(self.triton_batches)
+        self.replicas = ReplicaCollector()
+        r.register(self.replicas)
         self._http = None
 
     def call_started(self, record: RequestRecord) -> None:
@@ -157,6 +164,33 @@ class GatewayMetrics:
             server.server_close()
             thread.join(timeout=5)
             self._http = None
+
+
+class ReplicaCollector(Collector):
+    """Per-replica state and counters, read from the replica set's stats at scrape time."""
+
+    def __init__(self) -> None:
+        self.source = None  # the ReplicaSet, once the gateway has one
+
+    def collect(self):
+        if self.source is None:
+            return
+        up = GaugeMetricFamily("ragserve_triton_replica_up", "1 while the Triton replica answers ready.", labels=["replica"])
+        ready = GaugeMetricFamily(
+            "ragserve_triton_replica_ready_models", "Models ready (and matching the registry) on the replica.", labels=["replica"]
+        )
+        calls = CounterMetricFamily("ragserve_triton_replica_calls", "Triton calls sent to the replica.", labels=["replica"])
+        failures = CounterMetricFamily(
+            "ragserve_triton_replica_failures", "Triton calls that failed on the replica (retried or not).", labels=["replica"]
+        )
+        for stats in self.source.stats():
+            up.add_metric([stats.address], 1.0 if stats.up else 0.0)
+            ready.add_metric([stats.address], float(len(stats.ready_models)))
+            calls.add_metric([stats.address], stats.calls)
+            failures.add_metric([stats.address], stats.failures)
+        retries = CounterMetricFamily("ragserve_triton_retries", "Calls retried once on another Triton replica.")
+        retries.add_metric([], self.source.retries)
+        yield from (up, ready, calls, failures, retries)
 
 
 class TritonBatchCollector(Collector):

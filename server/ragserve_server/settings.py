@@ -21,7 +21,19 @@ class Settings:
     port: int = field(default=50051, metadata={"help": "gateway gRPC port (0 = any free port)"})
     metrics_port: int = field(default=9000, metadata={"help": "Prometheus metrics HTTP port (0 = off)"})
     triton_url: str = field(
-        default="", metadata={"help": "external Triton gRPC address host:port; empty = launch the bundled Triton"}
+        default="",
+        metadata={"help": "external Triton replicas: host:port[,host:port...] or dns:///name:port (e.g. a headless Service); empty = launch the bundled Triton"},
+    )
+    on_no_replicas: str = field(
+        default="wait",
+        metadata={"help": "when no Triton replica answers at start-up: wait (serve NOT_SERVING until one is ready) or exit"},
+    )
+    max_connection_age: float = field(
+        default=300.0,
+        metadata={"help": "seconds after which the gateway asks a client connection to close (GOAWAY), so clients re-balance over gateways; 0 = never"},
+    )
+    max_connection_age_grace: float = field(
+        default=120.0, metadata={"help": "seconds calls on a connection past its max age get to finish"}
     )
     triton_http_port: int = field(default=8000, metadata={"help": "bundled Triton HTTP port"})
     triton_grpc_port: int = field(default=8001, metadata={"help": "bundled Triton gRPC port"})

@@ -1,0 +1,168 @@
+"""ReplicaSet without Triton: parsing targets, readiness per model, spreading, failover."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from ragserve_server.errors import BackendUnavailable, InvalidInput
+from ragserve_server.replicas import ReplicaSet, parse_targets
+
+
+class FakeReplica:
+    """One Triton replica: answers with its own address; `down` fails like a dead process."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.down = False
+        self.models = {"minilm", "smollm2"}
+        self.calls = 0
+        self.fail_after_first = False  # streams: one response, then the connection drops
+
+    async def is_ready(self, models):
+        return not self.down and all(m in self.models for m in models)
+
+    async def infer(self, model, inputs, outputs, *, timeout):
+        self.calls += 1
+        if self.down:
+            raise BackendUnavailable(f"model server unavailable: {self.address} is gone")
+        if model == "bad":
+            raise InvalidInput("bad input")
+        return {"who": np.array([self.address], dtype=object), "timeout": np.array([timeout])}
+
+    async def stream(self, model, inputs, outputs, *, timeout):
+        self.calls += 1
+        if self.down:
+            raise BackendUnavailable(f"{self.address} is gone")
+        yield {"who": self.address}, False
+        if self.fail_after_first:
+            raise BackendUnavailable(f"{self.address} died mid-stream")
+        yield {"who": self.address}, True
+
+    async def batch_statistics(self, model):
+        return {1: 2, 8: 1}
+
+    async def model_config(self, model):
+        raise BackendUnavailable("no config here")
+
+    async def close(self):
+        pass
+
+
+def replica_set(target="a:1,b:1", models=("minilm", "smollm2")):
+    fakes: dict[str, FakeReplica] = {}
+
+    def factory(address):
+        fakes[address] = FakeReplica(address)
+        return fakes[address]
+
+    return ReplicaSet(target, list(models), interval=0.05, backend_factory=factory), fakes
+
+
+def test_parse_targets():
+    assert parse_targets("a:1, b:2") == (["a:1", "b:2"], None)
+    assert parse_targets("dns:///triton-headless.ns.svc:8001") == ([], "triton-headless.ns.svc:8001")
+    for bad, message in (
+        ("", "no Triton address"),
+        ("a", "not host:port"),
+        ("a:x", "not host:port"),
+        ("a:70000", "not host:port"),
+        ("a:1,a:1", "given twice"),
+        ("dns:///name", "not host:port"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_targets(bad)
+
+
+async def test_calls_spread_over_ready_replicas_only():
+    replicas, fakes = replica_set()
+    await replicas.refresh()
+    seen = [(await replicas.infer("minilm", {}, ["who"], timeout=5))["who"][0] for _ in range(10)]
+    assert seen.count("a:1") == 5 and seen.count("b:1") == 5
+    fakes["b:1"].models = {"smollm2"}  # answers, but has not loaded minilm
+    await replicas.refresh()
+    seen = [(await replicas.infer("minilm", {}, ["who"], timeout=5))["who"][0] for _ in range(4)]
+    assert seen == ["a:1"] * 4
+    assert await replicas.is_ready(["minilm"]) and await replicas.is_ready(["smollm2"])
+    assert await replicas.batch_statistics("minilm") == {1: 4, 8: 2}  # summed over replicas
+
+
+async def test_a_dead_replica_is_replaced_by_a_retry_and_taken_out():
+    replicas, fakes = replica_set()
+    await replicas.refresh()
+    fakes["a:1"].down = True
+    for _ in range(6):
+        result = await replicas.infer("minilm", {}, ["who"], timeout=5)
+        assert result["who"][0] == "b:1"
+        assert 0 < result["timeout"][0] <= 5  # the retry runs within the caller's deadline
+    assert fakes["a:1"].calls == 1  # failed once, then out of rotation at once
+    assert replicas.retries == 1
+    stats = {s.address: s for s in replicas.stats()}
+    assert (stats["a:1"].up, stats["a:1"].failures) == (False, 1)
+    assert await replicas.is_ready(["minilm"])  # health stays SERVING: b can serve
+    fakes["a:1"].down = False
+    await replicas.refresh()  # back when it answers ready again
+    seen = {(await replicas.infer("minilm", {}, ["who"], timeout=5))["who"][0] for _ in range(4)}
+    assert seen == {"a:1", "b:1"}
+
+
+async def test_no_replica_left_is_unavailable_with_each_replicas_state():
+    replicas, fakes = replica_set()
+    await replicas.refresh()
+    fakes["a:1"].down = fakes["b:1"].down = True
+    with pytest.raises(BackendUnavailable):
+        await replicas.infer("minilm", {}, ["who"], timeout=5)
+    with pytest.raises(BackendUnavailable, match=r"unavailable: no Triton replica can serve model 'minilm' now: a:1 down, b:1 down"):
+        await replicas.infer("minilm", {}, ["who"], timeout=5)
+    assert not await replicas.is_ready([])
+
+
+async def test_caller_errors_are_not_retried():
+    replicas, fakes = replica_set(models=("bad",))
+    for fake in fakes.values():
+        fake.models.add("bad")
+    await replicas.refresh()
+    with pytest.raises(InvalidInput):
+        await replicas.infer("bad", {}, ["who"], timeout=5)
+    assert fakes["a:1"].calls + fakes["b:1"].calls == 1
+    assert all(s.up for s in replicas.stats())
+
+
+async def test_streams_retry_only_before_their_first_response():
+    replicas, fakes = replica_set()
+    await replicas.refresh()
+    fakes["a:1"].down = True
+    got = [item async for item in replicas.stream("smollm2", {}, ["who"], timeout=5)]
+    assert [o["who"] for o, _ in got] == ["b:1", "b:1"]  # a failed before sending: retried on b
+    fakes["b:1"].fail_after_first = True
+    fakes["a:1"].down = False
+    await replicas.refresh()
+    replicas._next = 0  # b next
+    received = []
+    with pytest.raises(BackendUnavailable, match="died mid-stream"):
+        async for outputs, _ in replicas.stream("smollm2", {}, ["who"], timeout=5):
+            received.append(outputs["who"])
+    assert received == ["b:1"]  # text was sent: not retried
+
+
+async def test_dns_target_follows_the_addresses_it_resolves_to():
+    replicas, fakes = replica_set("dns:///localhost:8001", models=("minilm",))
+    await replicas.start()
+    try:
+        assert "127.0.0.1:8001" in replicas.replicas
+        assert await replicas.is_ready(["minilm"])
+    finally:
+        await replicas.close()
+
+
+async def test_refresh_runs_in_the_background():
+    replicas, fakes = replica_set()
+    await replicas.start()
+    try:
+        fakes["a:1"].down = True
+        await asyncio.sleep(0.2)
+        assert [s.up for s in replicas.stats()] == [False, True]
+    finally:
+        await replicas.close()
