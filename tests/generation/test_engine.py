@@ -286,3 +286,23 @@ def test_every_tensor_is_created_on_the_engine_device():
                     and not any(k.arg == "device" for k in node.keywords)):
                 missing.append(f"{name}:{node.lineno} torch.{node.func.attr}")
     assert not missing, missing
+
+
+def test_fp16_forward_agrees_with_fp32(prompts):
+    """The dtype path CUDA runs (fp16 weights and cache, fp32 norms and logits), exercised here
+    on the CPU: greedy tokens equal fp32's over a short run."""
+    import llama
+
+    tokens = {}
+    for dtype in (torch.float32, torch.float16):
+        model = llama.Llama(HF_DIR, context_length=256, device=torch.device("cpu"), dtype=dtype)
+        k, v = model.new_cache(1, 128)
+        assert k.dtype == dtype
+        with torch.inference_mode():
+            out = [int(model.prefill(prompts[0], k, v, 0).argmax())]
+            for i in range(5):
+                logits = model.decode(torch.tensor([out[-1]]), torch.tensor([len(prompts[0]) + i]), k, v)
+                assert logits.dtype == torch.float32
+                out.append(int(logits.argmax()))
+        tokens[dtype] = out
+    assert tokens[torch.float16] == tokens[torch.float32]
