@@ -8,6 +8,13 @@
 
     async with ragserve.AsyncClient("127.0.0.1:50051") as client:
         result = await client.embed(["hello"], dimensions=128, timeout=2.0)
+
+Several gateways: give a target that resolves to all of them and gRPC's client-side
+`round_robin` spreads calls over them (one connection each), e.g. a Kubernetes headless
+Service or a static list:
+
+    ragserve.Client("dns:///ragserve-gateway-headless.default.svc.cluster.local:50051", load_balancing="round_robin")
+    ragserve.Client("ipv4:10.0.0.5:50051,10.0.0.6:50051", load_balancing="round_robin")
 """
 
 from __future__ import annotations
@@ -35,8 +42,16 @@ class _Stubs:
 class Client:
     """Blocking client. `timeout` (seconds) is the default deadline of every call."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = ()) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        load_balancing: str | None = None,
+        options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        self._channel = grpc.insecure_channel(target, options=_protocol.channel_options(load_balancing, options))
         self._stubs = _Stubs(self._channel)
         self._timeout = timeout
         self._metadata = tuple(metadata)
@@ -156,8 +171,16 @@ class Client:
 class AsyncClient:
     """asyncio client; the same calls as `Client`, awaited."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = ()) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        load_balancing: str | None = None,
+        options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=_protocol.channel_options(load_balancing, options))
         self._stubs = _Stubs(self._channel)
         self._timeout = timeout
         self._metadata = tuple(metadata)

@@ -5,6 +5,8 @@ Only the transport differs between the two clients; everything a call means live
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -190,3 +192,14 @@ def stream_event(message: generate_pb2.GenerateStreamResponse) -> TextDelta | Ge
     if message.WhichOneof("event") == "final":
         return generate_result(message.final)
     return TextDelta(message.delta)
+
+
+def channel_options(load_balancing: str | None, options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
+    """gRPC channel options; `load_balancing` ("round_robin", "pick_first") goes into the
+    channel's service config, which is how gRPC selects a client-side balancing policy."""
+    result = list(options)
+    if load_balancing:
+        if load_balancing not in ("round_robin", "pick_first"):
+            raise ValueError(f"load_balancing must be 'round_robin' or 'pick_first', got {load_balancing!r}")
+        result.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
+    return result

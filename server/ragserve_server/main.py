@@ -18,6 +18,7 @@ from ragserve_server.registry import (
     CROSS_ENCODER,
     DEVICES,
     EMBEDDING,
+    GENERATION,
     GPU,
     TORCH_CUDA,
     ModelSpec,
@@ -104,7 +105,7 @@ def config_validator(specs: list[ModelSpec]):
 
     def validate(model: str, config) -> list[str]:
         spec = by_model[model]
-        return mismatches(model, spec.max_batch, spec.inputs, spec.outputs, config)
+        return mismatches(model, spec.max_batch, spec.inputs, spec.outputs, config, exact_batch=spec.kind != GENERATION)
 
     return validate
 

@@ -112,16 +112,31 @@ def _dtype_name(value: int) -> str:
 
 
 def mismatches(
-    model: str, expected_max_batch: int, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], config: ModelConfig
+    model: str,
+    expected_max_batch: int,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    config: ModelConfig,
+    *,
+    exact_batch: bool = True,
 ) -> list[str]:
     """What differs between the tensors the gateway sends/reads and a model's config.
 
     Each line names the model, the field and both values, so a refused start says exactly
-    what to fix. Only what the gateway depends on is compared: max batch, the names, dtypes
-    and dims of the inputs it sends (required ones must all be sent) and the outputs it reads.
+    what to fix. Only what the gateway depends on is compared: max batch (equal, or with
+    `exact_batch=False` at least 1), the names, dtypes and dims of the inputs it sends
+    (required ones must all be sent) and the outputs it reads.
     """
     problems = []
-    if config.max_batch_size != expected_max_batch:
+    if not exact_batch:
+        # One row per request (generation): any batching model serves it, e.g. a TensorRT-LLM
+        # engine built for 256 sequences.
+        if config.max_batch_size < 1:
+            problems.append(
+                f"{model}: max_batch_size is {config.max_batch_size} in Triton's config, the gateway sends requests "
+                f"with a batch dimension (max_batch_size >= 1 needed)"
+            )
+    elif config.max_batch_size != expected_max_batch:
         problems.append(
             f"{model}: max_batch_size is {config.max_batch_size} in Triton's config, the gateway sends up to "
             f"{expected_max_batch} rows per request"

@@ -231,6 +231,8 @@ def smollm2_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
     engine_files = {
         "model.py": "git (model_repository/smollm2/1/)",
         "engine.py": "git (model_repository/smollm2/1/)",
+        "llama.py": "git (model_repository/smollm2/1/)",
+        "sampler.py": "git (model_repository/smollm2/1/)",
         "hf/config.json": "make models (scripts/convert_smollm2.py)",
     }
     parameters = dict(contract.ENGINE_PARAMETERS)
