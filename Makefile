@@ -63,6 +63,11 @@ clean:
 bench-generate: setup models
 	$(PY) bench/generate_bench.py
 
+# Balancing cost: one gateway over 1 Triton replica vs over 2, side by side.
+.PHONY: bench-replicas
+bench-replicas: setup models
+	$(PY) bench/replicas_bench.py
+
 # Rerank: quality on bench/data/relevance.jsonl next to BM25, and 1000-document Rerank vs Embed.
 .PHONY: bench-rerank
 bench-rerank: setup models
