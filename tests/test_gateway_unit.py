@@ -136,3 +136,24 @@ def test_settings_flags_have_environment_twins():
     assert settings.port == 6000  # the flag wins
     assert settings.max_inputs_per_call == 5
     assert Settings.from_args([], env={}).port == 50051
+
+
+async def test_models_health_stays_serving_while_triton_is_down(fake_stack):
+    """The liveness probe's service (deploy/kubernetes) needs no Triton model: a Triton outage
+    turns "" and Embed NOT_SERVING (readiness) but never restarts the gateway."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    backend, client = fake_stack
+    backend.fail = BackendUnavailable("triton is down")
+    health = health_pb2_grpc.HealthStub(client._channel)
+
+    async def status(service: str) -> int:
+        return (await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)).status
+
+    for _ in range(100):
+        if await status("") == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        await asyncio.sleep(0.02)
+    assert await status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await status("ragserve.v1.Embed") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await status("ragserve.v1.Models") == health_pb2.HealthCheckResponse.SERVING

@@ -36,7 +36,9 @@ class HealthMonitor:
         server_ready = await self.backend.is_ready([])
         model_ready = {m: server_ready and await self.backend.is_ready([m]) for m in models}
         for service, needed in self.needs.items():
-            ready = server_ready and all(model_ready[m] for m in needed)
+            # A service that needs no model (Models: ListModels answers from the catalog) serves
+            # while the process does: the liveness probe's service in deploy/kubernetes.
+            ready = all(model_ready[m] for m in needed) if needed else True
             if self.serving.get(service) != ready:
                 log.info("health_changed", health_service=service or "<server>", serving=ready)
             self.serving[service] = ready
