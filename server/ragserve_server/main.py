@@ -29,7 +29,7 @@ from ragserve_server.registry import (
 from ragserve_server.repository import render_repository
 from ragserve_server.settings import REPO_ROOT, Settings
 from ragserve_server.replicas import ReplicaSet
-from ragserve_server.triton_launcher import TritonPorts, TritonServer
+from ragserve_server.triton_launcher import RestartPolicy, TritonPorts, TritonServer, TritonSupervisor
 
 log = structlog.get_logger("ragserve")
 
@@ -130,6 +130,7 @@ async def check_triton_configs(backend: ReplicaSet, specs: list[ModelSpec]) -> N
 
 async def serve(settings: Settings) -> None:
     triton = None
+    gave_up = None
     specs = select_specs(settings)
     if settings.on_no_replicas not in ("wait", "exit"):
         raise StartupError(f"--on-no-replicas {settings.on_no_replicas!r}: use wait or exit")
@@ -203,7 +204,22 @@ async def serve(settings: Settings) -> None:
         if triton is not None:
             where.append(f"Triton metrics {triton.metrics_url}")
         print(f"ragserve listening on {settings.host}:{gateway.port} ({'; '.join(where)}); Ctrl-C to stop", file=sys.stderr, flush=True)
-        await stop.wait()
+        waiters = [asyncio.create_task(stop.wait())]
+        if triton is not None:
+            supervisor = TritonSupervisor(
+                triton,
+                RestartPolicy(settings.triton_restart_attempts, settings.triton_restart_backoff, stuck_seconds=settings.triton_stuck_seconds),
+                settings.triton_ready_timeout,
+                on_change=_health_follows(backend, gateway),
+            )
+            waiters.append(asyncio.create_task(supervisor.run()))
+        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if waiters[0] not in done:
+            gave_up = waiters[1].result()
+            log.error("triton_gave_up", reason=gave_up)
         log.info("draining", grace_seconds=settings.drain_seconds)
     finally:
         if gateway is not None:
@@ -213,6 +229,18 @@ async def serve(settings: Settings) -> None:
         if triton is not None:
             await asyncio.to_thread(triton.stop)
         log.info("stopped")
+    if gave_up is not None:
+        raise SystemExit(f"ragserve: exiting: {gave_up}")
+
+
+def _health_follows(backend: ReplicaSet, gateway):
+    """Re-reads Triton's state and health at once (the supervisor saw it go down or come back)."""
+
+    async def now() -> None:
+        await backend.refresh()
+        await gateway.health.check_once()
+
+    return now
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,8 +63,21 @@ class Settings:
     )
     max_inputs_per_call: int = field(default=2048, metadata={"help": "most texts in one Embed call"})
     max_documents_per_call: int = field(default=1000, metadata={"help": "most documents in one Rerank call"})
+    max_message_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata={"help": "largest request message the gateway reads, in bytes; a larger one is answered RESOURCE_EXHAUSTED"},
+    )
     tokenizer_threads: int = field(default=1, metadata={"help": "threads that tokenize off the event loop"})
     triton_ready_timeout: float = field(default=180.0, metadata={"help": "seconds to wait for the bundled Triton to be ready"})
+    triton_restart_attempts: int = field(
+        default=5, metadata={"help": "restarts in a row of a dead or stuck bundled Triton before the gateway exits non-zero"}
+    )
+    triton_restart_backoff: float = field(
+        default=1.0, metadata={"help": "seconds before the first restart of the bundled Triton, doubled per attempt (max 30)"}
+    )
+    triton_stuck_seconds: float = field(
+        default=30.0, metadata={"help": "a bundled Triton alive but not ready this long is killed and restarted"}
+    )
     health_poll_interval: float = field(default=1.0, metadata={"help": "seconds between Triton readiness checks"})
     triton_stats_interval: float = field(
         default=5.0, metadata={"help": "seconds between reads of Triton's batch statistics (ragserve_triton_batch_size)"}

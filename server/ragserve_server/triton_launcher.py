@@ -8,6 +8,7 @@ on PATH so that the stub finds the project's packages.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +112,7 @@ class TritonServer:
             self.process = subprocess.Popen(
                 self.command(), env=self.environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
+        log.info("triton_started", pid=self.process.pid)
 
     def is_ready(self) -> bool:
         try:
@@ -151,3 +154,85 @@ class TritonServer:
             self.process.kill()
             self.process.wait()
         log.info("triton_stopped", code=self.process.returncode)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    attempts: int = 5  # restarts in a row before the gateway gives up and exits
+    backoff: float = 1.0  # seconds before the first restart, doubled each time, capped below
+    max_backoff: float = 30.0
+    stuck_seconds: float = 30.0  # alive but not ready for this long = treated as dead
+    stable_seconds: float = 60.0  # ready this long after a restart: the count starts again
+    check_interval: float = 0.25
+
+
+class TritonSupervisor:
+    """Watches the bundled Triton: restarts it with backoff when it dies or is stuck.
+
+    `on_change()` runs at once when Triton goes down and again when it is ready, so health
+    follows within the check interval instead of the next poll. When `policy.attempts`
+    restarts in a row fail to bring back a Triton that stays up, `run()` returns a reason and
+    the gateway exits non-zero, so that its own supervisor (systemd, Kubernetes) takes over.
+    """
+
+    def __init__(self, triton: TritonServer, policy: RestartPolicy, ready_timeout: float,
+                 on_change: Callable[[], Awaitable[None]]) -> None:
+        self.triton = triton
+        self.policy = policy
+        self.ready_timeout = ready_timeout
+        self.on_change = on_change
+        self.restarts = 0  # restarts in a row (reset once Triton stays up `stable_seconds`)
+
+    async def run(self) -> str:
+        """Supervises until cancelled; returns why it gave up when attempts are exhausted."""
+        up_since = time.monotonic()
+        not_ready_since: float | None = None
+        while True:
+            await asyncio.sleep(self.policy.check_interval)
+            process = self.triton.process
+            reason = None
+            if process is None or process.poll() is not None:
+                reason = f"exited with code {None if process is None else process.returncode}"
+            else:
+                ready = await asyncio.to_thread(self.triton.is_ready)
+                now = time.monotonic()
+                if ready:
+                    not_ready_since = None
+                    if self.restarts and now - up_since >= self.policy.stable_seconds:
+                        self.restarts = 0
+                    continue
+                not_ready_since = not_ready_since or now
+                if now - not_ready_since < self.policy.stuck_seconds:
+                    continue
+                reason = f"alive but not ready for {now - not_ready_since:.0f}s (stuck)"
+                process.kill()
+                await asyncio.to_thread(process.wait)
+            not_ready_since = None
+            log.error("triton_down", reason=reason, pid=process.pid if process else None, log_tail=self.triton.log_tail(15))
+            await self.on_change()
+            restored = await self._restart(reason)
+            if restored is not None:
+                return restored
+            up_since = time.monotonic()
+            await self.on_change()
+
+    async def _restart(self, reason: str) -> str | None:
+        """Restarts until ready or out of attempts; returns the reason to give up, or None."""
+        while True:
+            if self.restarts >= self.policy.attempts:
+                return f"Triton {reason}; {self.restarts} restarts in a row did not bring it back (see {self.triton.log_path})"
+            delay = min(self.policy.backoff * 2 ** self.restarts, self.policy.max_backoff)
+            self.restarts += 1
+            log.warning("triton_restarting", attempt=self.restarts, of=self.policy.attempts, in_seconds=delay)
+            await asyncio.sleep(delay)
+            try:
+                self.triton.start()
+                await asyncio.to_thread(self.triton.wait_ready, self.ready_timeout)
+                log.info("triton_restarted", attempt=self.restarts, pid=self.triton.process.pid)
+                return None
+            except (RuntimeError, TimeoutError) as exc:
+                reason = str(exc).splitlines()[0]
+                log.error("triton_restart_failed", attempt=self.restarts, error=reason, log_tail=self.triton.log_tail(15))
+                if self.triton.process is not None and self.triton.process.poll() is None:
+                    self.triton.process.kill()
+                    await asyncio.to_thread(self.triton.process.wait)
