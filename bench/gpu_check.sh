@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# GPU check: Embed through the gateway and the bundled Triton running MiniLM on CUDA (PyTorch
+# fp16, the `torch_cuda` variant), concurrency 1/16/64, side by side with the raw PyTorch CUDA
+# model at its best batch (the ceiling), plus min cosine against a CPU fp32 reference.
+# What it measures and prints: bench/gpu_check.py.
+#
+# 1. Here (this machine, network to PyPI), once: build what the GPU machine lacks into .whl/
+#    (git-ignored through .git/info/exclude), about 58 MiB:
+#        bash bench/gpu_check.sh --prepare
+#    .whl/site.tar.xz holds, for the device's Python 3.12: the Triton server, python backend and
+#    3.12 stub of the nvidia-pytriton 0.7.0 wheel (its libraries, without the wheel's Python code
+#    and other Pythons' stubs), numpy 1.26.4 (the 2.51 stub's pybind11 predates numpy 2),
+#    grpcio 1.76 + protobuf 6.33 (what our generated stubs require), grpcio-health-checking,
+#    grpcio-reflection, tritonclient 2.41 (without its perf_analyzer binaries), structlog, and
+#    all-MiniLM-L6-v2 in fp16 with an unused-vocabulary-pruned embedding matrix (see
+#    gpu_check.py). .whl/gpu_check/reference.npz: the fp32 ONNX Runtime reference embeddings.
+#    The whole wheels would be 55 + 18 + 12 + 7 MB and the fp32 weights 87 MB: over the 64 MiB
+#    a call may carry, hence one xz archive.
+#
+# 2. On the lent GPU machine, one call of the device tool (about 3-4 minutes once started):
+#        run  command:   bash bench/gpu_check.sh
+#             carry:     [".whl"]
+#             timeout_s: 480
+#    then give_back unless you rerun at once. It prints the table last; $OUT gets gpu_check.md
+#    and the Triton and gateway logs.
+#
+# 3. Here, the same steps on the CPU (KIND_CPU, fp32, short runs), with the carried weights
+#    when .whl has been prepared:
+#        bash bench/gpu_check.sh --cpu-smoke
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DEVICE_PY=3.12
+STAGE=build/gpu_check   # git-ignored staging (build/)
+
+prepare() {
+  local py=.venv/bin/python
+  local platforms=(--platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+                   --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  rm -rf "$STAGE" .whl && mkdir -p "$STAGE/wheels" "$STAGE/site" .whl/gpu_check
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$DEVICE_PY" --implementation cp \
+    "${platforms[@]}" -d "$STAGE/wheels" \
+    nvidia-pytriton==0.7.0 numpy==1.26.4 grpcio==1.76.0 protobuf==6.33.6 grpcio-health-checking==1.76.0 \
+    grpcio-reflection==1.76.0 tritonclient==2.41.0 structlog==26.1.0
+  # Everything but nvidia-pytriton installs as usual (for cp312), then loses what is never used.
+  "$py" -m pip install -q --no-deps --no-compile --no-index --only-binary=:all: --target "$STAGE/site" \
+    --python-version "$DEVICE_PY" --implementation cp "${platforms[@]}" \
+    $(ls "$STAGE"/wheels/*.whl | grep -v nvidia_pytriton)
+  rm -rf "$STAGE/site/bin" "$STAGE"/site/numpy/*/tests "$STAGE/site/numpy/tests"
+  # nvidia-pytriton: only the server, its libraries, the python backend and the 3.12 stub.
+  unzip -q "$STAGE"/wheels/nvidia_pytriton-*.whl -d "$STAGE/pytriton" \
+    'pytriton/tritonserver/bin/*' 'pytriton/tritonserver/backends/*' \
+    "pytriton/tritonserver/python_backend_stubs/$DEVICE_PY/*" 'nvidia_pytriton.libs/*' -x 'nvidia_pytriton.libs/libpython3*'
+  cp -a "$STAGE/pytriton/." "$STAGE/site/"
+  chmod +x "$STAGE/site/pytriton/tritonserver/bin/tritonserver" "$STAGE"/site/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub
+  # The reference (from model_repository/minilm/1/model.onnx: `make models` first) and the weights.
+  "$py" bench/gpu_check.py prepare --out "$STAGE/minilm"
+  cp -a "$STAGE/minilm/pkg/." "$STAGE/site/"
+  cp "$STAGE/minilm/reference.npz" .whl/gpu_check/
+  tar -C "$STAGE/site" -cf - . | xz -9 -T2 > .whl/site.tar.xz
+  du -sh .whl/* .whl
+  local bytes
+  bytes=$(du -sb .whl | cut -f1)
+  if (( bytes > 60 * 1024 * 1024 )); then
+    echo "gpu_check: .whl is $bytes bytes; with the working tree it must stay under 64 MiB" >&2
+    exit 1
+  fi
+}
+
+device() {
+  export PYTHONUNBUFFERED=1
+  test -f .whl/site.tar.xz || { echo "gpu_check: .whl/site.tar.xz missing: run 'bash bench/gpu_check.sh --prepare' here and carry .whl" >&2; exit 2; }
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  mkdir -p /tmp/site
+  tar -xJf .whl/site.tar.xz -C /tmp/site
+  export PYTHONPATH="/tmp/site:$ROOT/server:$ROOT/client"
+  python3 - <<'EOF'
+import sys, sysconfig, pathlib
+import numpy, grpc, google.protobuf, tritonclient, structlog, torch, transformers, tokenizers
+print(f"python {sys.version.split()[0]} ({sys.executable}); numpy {numpy.__version__}; grpcio {grpc.__version__}; "
+      f"protobuf {google.protobuf.__version__}; torch {torch.__version__} (cuda {torch.cuda.is_available()}); "
+      f"transformers {transformers.__version__}; tokenizers {tokenizers.__version__}")
+libpython = pathlib.Path(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME"))
+print(f"libpython for the Triton python-backend stub: {libpython} ({'found' if libpython.exists() else 'MISSING: the stub will not start'})")
+EOF
+  local work=/tmp/gpu_check_work
+  rm -rf "$work"
+  trap 'stop_leftovers '"$work" EXIT
+  timeout --signal=TERM --kill-after=20 420 python3 bench/gpu_check.py run --seconds 6 --reference .whl/gpu_check --work "$work"
+}
+
+# Triton runs in its own session: if the check was killed before it stopped it, stop it here.
+stop_leftovers() {
+  [[ -f "$1/pids" ]] || return 0
+  while read -r pid; do kill "$pid" 2>/dev/null || true; done < "$1/pids"
+}
+
+cpu_smoke() {
+  local pkg=""
+  if [[ -d "$STAGE/minilm/pkg" ]]; then pkg="$ROOT/$STAGE/minilm/pkg"; fi  # the weights that travel
+  PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" timeout --signal=TERM --kill-after=20 420 \
+    .venv/bin/python bench/gpu_check.py run --cpu-smoke --seconds 2 --reference .whl/gpu_check
+}
+
+case "${1:-}" in
+  --prepare) prepare ;;
+  --cpu-smoke) cpu_smoke ;;
+  "") device ;;
+  *) echo "usage: bash bench/gpu_check.sh [--prepare | --cpu-smoke]" >&2; exit 2 ;;
+esac
