@@ -1,25 +1,123 @@
-"""Bounded admission: a permit is taken before any work, and a full gateway says so at once.
+"""Bounded admission in two lanes: a permit is taken before any work.
 
-No queueing here: a caller that would wait is answered RESOURCE_EXHAUSTED immediately, the
-same way for unary, batch and stream calls; Triton's own queue absorbs bursts below it.
+Lanes: `interactive` (the default: a query behind a user's request) and `bulk` (EmbedStream
+messages, or a call that asks for PRIORITY_BULK). Each has its own budget, so a bulk job
+that fills its lane leaves the interactive lane untouched; Triton's priority levels then
+order the two inside the model's queue.
+
+A unary call that finds its lane full is answered RESOURCE_EXHAUSTED at once, with a retry
+hint computed from the load: the mean time a permit of that lane has recently been held
+(an exponentially weighted average of call durations), scaled by how full the lane is. A
+stream message waits for a bulk permit instead (the stream stops reading; HTTP/2 flow
+control pushes back on the sender), bounded by the caller's deadline.
 """
 
 from __future__ import annotations
 
-from ragserve_server.errors import Overloaded
+import asyncio
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from ragserve_server.errors import DeadlineExceeded, Overloaded
+
+INTERACTIVE, BULK = "interactive", "bulk"
+LANES = (INTERACTIVE, BULK)
+# Triton priority level per lane (1 = highest; the models' configs declare 2 levels).
+TRITON_PRIORITY = {INTERACTIVE: 1, BULK: 2}
+
+MIN_HINT_S, MAX_HINT_S = 0.01, 30.0
+
+# The lane of the call (or stream message) being served: the Triton boundary sends its
+# priority with every request of it.
+CURRENT_LANE: ContextVar[str] = ContextVar("ragserve_lane", default=INTERACTIVE)
+
+
+@dataclass
+class Lane:
+    capacity: int
+    in_use: int = 0
+    mean_hold: float = 0.05  # seconds a permit is held, EWMA of recent calls
+    waiters: deque | None = None
+
+    def hint(self) -> float:
+        """Seconds until retrying is likely to find a permit: the mean hold time, scaled by
+        how many callers compete for each permit."""
+        pressure = max(1.0, (self.in_use + len(self.waiters or ())) / max(self.capacity, 1))
+        return min(MAX_HINT_S, max(MIN_HINT_S, self.mean_hold * pressure))
 
 
 class Admission:
-    def __init__(self, max_concurrent: int) -> None:
-        self.capacity = max_concurrent
-        self.in_use = 0
+    def __init__(self, max_concurrent: int, max_bulk: int | None = None) -> None:
+        self.lanes = {
+            INTERACTIVE: Lane(max_concurrent, waiters=deque()),
+            BULK: Lane(max_bulk if max_bulk is not None else max(1, max_concurrent // 2), waiters=deque()),
+        }
 
-    def acquire(self) -> None:
-        """Takes a permit or raises Overloaded. The event loop is single-threaded: a plain
-        counter is race-free."""
-        if self.in_use >= self.capacity:
-            raise Overloaded(f"server is at capacity ({self.capacity} requests in flight); retry with backoff")
-        self.in_use += 1
+    @property
+    def capacity(self) -> int:
+        return self.lanes[INTERACTIVE].capacity
 
-    def release(self) -> None:
-        self.in_use -= 1
+    @property
+    def in_use(self) -> int:
+        return sum(lane.in_use for lane in self.lanes.values())
+
+    def acquire(self, lane: str = INTERACTIVE) -> float:
+        """Takes a permit or raises Overloaded with a retry hint; returns the start time to
+        pass to `release`. The event loop is single-threaded: plain counters are race-free."""
+        state = self.lanes[lane]
+        if state.in_use >= state.capacity or state.waiters:
+            raise Overloaded(
+                f"server is at capacity ({state.capacity} {lane} requests in flight); retry after the hinted delay",
+                retry_after=state.hint(),
+            )
+        state.in_use += 1
+        return time.monotonic()
+
+    async def acquire_waiting(self, lane: str, timeout: float | None) -> float:
+        """Waits (FIFO) for a permit of `lane`, at most `timeout` seconds."""
+        state = self.lanes[lane]
+        if state.in_use < state.capacity and not state.waiters:
+            state.in_use += 1
+            return time.monotonic()
+        ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        state.waiters.append(ready)
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except BaseException as exc:
+            if ready.done() and not ready.cancelled():
+                self._release_count(state)  # granted while we were leaving: pass it on
+            elif ready in state.waiters:
+                state.waiters.remove(ready)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise DeadlineExceeded(f"deadline exceeded while waiting for a {lane} permit") from None
+            raise
+        return time.monotonic()
+
+    def release(self, lane: str = INTERACTIVE, started: float | None = None) -> None:
+        state = self.lanes[lane]
+        if started is not None:
+            state.mean_hold += 0.1 * (time.monotonic() - started - state.mean_hold)
+        self._release_count(state)
+
+    @staticmethod
+    def _release_count(state: Lane) -> None:
+        while state.waiters:  # hand the permit straight to the next waiter
+            waiter = state.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        state.in_use -= 1
+
+    @asynccontextmanager
+    async def permit(self, lane: str, timeout: float | None):
+        started = await self.acquire_waiting(lane, timeout)
+        try:
+            yield
+        finally:
+            self.release(lane, started)
+
+    def hint(self, lane: str = INTERACTIVE) -> float:
+        return self.lanes[lane].hint()

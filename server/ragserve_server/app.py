@@ -11,7 +11,9 @@ from grpc_reflection.v1alpha import reflection
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2, rerank_pb2_grpc
+from ragserve_server import tls
 from ragserve_server.admission import Admission
+from ragserve_server.auth import auth_interceptors
 from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog
 from ragserve_server.encoder import EncoderRunner
 from ragserve_server.health import HealthMonitor
@@ -58,13 +60,16 @@ class Gateway:
 async def create_gateway(settings: Settings, backend: InferenceBackend, catalog: Catalog) -> Gateway:
     """Builds, binds and starts the gateway; `settings.port` 0 binds any free port."""
     executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
-    admission = Admission(settings.max_concurrent_requests)
+    admission = Admission(settings.max_concurrent_requests, settings.max_bulk_requests)
     metrics = GatewayMetrics()  # served over HTTP by main (--metrics-port); tests read metrics.registry
     server = grpc.aio.server(
-        interceptors=[GatewayInterceptor(admission, on_finish=metrics.call_finished, on_start=metrics.call_started)],
+        interceptors=[
+            GatewayInterceptor(admission, on_finish=metrics.call_finished, on_start=metrics.call_started),
+            *auth_interceptors(settings.api_keys_file, settings.reflection),  # inside the gateway's scope: refusals are mapped and counted there
+        ],
         options=[
             ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
             # Long-lived HTTP/2 connections defeat L4 balancing over several gateways: a
             # connection past its age is asked to close (GOAWAY) and the client reconnects,
             # re-balancing; calls on it get the grace period to finish.
@@ -86,7 +91,7 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     }
     encoder = EncoderRunner(backend)
     embed_pb2_grpc.add_EmbedServicer_to_server(
-        EmbedService(catalog, tokenizers, encoder, executor, settings.max_inputs_per_call), server
+        EmbedService(catalog, tokenizers, encoder, executor, settings.max_inputs_per_call, admission), server
     )
     models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(catalog), server)
     generators = catalog.by_kind(GENERATION)
@@ -113,7 +118,7 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         [*SERVICE_NAMES.values(), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = tls.bind(server, f"{settings.host}:{settings.port}", settings)
     if port == 0:
         raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
     await server.start()

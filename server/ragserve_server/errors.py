@@ -30,8 +30,15 @@ class ModelNotFound(RagserveError):
 
 
 class Overloaded(RagserveError):
+    """A full lane or a full queue. `retry_after`: seconds the caller should wait, sent as
+    `grpc-retry-pushback-ms` and a google.rpc.RetryInfo detail (see interceptor)."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "overload"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BackendUnavailable(RagserveError):
@@ -47,6 +54,20 @@ class DeadlineExceeded(RagserveError):
 class Cancelled(RagserveError):
     code = grpc.StatusCode.CANCELLED
     reason = "cancelled"
+
+
+class Unauthenticated(RagserveError):
+    """No API key, or one that is not in the keys file."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "unauthenticated"
+
+
+class PermissionDenied(RagserveError):
+    """A valid API key that may not call this service."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "permission_denied"
 
 
 class BackendError(RagserveError):

@@ -20,14 +20,23 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from ragserve_server import request_record
-from ragserve_server.admission import Admission
-from ragserve_server.errors import InvalidInput, RagserveError, status_of
+from ragserve_server.admission import BULK, CURRENT_LANE, INTERACTIVE, Admission
+from ragserve_server.errors import InvalidInput, Overloaded, RagserveError, status_of
+from ragserve_server.pushback import retry_trailers
 from ragserve_server.request_record import RequestRecord
 
 log = structlog.get_logger("ragserve.access")
 
 # Not subject to admission or access logs: health checks and reflection.
 _UNGUARDED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+# Streams whose messages each take a permit (in the service), not the stream as a whole.
+PER_MESSAGE_ADMISSION = {"EmbedStream"}
+_PRIORITY_BULK = 2  # ragserve.v1.Priority.PRIORITY_BULK
+
+
+def lane_of(request) -> str:
+    """The admission lane a request asks for (its `priority` field, where it has one)."""
+    return BULK if getattr(request, "priority", 0) == _PRIORITY_BULK else INTERACTIVE
 
 
 class Undecodable:
@@ -86,7 +95,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
-                async with call.scope(context, streaming=False):
+                async with call.scope(context, streaming=False, lane=lane_of(request)):
                     if isinstance(request, Undecodable):
                         raise request.invalid()
                     return await inner(request, context)
@@ -111,7 +120,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.stream_stream
 
             async def stream_stream(request_iterator, context):
-                async with call.scope(context):
+                async with call.scope(context, admit=method not in PER_MESSAGE_ADMISSION, lane=BULK):
                     async for response in inner(_checked_messages(request_iterator), context):
                         yield response
 
@@ -131,7 +140,9 @@ class _Call:
         self.request_id = request_id or uuid.uuid4().hex
 
     @asynccontextmanager
-    async def scope(self, context: grpc.aio.ServicerContext, streaming: bool = True):
+    async def scope(
+        self, context: grpc.aio.ServicerContext, streaming: bool = True, lane: str = INTERACTIVE, admit: bool = True
+    ):
         """The request id goes back in the initial metadata of a stream (the caller sees it
         at once) and in the trailing metadata of a unary call (sent with the status: no
         extra send on the hot path)."""
@@ -140,22 +151,30 @@ class _Call:
         token = request_record.start(record)
         self.interceptor.on_start(record)
         admission = self.interceptor.admission
-        admitted = False
+        admitted = None  # the permit's start time once taken
+        lane_token = CURRENT_LANE.set(lane)
         code, message = grpc.StatusCode.OK, ""
         request_id_metadata = (("x-request-id", self.request_id),)
+        extra_trailers: tuple = ()
         try:
             if streaming:
                 await context.send_initial_metadata(request_id_metadata)
             else:
                 context.set_trailing_metadata(request_id_metadata)
-            with request_record.stage("admission"):
-                admission.acquire()
-            admitted = True
+            if admit:
+                with request_record.stage("admission"):
+                    admitted = admission.acquire(lane)
             yield
         except RagserveError as exc:
             code, message = status_of(exc)
             record.error_reason = exc.reason
-            log.info("rpc_rejected", code=code.name, error=message)
+            if isinstance(exc, Overloaded):
+                # Every RESOURCE_EXHAUSTED carries a retry hint computed from the load.
+                retry_after = exc.retry_after if exc.retry_after is not None else admission.hint(lane)
+                extra_trailers = retry_trailers(code, message, retry_after)
+                log.info("rpc_rejected", code=code.name, error=message, retry_after_ms=round(retry_after * 1000))
+            else:
+                log.info("rpc_rejected", code=code.name, error=message)
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away, or its deadline passed (gRPC cancels the handler then too).
             remaining = context.time_remaining()
@@ -169,8 +188,9 @@ class _Call:
             record.error_reason = "internal"
             log.error("rpc_failed", code=code.name, exc_info=exc)
         finally:
-            if admitted:
-                admission.release()
+            CURRENT_LANE.reset(lane_token)
+            if admitted is not None:
+                admission.release(lane, admitted)
             duration = record.duration = time.perf_counter() - record.started
             log.info(
                 "rpc",
@@ -183,4 +203,4 @@ class _Call:
             request_record.finish(token)
             structlog.contextvars.unbind_contextvars("request_id", "service", "method")
         if code is not grpc.StatusCode.OK:
-            await context.abort(code, message, trailing_metadata=request_id_metadata)  # the one place a status is set
+            await context.abort(code, message, trailing_metadata=request_id_metadata + extra_trailers)  # the one place a status is set

@@ -41,7 +41,11 @@ from ragserve_server.tensorrt_profiles import profile_plan
 GPU_PREFERRED_BATCH = (16, 32, 64)
 GPU_QUEUE_DELAY_US = 200
 GPU_MAX_QUEUE_SIZE = 1024
-GPU_QUEUE_TIMEOUT_US = 30_000_000
+# CPU: ~64 requests of up to 64 rows already take seconds to compute on 2 cores.
+CPU_MAX_QUEUE_SIZE = 256
+# Requests without a deadline still leave the queue after this long.
+QUEUE_TIMEOUT_US = 60_000_000
+PRIORITY_LEVELS = 2
 
 
 def triton_config(spec: ModelSpec, variant: str) -> model_config_pb2.ModelConfig:
@@ -67,30 +71,40 @@ def triton_config(spec: ModelSpec, variant: str) -> model_config_pb2.ModelConfig
     if spec.kind == GENERATION:
         # The engine batches in flight itself; Triton hands every request straight to it.
         config.dynamic_batching.SetInParent()
-    elif on_gpu:
-        batching = config.dynamic_batching
-        batching.preferred_batch_size.extend(b for b in GPU_PREFERRED_BATCH if b <= spec.max_batch)
-        batching.max_queue_delay_microseconds = GPU_QUEUE_DELAY_US
-        policy = batching.default_queue_policy
-        policy.max_queue_size = GPU_MAX_QUEUE_SIZE
-        policy.timeout_action = model_config_pb2.ModelQueuePolicy.REJECT
-        policy.default_timeout_microseconds = GPU_QUEUE_TIMEOUT_US
-        policy.allow_timeout_override = True  # the gateway passes the caller's deadline
     else:
-        # CPU: requests of equal shape (same length bucket) are batched. A queue delay only
-        # adds latency here: under load requests queue while the model runs and are batched
-        # anyway (measured with bench/embed_bench.py --queue-delay-us, see README).
-        config.dynamic_batching.preferred_batch_size.append(spec.max_batch)
-        config.dynamic_batching.max_queue_delay_microseconds = 0
+        batching = config.dynamic_batching
+        if on_gpu:
+            batching.preferred_batch_size.extend(b for b in GPU_PREFERRED_BATCH if b <= spec.max_batch)
+            batching.max_queue_delay_microseconds = GPU_QUEUE_DELAY_US
+        else:
+            # CPU: requests of equal shape (same length bucket) are batched. A queue delay only
+            # adds latency here: under load requests queue while the model runs and are batched
+            # anyway (measured with bench/embed_bench.py --queue-delay-us, see README).
+            batching.preferred_batch_size.append(spec.max_batch)
+            batching.max_queue_delay_microseconds = 0
+        # Two priority levels, the gateway's lanes: 1 interactive (default), 2 bulk; a bulk
+        # job queued in Triton does not delay interactive requests.
+        batching.priority_levels = PRIORITY_LEVELS
+        batching.default_priority_level = 1
+        # A bounded queue (full: RESOURCE_EXHAUSTED with a retry hint at the gateway), and the
+        # caller's deadline as each request's timeout: expired work is dropped before compute.
+        policy = batching.default_queue_policy
+        policy.max_queue_size = GPU_MAX_QUEUE_SIZE if on_gpu else CPU_MAX_QUEUE_SIZE
+        policy.timeout_action = model_config_pb2.ModelQueuePolicy.REJECT
+        policy.default_timeout_microseconds = QUEUE_TIMEOUT_US
+        policy.allow_timeout_override = True
     model_config.set_parameters(config, spec.parameters.get(variant, {}))
     if variant == TORCH_CUDA and spec.kind != GENERATION:
         config.parameters["hf_dir"].string_value = str(spec.weights_dir or spec.tokenizer_dir)
     return config
 
 
+_RUNS_AS = {ONNXRUNTIME: "CPU, python backend", TORCH_CUDA: "GPU, python backend, PyTorch fp16", TENSORRT: "GPU, TensorRT plan"}
+
+
 def config_header(spec: ModelSpec, variant: str) -> str:
     return (
-        f"{spec.description or spec.name} ({variant}).\n"
+        f"{spec.description or spec.name}.\nRuns as: {_RUNS_AS[variant]} (variant {variant!r}).\n"
         "Rendered from server/ragserve_server/registry.py by `make configs`: edit the registry, not this file."
     )
 

@@ -59,7 +59,11 @@ class Settings:
     )
     default_reranker: str = field(default="", metadata={"help": "reranker used when a request names none (empty = the bi-encoder)"})
     max_concurrent_requests: int = field(
-        default=512, metadata={"help": "calls admitted at once; beyond that RESOURCE_EXHAUSTED at once"}
+        default=512, metadata={"help": "interactive calls admitted at once; beyond that RESOURCE_EXHAUSTED at once, with a retry hint"}
+    )
+    max_bulk_requests: int = field(
+        default=64,
+        metadata={"help": "bulk calls (PRIORITY_BULK) and EmbedStream messages admitted at once: a separate budget from interactive calls"},
     )
     max_inputs_per_call: int = field(default=2048, metadata={"help": "most texts in one Embed call"})
     max_documents_per_call: int = field(default=1000, metadata={"help": "most documents in one Rerank call"})
@@ -83,6 +87,15 @@ class Settings:
         default=5.0, metadata={"help": "seconds between reads of Triton's batch statistics (ragserve_triton_batch_size)"}
     )
     drain_seconds: float = field(default=10.0, metadata={"help": "grace period for in-flight calls on SIGTERM"})
+    tls_cert: str = field(default="", metadata={"help": "TLS: the gateway's certificate chain (PEM file), re-read when it changes; empty = plaintext"})
+    tls_key: str = field(default="", metadata={"help": "TLS: the private key of --tls-cert (PEM file, unencrypted)"})
+    tls_client_ca: str = field(default="", metadata={"help": "mTLS: CA bundle (PEM) that client certificates must chain to; empty = no client certificates"})
+    tls_client_auth: str = field(default="required", metadata={"help": "mTLS: required; optional is refused (gRPC Python cannot ask for a client certificate without requiring it)"})
+    api_keys_file: str = field(default="", metadata={"help": "API keys (JSON lines of name, sha256, services; python -m ragserve_server.keys new), re-read when it changes; empty = no keys needed"})
+    reflection: str = field(default="open", metadata={"help": "server reflection: open, keyed (any valid API key) or off"})
+    triton_tls_ca: str = field(default="", metadata={"help": "TLS to --triton-url: CA bundle (PEM) that Triton's certificate chains to; empty = plaintext"})
+    triton_tls_cert: str = field(default="", metadata={"help": "mTLS to Triton: the gateway's client certificate (PEM file)"})
+    triton_tls_key: str = field(default="", metadata={"help": "mTLS to Triton: the key of --triton-tls-cert (PEM file)"})
     log_format: str = field(default="auto", metadata={"help": "json, console, or auto (console when a terminal)"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 

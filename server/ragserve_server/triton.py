@@ -22,6 +22,7 @@ from tritonclient.utils import (
     triton_to_np_dtype,
 )
 
+from ragserve_server.admission import CURRENT_LANE, TRITON_PRIORITY
 from ragserve_server.errors import (
     BackendError,
     BackendUnavailable,
@@ -65,6 +66,8 @@ def map_triton_error(status: str, message: str) -> RagserveError:
         if prefix in message:
             return error(message[message.index(prefix) + len(prefix) :].strip())
     lowered = message.lower()
+    if "exceeds maximum queue size" in lowered:  # the model's queue policy: a full queue, not a dead server
+        return Overloaded(f"model server queue is full: {message}")
     if "DEADLINE_EXCEEDED" in status or ("timeout" in lowered and "expired" in lowered):
         return DeadlineExceeded("deadline exceeded while waiting for the model server")
     if "UNAVAILABLE" in status:
@@ -131,9 +134,13 @@ _CHANNEL_OPTIONS = [
 class TritonBackend:
     """InferenceBackend over a Triton server's gRPC endpoint (host:port)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """`credentials`: TLS to a remote Triton (ragserve_server.tls.triton_channel_credentials); None = plaintext."""
         self.url = url
-        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(url, credentials, options=_CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def infer(
@@ -141,8 +148,14 @@ class TritonBackend:
     ) -> dict[str, np.ndarray]:
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded("deadline exceeded before the model was called")
+        request = _infer_request(model, inputs, outputs)
+        # The lane's Triton priority, and the caller's deadline as the request's queue timeout:
+        # Triton drops a request whose deadline passed while it queued, before computing it.
+        request.parameters["priority"].uint64_param = TRITON_PRIORITY[CURRENT_LANE.get()]
+        if timeout is not None:
+            request.parameters["timeout"].int64_param = max(1, int(timeout * 1_000_000))
         with _mapped_errors():
-            response = await self._stub.ModelInfer(_infer_request(model, inputs, outputs), timeout=timeout)
+            response = await self._stub.ModelInfer(request, timeout=timeout)
         return _outputs(response)
 
     async def stream(

@@ -11,10 +11,19 @@ class Truncate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRUNCATE_NONE: _ClassVar[Truncate]
     TRUNCATE_END: _ClassVar[Truncate]
     TRUNCATE_START: _ClassVar[Truncate]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_BULK: _ClassVar[Priority]
 TRUNCATE_UNSPECIFIED: Truncate
 TRUNCATE_NONE: Truncate
 TRUNCATE_END: Truncate
 TRUNCATE_START: Truncate
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_BULK: Priority
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")

@@ -9,6 +9,7 @@ import grpc
 
 from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
 from ragserve_server import request_record
+from ragserve_server.admission import BULK, Admission
 from ragserve_server.catalog import EMBEDDING, Catalog
 from ragserve_server.encoder import EncoderRunner, finish_embeddings
 from ragserve_server.errors import InvalidInput, RagserveError, status_of
@@ -17,8 +18,8 @@ from ragserve_server.tokenization import EncoderTokenizer
 
 _INPUT_TYPES = {embed_pb2.INPUT_TYPE_UNSPECIFIED: "", embed_pb2.INPUT_TYPE_QUERY: "query", embed_pb2.INPUT_TYPE_PASSAGE: "passage"}
 
-# Messages of one EmbedStream worked on at once; beyond that the stream stops reading and
-# HTTP/2 flow control pushes back on the sender.
+# Messages of one EmbedStream in the gateway at once (working or waiting for a bulk permit);
+# beyond that the stream stops reading and HTTP/2 flow control pushes back on the sender.
 STREAM_WINDOW = 64
 
 
@@ -30,7 +31,9 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
         encoder: EncoderRunner,
         executor: Executor,
         max_inputs_per_call: int,
+        admission: Admission,
     ) -> None:
+        self.admission = admission
         self.catalog = catalog
         self.tokenizers = tokenizers
         self.encoder = encoder
@@ -46,7 +49,10 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
 
         async def answer(message: embed_pb2.EmbedStreamRequest) -> None:
             try:
-                response = await self.embed(message.request, timeout=time_left(context))
+                # Each message takes a bulk permit, like a unary call (the stream itself takes
+                # none): a bulk stream cannot exceed the bulk lane's budget.
+                async with self.admission.permit(BULK, time_left(context)):
+                    response = await self.embed(message.request, timeout=time_left(context))
                 await answers.put(embed_pb2.EmbedStreamResponse(id=message.id, response=response))
             except RagserveError as exc:  # per message: the stream goes on
                 code, text = status_of(exc)

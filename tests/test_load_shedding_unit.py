@@ -1,0 +1,147 @@
+"""Load shedding without Triton: lanes, retry hints, per-message permits for EmbedStream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from grpc_status import rpc_status
+from google.rpc import error_details_pb2
+
+from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
+from ragserve_server.admission import BULK, CURRENT_LANE, INTERACTIVE, Admission
+from ragserve_server.app import create_gateway
+from ragserve_server.catalog import build_catalog
+from ragserve_server.errors import DeadlineExceeded, Overloaded
+from ragserve_server.registry import minilm_spec
+from ragserve_server.settings import Settings
+
+
+def test_lanes_have_separate_budgets_and_hints_follow_the_load():
+    admission = Admission(max_concurrent=2, max_bulk=1)
+    bulk = admission.acquire(BULK)
+    with pytest.raises(Overloaded) as full_bulk:
+        admission.acquire(BULK)
+    assert full_bulk.value.retry_after > 0
+    first = admission.acquire(INTERACTIVE)  # the bulk lane being full does not matter here
+    admission.acquire(INTERACTIVE)
+    with pytest.raises(Overloaded, match="2 interactive requests in flight"):
+        admission.acquire(INTERACTIVE)
+    quick = admission.hint(INTERACTIVE)
+    lane = admission.lanes[INTERACTIVE]
+    lane.mean_hold = 2.0  # calls now hold permits longer: the hint grows with it
+    assert admission.hint(INTERACTIVE) > quick
+    admission.release(INTERACTIVE, first)
+    admission.release(BULK, bulk)
+    assert admission.acquire(BULK)
+
+
+async def test_waiting_for_a_permit_is_fifo_bounded_and_cancel_safe():
+    admission = Admission(max_concurrent=1, max_bulk=1)
+    held = admission.acquire(BULK)
+    order = []
+
+    async def take(name: str) -> None:
+        async with admission.permit(BULK, timeout=5):
+            order.append(name)
+            await asyncio.sleep(0.01)
+
+    waiters = [asyncio.create_task(take(n)) for n in "abc"]
+    await asyncio.sleep(0.05)
+    assert order == []
+    cancelled = asyncio.create_task(take("never"))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    admission.release(BULK, held)
+    await asyncio.gather(*waiters)
+    assert order == ["a", "b", "c"]
+    assert admission.lanes[BULK].in_use == 0  # the cancelled waiter kept nothing
+    admission.acquire(BULK)
+    with pytest.raises(DeadlineExceeded):
+        await admission.acquire_waiting(BULK, timeout=0.05)
+
+
+class SlowBackend:
+    """Answers like an encoder after `delay` seconds; records the lane of each request."""
+
+    def __init__(self) -> None:
+        self.delay = 0.2
+        self.lanes: list[str] = []
+
+    async def infer(self, model, inputs, outputs, *, timeout):
+        self.lanes.append(CURRENT_LANE.get())
+        await asyncio.sleep(self.delay)
+        return {"embedding": np.ones((inputs["input_ids"].shape[0], 384), dtype=np.float32)}
+
+    async def stream(self, *args, **kwargs):
+        raise NotImplementedError
+        yield
+
+    async def is_ready(self, models):
+        return True
+
+    async def batch_statistics(self, model):
+        return {}
+
+    async def close(self):
+        pass
+
+
+@pytest.fixture
+async def shedding_stack():
+    backend = SlowBackend()
+    settings = Settings(port=0, max_concurrent_requests=2, max_bulk_requests=2, health_poll_interval=0.05)
+    gateway = await create_gateway(settings, backend, build_catalog([minilm_spec()]))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
+    yield backend, embed_pb2_grpc.EmbedStub(channel)
+    await channel.close()
+    await gateway.stop(0)
+
+
+async def test_every_resource_exhausted_carries_a_retry_hint(shedding_stack):
+    backend, stub = shedding_stack
+    calls = [stub.Embed(embed_pb2.EmbedRequest(inputs=[f"t{i}"]), timeout=10) for i in range(6)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    rejected = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(rejected) == 4
+    for error in rejected:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = {key: value for key, value in error.trailing_metadata()}
+        pushback = int(trailers["grpc-retry-pushback-ms"])
+        assert pushback >= 10
+        status = rpc_status.from_call(error)
+        info = error_details_pb2.RetryInfo()
+        assert status.details[0].Unpack(info)
+        assert info.retry_delay.ToMilliseconds() == pushback
+
+
+async def test_bulk_calls_do_not_take_interactive_permits(shedding_stack):
+    backend, stub = shedding_stack
+    bulk = [
+        stub.Embed(embed_pb2.EmbedRequest(inputs=[f"bulk {i}"], priority=common_pb2.PRIORITY_BULK), timeout=10)
+        for i in range(2)
+    ]
+    interactive = [stub.Embed(embed_pb2.EmbedRequest(inputs=[f"query {i}"]), timeout=10) for i in range(2)]
+    results = await asyncio.gather(*bulk, *interactive, return_exceptions=True)
+    assert not [r for r in results if isinstance(r, Exception)]
+    assert sorted(backend.lanes) == [BULK, BULK, INTERACTIVE, INTERACTIVE]  # Triton priority follows the lane
+
+
+async def test_each_stream_message_takes_a_bulk_permit(shedding_stack):
+    backend, stub = shedding_stack
+
+    async def messages():
+        for i in range(8):
+            yield embed_pb2.EmbedStreamRequest(id=str(i), request=embed_pb2.EmbedRequest(inputs=[f"doc {i}"]))
+
+    stream = stub.EmbedStream(messages(), timeout=30)
+    await asyncio.sleep(0.05)
+    # 8 messages in flight but only 2 bulk permits: the interactive lane stays free.
+    queries = await asyncio.gather(*(stub.Embed(embed_pb2.EmbedRequest(inputs=["q"]), timeout=10) for _ in range(2)))
+    assert len(queries) == 2
+    answers = [a async for a in stream]
+    assert sorted(a.id for a in answers) == [str(i) for i in range(8)]
+    assert all(a.HasField("response") for a in answers)
+    assert backend.lanes.count(BULK) == 8
