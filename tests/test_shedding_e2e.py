@@ -1,0 +1,95 @@
+"""Load shedding against the real stack: expired work is never computed, overload answers
+carry retry hints, and nothing hangs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
+from support import GatewayProcess
+
+pytestmark = pytest.mark.integration
+
+LONG = "a long passage about retrieval augmented generation and vector search " * 20  # ~250 tokens
+
+
+def minilm_stats(triton) -> dict[str, int]:
+    stats = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics("minilm", as_json=True)
+    inference = stats["model_stats"][0]["inference_stats"]
+    return {key: int(inference.get(key, {}).get("count", 0)) for key in ("success", "fail", "queue", "compute_infer")}
+
+
+async def test_requests_whose_deadline_passed_in_the_queue_are_not_computed(gateway, triton):
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = embed_pb2_grpc.EmbedStub(channel)
+        await stub.Embed(embed_pb2.EmbedRequest(inputs=["warm"]), timeout=30)
+        before = minilm_stats(triton)
+        # Busy the model: 2 calls of 64 long passages (one Triton request each, seconds of compute).
+        busy = [
+            stub.Embed(embed_pb2.EmbedRequest(inputs=[f"{i} {LONG}"] * 64, truncate=common_pb2.TRUNCATE_END), timeout=120)
+            for i in range(2)
+        ]
+        busy_tasks = [asyncio.ensure_future(call) for call in busy]
+        await asyncio.sleep(0.3)
+        # Short queries with a 150 ms deadline queue behind them (another length bucket, so
+        # they are never batched with the busy work) and expire there.
+        short = await asyncio.gather(
+            *(stub.Embed(embed_pb2.EmbedRequest(inputs=[f"query {i}"]), timeout=0.15) for i in range(10)),
+            return_exceptions=True,
+        )
+        await asyncio.gather(*busy_tasks)
+        await asyncio.sleep(1.5)  # queued requests are dropped when the scheduler next looks at them
+    expired = [r for r in short if isinstance(r, grpc.aio.AioRpcError)]
+    assert expired and all(r.code() == grpc.StatusCode.DEADLINE_EXCEEDED for r in expired)
+    after = minilm_stats(triton)
+    computed = after["compute_infer"] - before["compute_infer"]
+    succeeded = after["success"] - before["success"]
+    # Every computed request is one that succeeded: none of the expired ones reached the model.
+    assert computed == succeeded
+    assert succeeded <= 2 + (len(short) - len(expired))
+    print(f"[expired work] {len(expired)} expired in the queue; Triton: {after['fail'] - before['fail']} failed, {computed} computed, {succeeded} succeeded")
+
+
+async def test_overload_at_four_times_capacity_never_hangs_and_hints_every_rejection(triton, tmp_path):
+    gateway = GatewayProcess(
+        triton.grpc_url, triton.models, tmp_path / "gateway.log",
+        "--max-concurrent-requests", "8", "--max-bulk-requests", "4",
+    ).wait_serving()
+    try:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = embed_pb2_grpc.EmbedStub(channel)
+
+            async def unary(i: int):
+                try:
+                    await stub.Embed(embed_pb2.EmbedRequest(inputs=[f"query {i}", LONG], truncate=common_pb2.TRUNCATE_END), timeout=30)
+                    return "OK", None
+                except grpc.aio.AioRpcError as exc:
+                    pushback = {k: v for k, v in exc.trailing_metadata() or ()}.get("grpc-retry-pushback-ms")
+                    return exc.code().name, pushback
+
+            async def stream(s: int):
+                async def messages():
+                    for i in range(6):
+                        yield embed_pb2.EmbedStreamRequest(id=str(i), request=embed_pb2.EmbedRequest(inputs=[f"doc {s} {i}"]))
+
+                return [a async for a in stub.EmbedStream(messages(), timeout=60)]
+
+            results = await asyncio.wait_for(
+                asyncio.gather(*(unary(i) for i in range(32)), *(stream(s) for s in range(4))), timeout=90
+            )
+        unary_results, stream_results = results[:32], results[32:]
+        codes = {code for code, _ in unary_results}
+        assert codes <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+        rejected = [pushback for code, pushback in unary_results if code == "RESOURCE_EXHAUSTED"]
+        assert rejected, "32 calls at capacity 8 must shed some"
+        assert all(p is not None and int(p) > 0 for p in rejected)
+        # Streams wait for bulk permits instead of failing: every message answered.
+        for answers in stream_results:
+            assert sorted(a.id for a in answers) == [str(i) for i in range(6)]
+            assert all(a.HasField("response") for a in answers)
+    finally:
+        gateway.stop()
