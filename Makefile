@@ -68,6 +68,16 @@ bench-generate: setup models
 bench-replicas: setup models
 	$(PY) bench/replicas_bench.py
 
+# Priorities: interactive Embed p50/p99 while a bulk EmbedStream saturates, two lanes vs one.
+.PHONY: bench-priority bench-soak
+bench-priority: setup models
+	$(PY) bench/priority_bench.py
+
+# A bounded soak of mixed load: RSS at the start and the end, counts of every status code.
+SOAK_MINUTES ?= 10
+bench-soak: setup models
+	$(PY) bench/soak_bench.py --minutes $(SOAK_MINUTES) --generate
+
 # Rerank: quality on bench/data/relevance.jsonl next to BM25, and 1000-document Rerank vs Embed.
 .PHONY: bench-rerank
 bench-rerank: setup models

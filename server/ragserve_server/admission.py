@@ -50,11 +50,11 @@ class Lane:
 
 
 class Admission:
-    def __init__(self, max_concurrent: int, max_bulk: int | None = None) -> None:
-        self.lanes = {
-            INTERACTIVE: Lane(max_concurrent, waiters=deque()),
-            BULK: Lane(max_bulk if max_bulk is not None else max(1, max_concurrent // 2), waiters=deque()),
-        }
+    def __init__(self, max_concurrent: int, max_bulk: int | None = None, *, shared: bool = False) -> None:
+        interactive = Lane(max_concurrent, waiters=deque())
+        bulk = interactive if shared else Lane(max_bulk if max_bulk is not None else max(1, max_concurrent // 2), waiters=deque())
+        self.lanes = {INTERACTIVE: interactive, BULK: bulk}
+        self.shared = shared  # one lane for all (a comparison setting): bulk work is not told apart
 
     @property
     def capacity(self) -> int:
@@ -63,6 +63,9 @@ class Admission:
     @property
     def in_use(self) -> int:
         return sum(lane.in_use for lane in self.lanes.values())
+
+    def lane_for(self, lane: str) -> str:
+        return INTERACTIVE if self.shared else lane
 
     def acquire(self, lane: str = INTERACTIVE) -> float:
         """Takes a permit or raises Overloaded with a retry hint; returns the start time to

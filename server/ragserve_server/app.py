@@ -60,7 +60,9 @@ class Gateway:
 async def create_gateway(settings: Settings, backend: InferenceBackend, catalog: Catalog) -> Gateway:
     """Builds, binds and starts the gateway; `settings.port` 0 binds any free port."""
     executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
-    admission = Admission(settings.max_concurrent_requests, settings.max_bulk_requests)
+    if settings.lanes not in ("one", "two"):
+        raise ValueError(f"--lanes {settings.lanes!r}: use two or one")
+    admission = Admission(settings.max_concurrent_requests, settings.max_bulk_requests, shared=settings.lanes == "one")
     metrics = GatewayMetrics()  # served over HTTP by main (--metrics-port); tests read metrics.registry
     server = grpc.aio.server(
         interceptors=[

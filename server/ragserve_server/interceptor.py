@@ -152,6 +152,7 @@ class _Call:
         self.interceptor.on_start(record)
         admission = self.interceptor.admission
         admitted = None  # the permit's start time once taken
+        lane = admission.lane_for(lane)
         lane_token = CURRENT_LANE.set(lane)
         code, message = grpc.StatusCode.OK, ""
         request_id_metadata = (("x-request-id", self.request_id),)

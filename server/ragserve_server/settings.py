@@ -61,6 +61,10 @@ class Settings:
     max_concurrent_requests: int = field(
         default=512, metadata={"help": "interactive calls admitted at once; beyond that RESOURCE_EXHAUSTED at once, with a retry hint"}
     )
+    lanes: str = field(
+        default="two",
+        metadata={"help": "two: bulk work has its own admission budget and a lower Triton priority; one: everything shares the interactive lane (for comparison)"},
+    )
     max_bulk_requests: int = field(
         default=64,
         metadata={"help": "bulk calls (PRIORITY_BULK) and EmbedStream messages admitted at once: a separate budget from interactive calls"},

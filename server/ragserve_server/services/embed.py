@@ -13,7 +13,7 @@ from ragserve_server.admission import BULK, Admission
 from ragserve_server.catalog import EMBEDDING, Catalog
 from ragserve_server.encoder import EncoderRunner, finish_embeddings
 from ragserve_server.errors import InvalidInput, RagserveError, status_of
-from ragserve_server.services.common import off_loop, time_left, truncate_mode
+from ragserve_server.services.common import off_loop, requested_model, time_left, truncate_mode
 from ragserve_server.tokenization import EncoderTokenizer
 
 _INPUT_TYPES = {embed_pb2.INPUT_TYPE_UNSPECIFIED: "", embed_pb2.INPUT_TYPE_QUERY: "query", embed_pb2.INPUT_TYPE_PASSAGE: "passage"}
@@ -51,7 +51,7 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
             try:
                 # Each message takes a bulk permit, like a unary call (the stream itself takes
                 # none): a bulk stream cannot exceed the bulk lane's budget.
-                async with self.admission.permit(BULK, time_left(context)):
+                async with self.admission.permit(self.admission.lane_for(BULK), time_left(context)):
                     response = await self.embed(message.request, timeout=time_left(context))
                 await answers.put(embed_pb2.EmbedStreamResponse(id=message.id, response=response))
             except RagserveError as exc:  # per message: the stream goes on
@@ -83,7 +83,7 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
             reader.cancel()
 
     async def embed(self, request: embed_pb2.EmbedRequest, *, timeout: float | None) -> embed_pb2.EmbedResponse:
-        model = self.catalog.get(request.model, (EMBEDDING,))
+        model = self.catalog.get(requested_model(request.model), (EMBEDDING,))
         texts = list(request.inputs)
         if not texts:
             raise InvalidInput("inputs is empty: send at least one text")
