@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -107,6 +108,24 @@ def ort_reference(texts: list[str], folder: Path) -> np.ndarray:
 
 
 # --- prepare (here, where the package and model.onnx are) ------------------------------
+
+# The gateway's packages a GPU machine lacks, or has in another version (torch, transformers
+# and tokenizers are there): carried at the pins of requirements.txt / requirements-nodeps.txt.
+CARRIED = {
+    "nvidia-pytriton", "numpy", "grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection",
+    "grpcio-status", "googleapis-common-protos", "tritonclient", "structlog", "prometheus-client",
+}
+
+
+def pins() -> list[str]:
+    found = []
+    for name in ("requirements.txt", "requirements-nodeps.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            match = re.match(r"([A-Za-z0-9_.-]+)(\[[^]]*\])?==(\S+)", line.strip())
+            if match and match.group(1).lower() in CARRIED:
+                found.append(f"{match.group(1)}=={match.group(3)}")
+    return found
+
 
 
 def prepare(out: Path) -> None:
@@ -395,6 +414,7 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="reference embeddings and the carried weights (here)")
     p.add_argument("--out", type=Path, default=ROOT / ".whl" / "gpu_check")
+    sub.add_parser("pins", help="the packages bench/gpu_check.sh --prepare carries, pinned")
     r = sub.add_parser("run", help="the check")
     r.add_argument("--cpu-smoke", action="store_true", help="on this machine: KIND_CPU, fp32, short runs")
     r.add_argument("--seconds", type=float, default=6.0, help="measured seconds per concurrency level")
@@ -402,6 +422,9 @@ def main() -> int:
     r.add_argument("--min-cosine", type=float, default=0.999)
     r.add_argument("--work", default="", help="folder for the repository, logs and `pids` (default: a new temporary one)")
     args = parser.parse_args()
+    if args.command == "pins":
+        print("\n".join(pins()))
+        return 0
     if args.command == "prepare":
         prepare(args.out)
         return 0

@@ -11,7 +11,8 @@
 #    3.12 stub of the nvidia-pytriton 0.7.0 wheel (its libraries, without the wheel's Python code
 #    and other Pythons' stubs), numpy 1.26.4 (the 2.51 stub's pybind11 predates numpy 2),
 #    grpcio 1.76 + protobuf 6.33 (what our generated stubs require), grpcio-health-checking,
-#    grpcio-reflection, tritonclient 2.41 (without its perf_analyzer binaries), structlog, and
+#    grpcio-reflection, tritonclient 2.41 (without its perf_analyzer binaries), structlog,
+#    prometheus-client and whatever else `gpu_check.py pins` lists (pins of requirements.txt), and
 #    all-MiniLM-L6-v2 in fp16 with an unused-vocabulary-pruned embedding matrix (see
 #    gpu_check.py). .whl/gpu_check/reference.npz: the fp32 ONNX Runtime reference embeddings.
 #    The whole wheels would be 55 + 18 + 12 + 7 MB and the fp32 weights 87 MB: over the 64 MiB
@@ -39,10 +40,11 @@ prepare() {
                    --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
   rm -rf "$STAGE" .whl && mkdir -p "$STAGE/wheels" "$STAGE/site" .whl/gpu_check
+  local pins
+  pins=$("$py" bench/gpu_check.py pins)
+  echo "gpu_check: carrying" $pins
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$DEVICE_PY" --implementation cp \
-    "${platforms[@]}" -d "$STAGE/wheels" \
-    nvidia-pytriton==0.7.0 numpy==1.26.4 grpcio==1.76.0 protobuf==6.33.6 grpcio-health-checking==1.76.0 \
-    grpcio-reflection==1.76.0 tritonclient==2.41.0 structlog==26.1.0
+    "${platforms[@]}" -d "$STAGE/wheels" $pins
   # Everything but nvidia-pytriton installs as usual (for cp312), then loses what is never used.
   "$py" -m pip install -q --no-deps --no-compile --no-index --only-binary=:all: --target "$STAGE/site" \
     --python-version "$DEVICE_PY" --implementation cp "${platforms[@]}" \
