@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sys
 from pathlib import Path
 
 import structlog
 
+from ragserve_server import tls
 from ragserve_server.app import create_gateway
+from ragserve_server.auth import auth_interceptors
 from ragserve_server.catalog import build_catalog
 from ragserve_server.logging_setup import configure_logging
 from ragserve_server.model_config import mismatches
@@ -29,6 +32,7 @@ from ragserve_server.registry import (
 from ragserve_server.repository import render_repository
 from ragserve_server.settings import REPO_ROOT, Settings
 from ragserve_server.replicas import ReplicaSet
+from ragserve_server.triton import TritonBackend
 from ragserve_server.triton_launcher import RestartPolicy, TritonPorts, TritonServer, TritonSupervisor
 
 log = structlog.get_logger("ragserve")
@@ -132,6 +136,12 @@ async def serve(settings: Settings) -> None:
     triton = None
     gave_up = None
     specs = select_specs(settings)
+    try:  # TLS files and the keys file are checked before anything starts
+        triton_credentials = tls.triton_channel_credentials(settings.triton_tls_ca, settings.triton_tls_cert, settings.triton_tls_key)
+        tls.check_settings(settings)
+        auth_interceptors(settings.api_keys_file, settings.reflection)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     if settings.on_no_replicas not in ("wait", "exit"):
         raise StartupError(f"--on-no-replicas {settings.on_no_replicas!r}: use wait or exit")
     if settings.triton_url:
@@ -167,6 +177,7 @@ async def serve(settings: Settings) -> None:
             [s.triton_model for s in specs],
             interval=settings.health_poll_interval,
             validate=config_validator(specs),
+            backend_factory=functools.partial(TritonBackend, credentials=triton_credentials),
         )
     except ValueError as exc:
         raise StartupError(str(exc)) from None
