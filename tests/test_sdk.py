@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+import pytest
+
 import ragserve
+from ragserve import _errors, _protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,12 +28,14 @@ def test_exported_members():
             "ModelInfo",
             "ModelNotFoundError",
             "OverloadedError",
+            "PermissionDeniedError",
             "RagserveError",
             "RankedDocument",
             "RerankResult",
             "GenerateResult",
             "ServerError",
             "TextDelta",
+            "UnauthenticatedError",
             "UnavailableError",
             "Usage",
         ]
@@ -56,3 +62,33 @@ def test_generated_stubs_are_up_to_date(tmp_path):
     assert names == sorted(p.name for p in committed.iterdir() if p.is_file() and p.suffix in (".py", ".pyi"))
     _, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
     assert not mismatch and not errors, f"run `make proto`: {mismatch + errors} differ"
+
+
+def test_auth_status_codes_map_to_their_errors():
+    assert isinstance(_errors.error_for_code(grpc.StatusCode.UNAUTHENTICATED, "no key"), ragserve.UnauthenticatedError)
+    assert isinstance(_errors.error_for_code(grpc.StatusCode.PERMISSION_DENIED, "not Embed"), ragserve.PermissionDeniedError)
+
+
+def test_api_key_goes_as_a_bearer_token():
+    assert _protocol.call_metadata((("x-request-id", "r1"),), "rs_secret") == (
+        ("x-request-id", "r1"),
+        ("authorization", "Bearer rs_secret"),
+    )
+    assert _protocol.call_metadata((), None) == ()
+    for bad in ("", "two\nlines"):
+        with pytest.raises(ValueError, match="api_key"):
+            ragserve.Client(api_key=bad)
+
+
+def test_certificates_as_bytes_or_paths(tmp_path):
+    pem = b"-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n"
+    (tmp_path / "ca.pem").write_bytes(pem)
+    assert _protocol._pem(pem, "root_certificates") == pem
+    assert _protocol._pem(str(tmp_path / "ca.pem"), "root_certificates") == pem
+    assert _protocol._pem(tmp_path / "ca.pem", "root_certificates") == pem
+    with pytest.raises(ValueError, match="root_certificates: cannot read"):
+        ragserve.Client(root_certificates=tmp_path / "missing.pem")
+    with pytest.raises(ValueError, match="go together"):
+        ragserve.Client(root_certificates=pem, private_key=pem)
+    assert _protocol.channel_credentials(False, None, None, None) is None
+    assert isinstance(_protocol.channel_credentials(True, None, None, None), grpc.ChannelCredentials)

@@ -7,8 +7,10 @@ from ragserve._errors import (
     InvalidArgumentError,
     ModelNotFoundError,
     OverloadedError,
+    PermissionDeniedError,
     RagserveError,
     ServerError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from ragserve._types import EmbedResult, GenerateResult, ModelInfo, RankedDocument, RerankResult, TextDelta, Usage
@@ -24,11 +26,13 @@ __all__ = [
     "ModelInfo",
     "ModelNotFoundError",
     "OverloadedError",
+    "PermissionDeniedError",
     "RagserveError",
     "RankedDocument",
     "RerankResult",
     "ServerError",
     "TextDelta",
+    "UnauthenticatedError",
     "UnavailableError",
     "Usage",
 ]

@@ -15,10 +15,33 @@ Service or a static list:
 
     ragserve.Client("dns:///ragserve-gateway-headless.default.svc.cluster.local:50051", load_balancing="round_robin")
     ragserve.Client("ipv4:10.0.0.5:50051,10.0.0.6:50051", load_balancing="round_robin")
+
+A gateway with TLS and API keys (certificate arguments: PEM bytes or file paths):
+
+    ragserve.Client("gateway.internal:50051", api_key=os.environ["RAGSERVE_API_KEY"], root_certificates="ca.pem")
+    ragserve.Client("gateway.internal:50051", api_key=key, root_certificates="ca.pem",
+                    certificate_chain="client.pem", private_key="client.key")  # mTLS
+
+Retries: Embed, Rerank and ListModels are retried on UNAVAILABLE and RESOURCE_EXHAUSTED (gRPC's
+retry policy in the channel's service config, honouring the server's pushback), `retries=3` by
+default, `retries=0` off; Generate and the streams are never retried.
+
+Channel options (gRPC's names), e.g. keepalive through idle-killing proxies and large calls
+(a server answers pings more frequent than it allows with GOAWAY too_many_pings: gRPC servers
+allow one per 5 minutes without data unless configured otherwise):
+
+    ragserve.Client(target, options=[
+        ("grpc.keepalive_time_ms", 60_000),            # ping the connection every 60 s while calls run
+        ("grpc.keepalive_timeout_ms", 10_000),         # and drop it when a ping goes unanswered 10 s
+        ("grpc.max_receive_message_length", 64 << 20), # answers up to 64 MiB (default 4 MiB)
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.ssl_target_name_override", "gateway.internal"),  # TLS name when dialling an IP
+    ])
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
@@ -31,6 +54,14 @@ from ragserve.v1 import embed_pb2_grpc, generate_pb2_grpc, models_pb2, models_pb
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
+Pem = bytes | str | os.PathLike
+
+
+def _channel_settings(tls, root_certificates, private_key, certificate_chain, load_balancing, retries, options):
+    credentials = _protocol.channel_credentials(tls, root_certificates, private_key, certificate_chain)
+    return credentials, _protocol.channel_options(load_balancing, options, retries)
+
+
 class _Stubs:
     def __init__(self, channel) -> None:
         self.embed = embed_pb2_grpc.EmbedStub(channel)
@@ -40,21 +71,45 @@ class _Stubs:
 
 
 class Client:
-    """Blocking client. `timeout` (seconds) is the default deadline of every call."""
+    """Blocking client. `timeout` (seconds) is the default deadline of every call.
+
+    api_key: sent as `authorization: Bearer <key>` with every call.
+    tls, root_certificates: TLS (on with `tls=True` or any certificate); `root_certificates`
+        verify the gateway (default: gRPC's bundled roots).
+    private_key, certificate_chain: a client certificate, for gateways that require mTLS.
+        Each certificate argument is PEM `bytes`, or a `str`/`Path` naming a PEM file.
+    retries: Embed, Rerank and ListModels calls answered UNAVAILABLE or RESOURCE_EXHAUSTED are
+        tried again up to this many times (0 = off, at most 4), after a jittered exponential
+        backoff or the server's `grpc-retry-pushback-ms`, always within the call's deadline.
+    load_balancing: "round_robin" or "pick_first" (gRPC's client-side policies).
+    options: gRPC channel options, e.g. keepalive and message sizes (see the module docstring).
+    """
 
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        private_key: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        retries: int = _protocol.DEFAULT_RETRIES,
         metadata: Sequence[tuple[str, str]] = (),
         load_balancing: str | None = None,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
-        self._channel = grpc.insecure_channel(target, options=_protocol.channel_options(load_balancing, options))
+        credentials, channel_options = _channel_settings(
+            tls, root_certificates, private_key, certificate_chain, load_balancing, retries, options
+        )
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         self._stubs = _Stubs(self._channel)
         self._timeout = timeout
-        self._metadata = tuple(metadata)
+        self._metadata = _protocol.call_metadata(metadata, api_key)
 
     def _call(self, method, request, timeout: float | None):
         try:
@@ -169,21 +224,33 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client; the same calls as `Client`, awaited."""
+    """asyncio client; the same arguments and calls as `Client`, awaited."""
 
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        private_key: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        retries: int = _protocol.DEFAULT_RETRIES,
         metadata: Sequence[tuple[str, str]] = (),
         load_balancing: str | None = None,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_protocol.channel_options(load_balancing, options))
+        credentials, channel_options = _channel_settings(
+            tls, root_certificates, private_key, certificate_chain, load_balancing, retries, options
+        )
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
         self._stubs = _Stubs(self._channel)
         self._timeout = timeout
-        self._metadata = tuple(metadata)
+        self._metadata = _protocol.call_metadata(metadata, api_key)
 
     async def _call(self, method, request, timeout: float | None):
         try:

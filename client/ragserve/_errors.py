@@ -1,10 +1,15 @@
 """The SDK's exceptions, one per way a call can fail, mapped from gRPC status codes.
 
+Embed, Rerank and ListModels calls are retried on UNAVAILABLE and RESOURCE_EXHAUSTED before
+one of these is raised (the clients' `retries=`); Generate and the streams are not.
+
     RagserveError
     ├── InvalidArgumentError   INVALID_ARGUMENT: fix the request
     ├── ModelNotFoundError     NOT_FOUND: unknown model name
     ├── OverloadedError        RESOURCE_EXHAUSTED: retry later, with backoff
-    ├── UnavailableError       UNAVAILABLE: server or model backend down; retry later
+    ├── UnavailableError       UNAVAILABLE: server or model backend down (or a TLS handshake failed); retry later
+    ├── UnauthenticatedError   UNAUTHENTICATED: no API key, or not a valid one
+    ├── PermissionDeniedError  PERMISSION_DENIED: the API key may not call this service
     ├── DeadlineExceededError  DEADLINE_EXCEEDED: the call's timeout passed
     ├── CancelledError         CANCELLED
     └── ServerError            anything else (INTERNAL, UNIMPLEMENTED, ...)
@@ -41,6 +46,14 @@ class UnavailableError(RagserveError):
     pass
 
 
+class UnauthenticatedError(RagserveError):
+    pass
+
+
+class PermissionDeniedError(RagserveError):
+    pass
+
+
 class DeadlineExceededError(RagserveError):
     pass
 
@@ -58,6 +71,8 @@ _BY_CODE = {
     grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: CancelledError,
 }
