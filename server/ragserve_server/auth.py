@@ -14,6 +14,8 @@ names the key's name); the key itself is never logged.
 
 from __future__ import annotations
 
+import contextvars
+
 import grpc
 import structlog
 
@@ -26,6 +28,9 @@ KEYED_SERVICES = frozenset(
     for module, name in ((embed_pb2, "Embed"), (rerank_pb2, "Rerank"), (generate_pb2, "Generate"), (models_pb2, "Models"))
 )
 REFLECTION_MODES = ("open", "keyed", "off")
+# The refusal of the call running in this task, for the gateway's scope to raise before it
+# takes an admission permit (`raise_refusal()`); the refusing handler raises it anyway.
+_REFUSAL: contextvars.ContextVar[RagserveError | None] = contextvars.ContextVar("ragserve_auth_refusal", default=None)
 _HEALTH_PREFIX = "/grpc.health."
 _REFLECTION_PREFIX = "/grpc.reflection."
 
@@ -85,7 +90,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if method_path.startswith(_REFLECTION_PREFIX):  # not guarded by the gateway's interceptor
             return _aborting(handler, error.code, error.message)
+        _REFUSAL.set(error)
         return _raising(handler, error)
+
+
+def raise_refusal() -> None:
+    """Raises this call's UNAUTHENTICATED / PERMISSION_DENIED, if it has one: lets the gateway's
+    scope refuse before admission, so a refused caller never holds or waits for a permit."""
+    error = _REFUSAL.get()
+    if error is not None:
+        raise error
 
 
 def _raising(handler: grpc.RpcMethodHandler, error: RagserveError) -> grpc.RpcMethodHandler:
