@@ -35,7 +35,17 @@ configs: $(STAMP)
 # `tensorrt` Python package (e.g. inside nvcr.io/nvidia/tritonserver:24.10-py3); see README.
 GPU_REPOSITORY ?= build/model_repository_gpu
 engines: models
-	$(PY) scripts/build_engines.py --out $(GPU_REPOSITORY)
+	$(PY) scripts/build_engines.py --out $(GPU_REPOSITORY) \
+	  $(if $(RAGSERVE_CROSS_ENCODERS),--cross-encoders $(RAGSERVE_CROSS_ENCODERS)) \
+	  $(if $(RAGSERVE_EMBEDDING_MODELS),--embedding-models $(RAGSERVE_EMBEDDING_MODELS))
+
+# The GPU check for a lent GPU machine (bench/gpu_check.sh's header says how to run it there):
+# gpu-check-prepare builds what travels (.whl/), gpu-check-smoke runs the same script on this CPU.
+.PHONY: gpu-check-prepare gpu-check-smoke
+gpu-check-prepare: setup models
+	bash bench/gpu_check.sh --prepare
+gpu-check-smoke: setup models
+	bash bench/gpu_check.sh --cpu-smoke
 
 $(MINILM_ONNX): scripts/export_minilm.py scripts/export_encoder.py $(STAMP)
 	$(PY) scripts/export_minilm.py --out $@

@@ -55,7 +55,7 @@ async def fake_stack():
     catalog = build_catalog([minilm_spec()])
     settings = Settings(port=0, max_concurrent_requests=2, health_poll_interval=0.05)
     gateway = await create_gateway(settings, backend, catalog)
-    client = ragserve.AsyncClient(f"127.0.0.1:{gateway.port}")
+    client = ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", retries=0)  # rejections are counted exactly
     yield backend, client
     await client.close()
     await gateway.stop(0)

@@ -72,6 +72,10 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # Clients may keep idle connections alive with pings every 10 s or more (the SDK's
+            # keepalive options); more often is answered with GOAWAY too_many_pings.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
             # Long-lived HTTP/2 connections defeat L4 balancing over several gateways: a
             # connection past its age is asked to close (GOAWAY) and the client reconnects,
             # re-balancing; calls on it get the grace period to finish.

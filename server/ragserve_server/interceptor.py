@@ -19,7 +19,7 @@ import grpc
 import structlog
 from google.protobuf.message import DecodeError
 
-from ragserve_server import request_record
+from ragserve_server import auth, request_record
 from ragserve_server.admission import BULK, CURRENT_LANE, INTERACTIVE, Admission
 from ragserve_server.errors import InvalidInput, Overloaded, RagserveError, status_of
 from ragserve_server.pushback import retry_trailers
@@ -162,6 +162,7 @@ class _Call:
                 await context.send_initial_metadata(request_id_metadata)
             else:
                 context.set_trailing_metadata(request_id_metadata)
+            auth.raise_refusal()  # a caller without a valid key never takes or waits for a permit
             if admit:
                 with request_record.stage("admission"):
                     admitted = admission.acquire(lane)

@@ -90,7 +90,7 @@ def bundled_repository(settings: Settings, specs: list[ModelSpec]) -> Path:
                 f"model {spec.name!r}: its folder is not in the bundled Triton's model repository {repository}; "
                 f"export it there (--out {repository}/{spec.triton_model}) or pass --model-repository"
             )
-    missing = [line for spec in specs for line in spec.missing_artifacts(repository)]
+    missing = [line for spec in specs for line in spec.missing_artifacts(repository, spec.variant_for(settings.device, TORCH_CUDA))]
     if missing:
         raise StartupError(
             "models not built:\n  " + "\n  ".join(missing) + "\n(or leave the model out: --triton-models / --cross-encoders)"

@@ -38,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 TEMPLATES = REPO_ROOT / "scripts" / "templates"
 MANIFEST = "ragserve.json"  # an exported model's registry entry, next to its config.pbtxt
+RENDERED = "(rendered)"  # an artifact that rendering the repository writes
 
 # The token tensors every encoder takes: the gateway tokenizes and pads to length buckets.
 TOKEN_INPUTS = (
@@ -89,8 +90,14 @@ class ModelSpec:
         folder = Path(repository) / self.triton_model / "1"
         missing = []
         for relative, built_by in self.artifacts.get(variant, {}).items():
+            if RENDERED in built_by:
+                continue  # written when the repository is rendered
             if not (folder / relative).exists():
                 missing.append(f"model {self.name!r}: {folder / relative} is missing; build it with {built_by}")
+        if variant == TORCH_CUDA and self.kind != GENERATION:
+            weights = self.weights_dir or self.tokenizer_dir
+            if not (Path(weights) / "config.json").exists():
+                missing.append(f"model {self.name!r}: {weights}/config.json is missing: the PyTorch variant needs the HF weights folder")
         return missing
 
     def to_manifest(self) -> dict:
@@ -171,7 +178,7 @@ def encoder_spec(
         bi_encoder=bi_encoder,
         artifacts={
             ONNXRUNTIME: {"model.onnx": onnx_built_by, "model.py": "a copy of scripts/templates/ort_model.py"},
-            TORCH_CUDA: {"model.py": "a copy of scripts/templates/torch_encoder_model.py (rendered)"},
+            TORCH_CUDA: {"model.py": f"a copy of scripts/templates/torch_encoder_model.py {RENDERED}"},
             TENSORRT: {"model.plan": "make engines (a GPU with TensorRT)"},
         },
         parameters={

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -99,7 +100,10 @@ class TritonServer:
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         libs = _pytriton_dir().parent / "nvidia_pytriton.libs"
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        # This interpreter's own libpython first: the stub links libpython3.X dynamically, and
+        # a system copy of another patch release breaks extension modules (_ssl) under pyenv.
+        own = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (own, str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
         venv_bin = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join((venv_bin, env.get("PATH", "")))
         return env
