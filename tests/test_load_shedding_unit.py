@@ -29,10 +29,15 @@ def test_lanes_have_separate_budgets_and_hints_follow_the_load():
     admission.acquire(INTERACTIVE)
     with pytest.raises(Overloaded, match="2 interactive requests in flight"):
         admission.acquire(INTERACTIVE)
-    quick = admission.hint(INTERACTIVE)
     lane = admission.lanes[INTERACTIVE]
+    lane.mean_hold = 0.1
+    hints = [admission.hint(INTERACTIVE) for _ in range(8)]
+    assert hints[-1] > 2 * hints[0]  # later refusals are told to come back later: retries spread out
+    lane.refused.clear()
+    quick = admission.hint(INTERACTIVE)
+    lane.refused.clear()
     lane.mean_hold = 2.0  # calls now hold permits longer: the hint grows with it
-    assert admission.hint(INTERACTIVE) > quick
+    assert admission.hint(INTERACTIVE) > 10 * quick
     admission.release(INTERACTIVE, first)
     admission.release(BULK, bulk)
     assert admission.acquire(BULK)

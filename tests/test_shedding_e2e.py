@@ -103,3 +103,23 @@ async def test_overload_at_four_times_capacity_never_hangs_and_hints_every_rejec
             assert all(a.HasField("response") for a in answers)
     finally:
         gateway.stop()
+
+
+async def test_the_sdk_with_retries_completes_a_job_the_bare_client_partly_fails(triton, tmp_path):
+    import ragserve
+
+    gateway = GatewayProcess(triton.grpc_url, triton.models, tmp_path / "gateway.log", "--max-concurrent-requests", "4").wait_serving()
+    texts = [[f"job item {i}", LONG] for i in range(16)]
+    try:
+        async with ragserve.AsyncClient(gateway.address, retries=0, timeout=60) as bare:
+            results = await asyncio.gather(*(bare.embed(t, truncate="end") for t in texts), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, ragserve.OverloadedError)]
+        unexpected = [repr(r) for r in results if not isinstance(r, (ragserve.EmbedResult, ragserve.OverloadedError))]
+        assert failed and not unexpected, unexpected
+        async with ragserve.AsyncClient(gateway.address, retries=4, timeout=60) as patient:
+            results = await asyncio.gather(*(patient.embed(t, truncate="end") for t in texts), return_exceptions=True)
+        errors = [repr(r) for r in results if not isinstance(r, ragserve.EmbedResult)]
+        assert not errors, errors[:3]
+        print(f"[retries] bare client: {len(failed)} of {len(texts)} refused; with retries: all {len(texts)} done")
+    finally:
+        gateway.stop()

@@ -15,6 +15,7 @@ control pushes back on the sender), bounded by the caller's deadline.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import deque
 from contextlib import asynccontextmanager
@@ -39,20 +40,36 @@ CURRENT_LANE: ContextVar[str] = ContextVar("ragserve_lane", default=INTERACTIVE)
 class Lane:
     capacity: int
     in_use: int = 0
-    mean_hold: float = 0.05  # seconds a permit is held, EWMA of recent calls
+    mean_hold: float = 0.0  # seconds a permit is held: EWMA of recent calls (0 = none yet)
     waiters: deque | None = None
+    refused: deque | None = None  # times of recent refusals: callers that will come back
 
     def hint(self) -> float:
-        """Seconds until retrying is likely to find a permit: the mean hold time, scaled by
-        how many callers compete for each permit."""
-        pressure = max(1.0, (self.in_use + len(self.waiters or ())) / max(self.capacity, 1))
-        return min(MAX_HINT_S, max(MIN_HINT_S, self.mean_hold * pressure))
+        """Seconds until retrying is likely to find a permit.
+
+        One mean call time frees the lane's permits once; the callers refused in that time
+        come back competing for them, so the k-th refused caller is told to wait about k
+        capacities' worth of call times. Refusals thus spread their retries out instead of
+        all coming back at once (gRPC's retry honours the hint exactly). A little jitter
+        breaks ties.
+        """
+        now = time.monotonic()
+        hold = self.mean_hold or 0.05
+        window = max(hold, 1.0)
+        while self.refused and now - self.refused[0] > window:
+            self.refused.popleft()
+        self.refused.append(now)
+        waiting = len(self.waiters or ()) + len(self.refused)
+        seconds = hold * (1 + waiting / max(self.capacity, 1)) * random.uniform(0.9, 1.1)
+        return min(MAX_HINT_S, max(MIN_HINT_S, seconds))
 
 
 class Admission:
     def __init__(self, max_concurrent: int, max_bulk: int | None = None, *, shared: bool = False) -> None:
-        interactive = Lane(max_concurrent, waiters=deque())
-        bulk = interactive if shared else Lane(max_bulk if max_bulk is not None else max(1, max_concurrent // 2), waiters=deque())
+        interactive = Lane(max_concurrent, waiters=deque(), refused=deque())
+        bulk = interactive if shared else Lane(
+            max_bulk if max_bulk is not None else max(1, max_concurrent // 2), waiters=deque(), refused=deque()
+        )
         self.lanes = {INTERACTIVE: interactive, BULK: bulk}
         self.shared = shared  # one lane for all (a comparison setting): bulk work is not told apart
 
@@ -102,7 +119,8 @@ class Admission:
     def release(self, lane: str = INTERACTIVE, started: float | None = None) -> None:
         state = self.lanes[lane]
         if started is not None:
-            state.mean_hold += 0.1 * (time.monotonic() - started - state.mean_hold)
+            held = time.monotonic() - started
+            state.mean_hold = held if not state.mean_hold else state.mean_hold + 0.2 * (held - state.mean_hold)
         self._release_count(state)
 
     @staticmethod
