@@ -31,6 +31,19 @@ def truncate_mode(value: int) -> str:
         raise InvalidInput(f"unknown truncate value {value}; use TRUNCATE_NONE, TRUNCATE_END or TRUNCATE_START") from None
 
 
+# Served model names are short. A longer one is refused before any error message echoes it:
+# a status message of many kilobytes exceeds the caller's metadata limit and arrives as the
+# caller's own RESOURCE_EXHAUSTED instead of the answer.
+MAX_MODEL_NAME = 128
+
+
+def requested_model(name: str) -> str:
+    """The model name of a request (empty: the default), checked for length."""
+    if len(name) > MAX_MODEL_NAME:
+        raise InvalidInput(f"model is {len(name)} characters long, more than {MAX_MODEL_NAME}: use a name from ListModels")
+    return name
+
+
 def time_left(context: grpc.aio.ServicerContext) -> float | None:
     """Seconds until the caller's deadline (None: no deadline)."""
     return context.time_remaining()

@@ -23,7 +23,7 @@ from ragserve_server import request_record
 from ragserve_server.catalog import GENERATION, Catalog, ServedModel
 from ragserve_server.detokenizer import IncrementalDetokenizer, StopMatcher
 from ragserve_server.errors import InvalidInput
-from ragserve_server.services.common import off_loop, time_left
+from ragserve_server.services.common import off_loop, requested_model, time_left
 from ragserve_server.triton import InferenceBackend
 
 DEFAULT_MAX_TOKENS = 256
@@ -88,7 +88,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
 
     async def generate(self, request: generate_pb2.GenerateRequest, *, timeout: float | None) -> AsyncIterator[str | generate_pb2.GenerateResponse]:
         """Yields text deltas, then the final GenerateResponse."""
-        model = self.catalog.get(request.model, (GENERATION,))
+        model = self.catalog.get(requested_model(request.model), (GENERATION,))
         tokenizer = self.tokenizers[model.name]
         sampling, stop_strings = _sampling(request, model)
         messages = _messages(request)
@@ -160,7 +160,8 @@ def _messages(request: generate_pb2.GenerateRequest) -> list[dict[str, str]] | N
         return None
     for index, message in enumerate(request.messages):
         if message.role not in ROLES:
-            raise InvalidInput(f"message {index} has unknown role {message.role!r}; use one of {', '.join(ROLES)}")
+            role = message.role if len(message.role) <= 32 else message.role[:32] + "..."  # echoed: keep it short
+            raise InvalidInput(f"message {index} has unknown role {role!r}; use one of {', '.join(ROLES)}")
     return [{"role": m.role, "content": m.content} for m in request.messages]
 
 

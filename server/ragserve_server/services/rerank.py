@@ -25,7 +25,7 @@ from ragserve_server import request_record
 from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, Catalog, ServedModel
 from ragserve_server.encoder import EncoderRunner, finish_embeddings
 from ragserve_server.errors import InvalidInput
-from ragserve_server.services.common import off_loop, time_left, truncate_mode
+from ragserve_server.services.common import off_loop, requested_model, time_left, truncate_mode
 from ragserve_server.tokenization import EncoderTokenizer
 
 
@@ -48,7 +48,7 @@ class RerankService(rerank_pb2_grpc.RerankServicer):
         return await self.rerank(request, timeout=time_left(context))
 
     async def rerank(self, request: rerank_pb2.RerankRequest, *, timeout: float | None) -> rerank_pb2.RerankResponse:
-        model = self.catalog.get(request.model, (BI_ENCODER, CROSS_ENCODER))
+        model = self.catalog.get(requested_model(request.model), (BI_ENCODER, CROSS_ENCODER))
         if not request.query.strip():
             raise InvalidInput("query is empty: send the text to rank the documents against")
         documents = list(request.documents)
