@@ -87,6 +87,12 @@ ENGINE_PARAMETERS: dict[str, str] = {
 
 STOP, LENGTH = "stop", "length"
 
+# Far below these, logits / temperature (and a seen token's logit / repetition_penalty)
+# overflow to inf and the sampler's softmax turns to NaN (vLLM floors temperature at 0.01 for
+# the same reason); at these floors logits of +-60 stay within fp16.
+MIN_TEMPERATURE = 1e-3
+MIN_REPETITION_PENALTY = 1e-3
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -103,20 +109,31 @@ class Sampling:
 
     def validate(self) -> None:
         """The API's range checks (TensorRT-LLM's SamplingConfig checks the same ranges)."""
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise InvalidInput(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and (self.temperature == 0 or _at_least(self.temperature, MIN_TEMPERATURE))):
+            raise InvalidInput(
+                f"temperature must be >= 0: 0 for greedy, else at least {MIN_TEMPERATURE} (smaller values overflow "
+                f"the sampler), got {self.temperature}"
+            )
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidInput(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise InvalidInput(f"repetition_penalty must be > 0 (1 = none), got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and _at_least(self.repetition_penalty, MIN_REPETITION_PENALTY)):
+            raise InvalidInput(
+                f"repetition_penalty must be > 0 (1 = none) and at least {MIN_REPETITION_PENALTY} (smaller values "
+                f"overflow the sampler), got {self.repetition_penalty}"
+            )
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidInput(f"seed must be in [0, 2**64), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _at_least(value: float, floor: float) -> bool:
+    """Compared in float32, the proto's type: a caller sending the floor itself sends its float32, a hair off."""
+    return bool(np.float32(value) >= np.float32(floor))
 
 
 def request_tensors(prompt_ids: Sequence[int], sampling: Sampling, end_id: int) -> dict[str, np.ndarray]:
