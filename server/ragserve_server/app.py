@@ -13,10 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2, rerank_pb2_grpc
 from ragserve_server import tls
 from ragserve_server.admission import Admission
-from ragserve_server.auth import auth_interceptors
+from ragserve_server.auth import AuthInterceptor, auth_interceptors
+from ragserve_server.call_scope import CallGuard
 from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog
 from ragserve_server.encoder import EncoderRunner
 from ragserve_server.health import HealthMonitor
+from ragserve_server.http_api import HttpFront
 from ragserve_server.interceptor import GatewayInterceptor
 from ragserve_server.metrics import GatewayMetrics
 from ragserve_server.services.embed import EmbedService
@@ -44,11 +46,19 @@ class Gateway:
     executor: ThreadPoolExecutor
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     background: list[asyncio.Task] = field(default_factory=list)
+    http: HttpFront | None = None  # the OpenAI/Cohere-compatible HTTP front (--http-port)
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http is not None else 0
 
     async def stop(self, grace: float) -> None:
         """Drains: health goes NOT_SERVING, new calls are refused, in-flight calls get `grace` seconds."""
         await self.health.shutdown()
+        http_stopped = asyncio.create_task(self.http.stop(grace)) if self.http is not None else None
         await self.server.stop(grace)
+        if http_stopped is not None:
+            await http_stopped
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
@@ -64,10 +74,12 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         raise ValueError(f"--lanes {settings.lanes!r}: use two or one")
     admission = Admission(settings.max_concurrent_requests, settings.max_bulk_requests, shared=settings.lanes == "one")
     metrics = GatewayMetrics()  # served over HTTP by main (--metrics-port); tests read metrics.registry
+    guard = CallGuard(admission, on_finish=metrics.call_finished, on_start=metrics.call_started)  # gRPC and HTTP
+    auth = auth_interceptors(settings.api_keys_file, settings.reflection)
     server = grpc.aio.server(
         interceptors=[
-            GatewayInterceptor(admission, on_finish=metrics.call_finished, on_start=metrics.call_started),
-            *auth_interceptors(settings.api_keys_file, settings.reflection),  # inside the gateway's scope: refusals are mapped and counted there
+            GatewayInterceptor(guard),
+            *auth,  # inside the gateway's scope: refusals are mapped and counted there
         ],
         options=[
             ("grpc.so_reuseport", 0),
@@ -96,18 +108,19 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         for m in catalog.by_kind(EMBEDDING) + catalog.by_kind(CROSS_ENCODER)
     }
     encoder = EncoderRunner(backend)
-    embed_pb2_grpc.add_EmbedServicer_to_server(
-        EmbedService(catalog, tokenizers, encoder, executor, settings.max_inputs_per_call, admission), server
-    )
-    models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(catalog), server)
+    embed = EmbedService(catalog, tokenizers, encoder, executor, settings.max_inputs_per_call, admission)
+    embed_pb2_grpc.add_EmbedServicer_to_server(embed, server)
+    models = ModelsService(catalog)
+    models_pb2_grpc.add_ModelsServicer_to_server(models, server)
     generators = catalog.by_kind(GENERATION)
+    generate = rerank = None
     if generators:
-        generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(catalog, backend, executor), server)
+        generate = GenerateService(catalog, backend, executor)
+        generate_pb2_grpc.add_GenerateServicer_to_server(generate, server)
     rerankers = catalog.by_kind(BI_ENCODER) + catalog.by_kind(CROSS_ENCODER)
     if rerankers:
-        rerank_pb2_grpc.add_RerankServicer_to_server(
-            RerankService(catalog, tokenizers, encoder, executor, settings.max_documents_per_call), server
-        )
+        rerank = RerankService(catalog, tokenizers, encoder, executor, settings.max_documents_per_call)
+        rerank_pb2_grpc.add_RerankServicer_to_server(rerank, server)
 
     # Health per service: what each needs from Triton. Services not built yet are not listed
     # (a health check for them answers SERVICE_UNKNOWN; their RPCs answer UNIMPLEMENTED).
@@ -129,5 +142,16 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
     await server.start()
     await health.start()
+    http = None
+    if settings.http_port:  # the same services, guard and keys over HTTP
+        http = HttpFront(
+            guard, catalog, embed=embed, rerank=rerank, generate=generate, models=models, health=health,
+            auth=next((i for i in auth if isinstance(i, AuthInterceptor)), None), max_body_bytes=settings.max_message_bytes,
+        )
+        try:
+            await http.start(settings.host, settings.http_port, settings.drain_seconds)
+        except BaseException:
+            await server.stop(None)
+            raise
     poll = metrics.triton_batches.poll(backend, all_models, settings.triton_stats_interval)
-    return Gateway(server, port, health, backend, executor, metrics, [asyncio.create_task(poll)])
+    return Gateway(server, port, health, backend, executor, metrics, [asyncio.create_task(poll)], http)

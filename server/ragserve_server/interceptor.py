@@ -4,28 +4,26 @@ Every call, whatever its kind (unary, server stream, bidirectional stream), goes
 the same steps: take the `x-request-id` (or make one) and send it back; bind it with the
 service and method to structlog's context; take an admission permit (RESOURCE_EXHAUSTED
 at once when full); run the handler; map a typed error to its status code exactly once;
-hand the per-request record to the metrics module and write one access log line.
+hand the per-request record to the metrics module and write one access log line. Those
+steps are call_scope.CallGuard's, shared with the HTTP front (http_api.py); this module
+says how their outcome travels over gRPC (metadata, trailers, the status).
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import grpc
-import structlog
 from google.protobuf.message import DecodeError
 
-from ragserve_server import auth, request_record
-from ragserve_server.admission import BULK, CURRENT_LANE, INTERACTIVE, Admission
-from ragserve_server.errors import InvalidInput, Overloaded, RagserveError, status_of
+from ragserve_server import auth, tracing
+from ragserve_server.admission import BULK, INTERACTIVE, Admission
+from ragserve_server.call_scope import CallFailed, CallGuard
+from ragserve_server.errors import InvalidInput
 from ragserve_server.pushback import retry_trailers
 from ragserve_server.request_record import RequestRecord
-
-log = structlog.get_logger("ragserve.access")
 
 # Not subject to admission or access logs: health checks and reflection.
 _UNGUARDED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -72,13 +70,12 @@ async def _checked_messages(request_iterator):
 class GatewayInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
-        admission: Admission,
+        admission: Admission | CallGuard,
         on_finish: Callable[[RequestRecord, str], None] | None = None,
         on_start: Callable[[RequestRecord], None] | None = None,
     ) -> None:
-        self.admission = admission
-        self.on_finish = on_finish or (lambda record, code: None)
-        self.on_start = on_start or (lambda record: None)  # in-flight gauges need the start too
+        self.guard = admission if isinstance(admission, CallGuard) else CallGuard(admission, on_finish, on_start)
+        self.admission = self.guard.admission
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -89,7 +86,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         service = service.rsplit(".", 1)[-1]
         metadata = dict(handler_call_details.invocation_metadata or ())
         deserializer = _safe_deserializer(handler.request_deserializer)
-        call = _Call(self, service, method, metadata.get("x-request-id"))
+        call = _Call(self.guard, service, method, metadata.get("x-request-id"), metadata if tracing.enabled() else None)
 
         if handler.unary_unary:
             inner = handler.unary_unary
@@ -133,11 +130,12 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
 class _Call:
     """One intercepted call: its identity and the scope every kind of handler runs in."""
 
-    def __init__(self, interceptor: GatewayInterceptor, service: str, method: str, request_id: str | None) -> None:
-        self.interceptor = interceptor
+    def __init__(self, guard: CallGuard, service: str, method: str, request_id: str | None, carrier=None) -> None:
+        self.guard = guard
         self.service = service
         self.method = method
         self.request_id = request_id or uuid.uuid4().hex
+        self.carrier = carrier  # the caller's metadata, for its traceparent (tracing on)
 
     @asynccontextmanager
     async def scope(
@@ -146,63 +144,31 @@ class _Call:
         """The request id goes back in the initial metadata of a stream (the caller sees it
         at once) and in the trailing metadata of a unary call (sent with the status: no
         extra send on the hot path)."""
-        record = RequestRecord(self.service, self.method, self.request_id)
-        structlog.contextvars.bind_contextvars(request_id=self.request_id, service=self.service, method=self.method)
-        token = request_record.start(record)
-        self.interceptor.on_start(record)
-        admission = self.interceptor.admission
-        admitted = None  # the permit's start time once taken
-        lane = admission.lane_for(lane)
-        lane_token = CURRENT_LANE.set(lane)
-        code, message = grpc.StatusCode.OK, ""
         request_id_metadata = (("x-request-id", self.request_id),)
-        extra_trailers: tuple = ()
-        try:
+
+        async def send_request_id() -> None:
             if streaming:
                 await context.send_initial_metadata(request_id_metadata)
             else:
                 context.set_trailing_metadata(request_id_metadata)
-            auth.raise_refusal()  # a caller without a valid key never takes or waits for a permit
-            if admit:
-                with request_record.stage("admission"):
-                    admitted = admission.acquire(lane)
-            yield
-        except RagserveError as exc:
-            code, message = status_of(exc)
-            record.error_reason = exc.reason
-            if isinstance(exc, Overloaded):
-                # Every RESOURCE_EXHAUSTED carries a retry hint computed from the load.
-                retry_after = exc.retry_after if exc.retry_after is not None else admission.hint(lane)
-                extra_trailers = retry_trailers(code, message, retry_after)
-                log.info("rpc_rejected", code=code.name, error=message, retry_after_ms=round(retry_after * 1000))
-            else:
-                log.info("rpc_rejected", code=code.name, error=message)
-        except (asyncio.CancelledError, GeneratorExit):
-            # The caller went away, or its deadline passed (gRPC cancels the handler then too).
+
+        def deadline_passed() -> bool:
             remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                code, record.error_reason = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline"
-            else:
-                code = grpc.StatusCode.CANCELLED  # the caller's choice: not a rejection
-            raise
-        except Exception as exc:  # noqa: BLE001 - a bug: logged once with its cause, answered INTERNAL
-            code, message = status_of(exc)
-            record.error_reason = "internal"
-            log.error("rpc_failed", code=code.name, exc_info=exc)
-        finally:
-            CURRENT_LANE.reset(lane_token)
-            if admitted is not None:
-                admission.release(lane, admitted)
-            duration = record.duration = time.perf_counter() - record.started
-            log.info(
-                "rpc",
-                status=code.name,
-                duration_ms=round(duration * 1000, 3),
-                prompt_tokens=record.prompt_tokens,
-                completion_tokens=record.completion_tokens,
-            )
-            self.interceptor.on_finish(record, code.name)
-            request_record.finish(token)
-            structlog.contextvars.unbind_contextvars("request_id", "service", "method")
-        if code is not grpc.StatusCode.OK:
-            await context.abort(code, message, trailing_metadata=request_id_metadata + extra_trailers)  # the one place a status is set
+            return remaining is not None and remaining <= 0
+
+        try:
+            async with self.guard.scope(
+                self.service,
+                self.method,
+                self.request_id,
+                lane=lane,
+                admit=admit,
+                authorize=auth.raise_refusal,
+                deadline_passed=deadline_passed,
+                carrier=self.carrier,
+                enter=send_request_id,
+            ):
+                yield
+        except CallFailed as failed:
+            extra = () if failed.retry_after is None else retry_trailers(failed.code, failed.message, failed.retry_after)
+            await context.abort(failed.code, failed.message, trailing_metadata=request_id_metadata + extra)  # the one place a status is set

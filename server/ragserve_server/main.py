@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from ragserve_server import tls
+from ragserve_server import tls, tracing
 from ragserve_server.app import create_gateway
 from ragserve_server.auth import auth_interceptors
 from ragserve_server.catalog import build_catalog
@@ -140,6 +140,7 @@ async def serve(settings: Settings) -> None:
         triton_credentials = tls.triton_channel_credentials(settings.triton_tls_ca, settings.triton_tls_cert, settings.triton_tls_key)
         tls.check_settings(settings)
         auth_interceptors(settings.api_keys_file, settings.reflection)
+        tracing.configure(settings.tracing)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     if settings.on_no_replicas not in ("wait", "exit"):
@@ -156,6 +157,8 @@ async def serve(settings: Settings) -> None:
             [s.triton_model for s in specs],
             TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port),
             REPO_ROOT / "build",
+            trace_url=settings.triton_trace_url,
+            trace_rate=settings.triton_trace_rate,
         )
         triton.start()
         try:
@@ -203,6 +206,8 @@ async def serve(settings: Settings) -> None:
         log.info(
             "serving",
             grpc=f"{settings.host}:{gateway.port}",
+            http=f"http://{settings.host}:{gateway.http_port}" if gateway.http_port else None,
+            tracing=tracing.enabled(),
             triton=triton_url,
             device=settings.device,
             metrics=f"http://{settings.host}:{settings.metrics_port}/metrics" if settings.metrics_port else None,
@@ -210,6 +215,8 @@ async def serve(settings: Settings) -> None:
             models=[m.name for m in catalog.models],
         )
         where = [f"Triton gRPC {triton_url}"]
+        if gateway.http_port:
+            where.insert(0, f"HTTP http://{settings.host}:{gateway.http_port}/v1")
         if settings.metrics_port:
             where.append(f"metrics http://{settings.host}:{settings.metrics_port}/metrics")
         if triton is not None:
@@ -239,6 +246,7 @@ async def serve(settings: Settings) -> None:
             await backend.close()
         if triton is not None:
             await asyncio.to_thread(triton.stop)
+        await asyncio.to_thread(tracing.shutdown)  # flushes the spans still batched
         log.info("stopped")
     if gave_up is not None:
         raise SystemExit(f"ragserve: exiting: {gave_up}")

@@ -43,6 +43,9 @@ class RequestRecord:
 
 
 _current: ContextVar[RequestRecord | None] = ContextVar("ragserve_request_record", default=None)
+# A context manager factory opening a trace span per stage, set by tracing.install while
+# tracing is on; None (the default) costs nothing.
+stage_span = None
 
 
 def current() -> RequestRecord | None:
@@ -62,7 +65,11 @@ def stage(name: str) -> Iterator[None]:
     record = _current.get()
     begin = time.perf_counter()
     try:
-        yield
+        if stage_span is None or record is None:
+            yield
+        else:
+            with stage_span(name):
+                yield
     finally:
         if record is not None:
             record.add_stage(name, time.perf_counter() - begin)

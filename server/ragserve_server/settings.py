@@ -100,6 +100,17 @@ class Settings:
     triton_tls_ca: str = field(default="", metadata={"help": "TLS to --triton-url: CA bundle (PEM) that Triton's certificate chains to; empty = plaintext"})
     triton_tls_cert: str = field(default="", metadata={"help": "mTLS to Triton: the gateway's client certificate (PEM file)"})
     triton_tls_key: str = field(default="", metadata={"help": "mTLS to Triton: the key of --triton-tls-cert (PEM file)"})
+    http_port: int = field(
+        default=0, metadata={"help": "HTTP port of the OpenAI/Cohere-compatible API (/v1/embeddings, /v1/chat/completions, /v1/completions, /v1/rerank, /v1/models, /health); 0 = off"}
+    )
+    tracing: str = field(
+        default="off",
+        metadata={"help": "OpenTelemetry traces: off, or on (OTLP exporter configured by the standard OTEL_* variables; OTEL_SDK_DISABLED=true wins)"},
+    )
+    triton_trace_url: str = field(
+        default="", metadata={"help": "bundled Triton: export its OpenTelemetry spans over OTLP/HTTP to host:port/v1/traces (joining the gateway's traces); empty = off"}
+    )
+    triton_trace_rate: int = field(default=1, metadata={"help": "bundled Triton: trace one request in this many (with --triton-trace-url)"})
     log_format: str = field(default="auto", metadata={"help": "json, console, or auto (console when a terminal)"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 

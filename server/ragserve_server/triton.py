@@ -22,6 +22,7 @@ from tritonclient.utils import (
     triton_to_np_dtype,
 )
 
+from ragserve_server import tracing
 from ragserve_server.admission import CURRENT_LANE, TRITON_PRIORITY
 from ragserve_server.errors import (
     BackendError,
@@ -155,7 +156,7 @@ class TritonBackend:
         if timeout is not None:
             request.parameters["timeout"].int64_param = max(1, int(timeout * 1_000_000))
         with _mapped_errors():
-            response = await self._stub.ModelInfer(request, timeout=timeout)
+            response = await self._stub.ModelInfer(request, timeout=timeout, metadata=tracing.outgoing_metadata())
         return _outputs(response)
 
     async def stream(
@@ -177,7 +178,7 @@ class TritonBackend:
         request = _infer_request(model, inputs, outputs)
         # Lets the model close the stream with a final flag that carries no tensors.
         request.parameters["triton_enable_empty_final_response"].bool_param = True
-        call = self._stub.ModelStreamInfer(iter([request]), timeout=timeout)
+        call = self._stub.ModelStreamInfer(iter([request]), timeout=timeout, metadata=tracing.outgoing_metadata())
         try:
             async for message in call:
                 if message.error_message:

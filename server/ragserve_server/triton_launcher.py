@@ -46,6 +46,23 @@ def prepare_backend_dir(target: Path) -> Path:
     return target
 
 
+def trace_flags(url: str, rate: int = 1) -> list[str]:
+    """Triton's OpenTelemetry mode (2.51): it exports OTLP/HTTP (JSON) to `url`
+    (`host:port/v1/traces`) and continues the `traceparent` of each gRPC request, so its spans
+    (the request, the model with QUEUE_START, `compute`) join the gateway's trace. `rate`:
+    one request in `rate` is traced (Triton samples by itself, not by the caller's flag)."""
+    url = url.removeprefix("http://")
+    return [
+        "--trace-config=mode=opentelemetry",
+        "--trace-config=level=TIMESTAMPS",
+        f"--trace-config=rate={rate}",
+        "--trace-config=count=-1",
+        f"--trace-config=opentelemetry,url={url}",
+        "--trace-config=opentelemetry,resource=service.name=triton",
+        "--trace-config=opentelemetry,bsp_schedule_delay=500",
+    ]
+
+
 @dataclass(frozen=True)
 class TritonPorts:
     http: int = 8000
@@ -56,8 +73,12 @@ class TritonPorts:
 class TritonServer:
     """A bundled Triton process on loopback: `start()`, `wait_ready()`, `stop()`."""
 
-    def __init__(self, model_repository: Path, models: list[str], ports: TritonPorts, work_dir: Path) -> None:
+    def __init__(
+        self, model_repository: Path, models: list[str], ports: TritonPorts, work_dir: Path, trace_url: str = "", trace_rate: int = 1
+    ) -> None:
         self.model_repository = Path(model_repository)
+        self.trace_url = trace_url  # OTLP/HTTP endpoint for Triton's own spans; empty = no tracing
+        self.trace_rate = trace_rate
         self.models = models
         self.ports = ports
         self.work_dir = Path(work_dir)
@@ -95,6 +116,8 @@ class TritonServer:
             "--exit-timeout-secs=10",
         ]
         cmd += [f"--load-model={m}" for m in self.models]
+        if self.trace_url:
+            cmd += trace_flags(self.trace_url, self.trace_rate)
         return cmd
 
     def environment(self) -> dict[str, str]:
