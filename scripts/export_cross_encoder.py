@@ -24,11 +24,10 @@ import onnxruntime as ort
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from ragserve_server import model_config
 from ragserve_server.catalog import max_tokens_of
 from ragserve_server.model_config import TensorSpec
-from ragserve_server.registry import CROSS_ENCODER, ONNXRUNTIME, encoder_spec, write_manifest
-from ragserve_server.repository import config_header, triton_config
+from ragserve_server.registry import CROSS_ENCODER, encoder_spec
+from ragserve_server.repository import publish_export
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "ort_model.py"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -108,12 +107,7 @@ def export(hf_folder: Path, out: Path, *, max_batch: int = 64, threads: int = 2)
             intra_op_threads=threads,
             description=f"cross-encoder exported from {hf_folder.resolve().name}: (query, document) tokens in, one logit out",
         )
-        spec.validate()
-        write_manifest(spec, staging)
-        model_config.write(staging / "config.pbtxt", triton_config(spec, ONNXRUNTIME), config_header(spec, ONNXRUNTIME))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        publish_export(spec, staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"exported {hf_folder} -> {out} (Triton model {out.name!r}, max {max_tokens} tokens)")

@@ -86,11 +86,10 @@ def _json(path: Path) -> dict:
 
 
 def export(hf_folder: Path, out: Path, *, name: str, max_batch: int = 64, threads: int = 2) -> None:
-    from ragserve_server import model_config
     from ragserve_server.catalog import max_tokens_of
     from ragserve_server.model_config import TensorSpec
-    from ragserve_server.registry import EMBEDDING, ONNXRUNTIME, encoder_spec, write_manifest
-    from ragserve_server.repository import config_header, triton_config
+    from ragserve_server.registry import EMBEDDING, encoder_spec
+    from ragserve_server.repository import publish_export
 
     hf_folder = hf_folder.resolve()
     tokenizer = AutoTokenizer.from_pretrained(hf_folder, use_fast=True)
@@ -128,12 +127,7 @@ def export(hf_folder: Path, out: Path, *, name: str, max_batch: int = 64, thread
             intra_op_threads=threads,
             description=f"embedding model exported from {hf_folder.name}: token tensors in, mean-pooled embedding out",
         )
-        spec.validate()
-        write_manifest(spec, staging)
-        model_config.write(staging / "config.pbtxt", triton_config(spec, ONNXRUNTIME), config_header(spec, ONNXRUNTIME))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        publish_export(spec, staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"exported {hf_folder} -> {out} (Triton model {out.name!r}, {hidden} dimensions, max {max_tokens} tokens)")

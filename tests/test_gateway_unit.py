@@ -15,38 +15,7 @@ from ragserve_server.registry import minilm_spec
 from ragserve_server.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, Overloaded
 from ragserve_server.settings import Settings
 from ragserve_server.triton import map_triton_error
-
-
-class FakeBackend:
-    """Answers like the MiniLM Triton model, with a vector derived from the token ids."""
-
-    def __init__(self) -> None:
-        self.delay = 0.0
-        self.fail: Exception | None = None
-        self.timeouts: list[float | None] = []
-        self.calls = 0
-
-    async def infer(self, model, inputs, outputs, *, timeout):
-        self.calls += 1
-        self.timeouts.append(timeout)
-        if self.fail is not None:
-            raise self.fail
-        await asyncio.sleep(self.delay)
-        ids = inputs["input_ids"]
-        vectors = np.zeros((ids.shape[0], 384), dtype=np.float32)
-        vectors[:, 0] = ids.sum(1)
-        vectors[:, 1] = 1.0
-        return {"embedding": vectors}
-
-    async def stream(self, *args, **kwargs):
-        raise NotImplementedError
-        yield
-
-    async def is_ready(self, models):
-        return self.fail is None
-
-    async def close(self):
-        pass
+from fakes import FakeBackend
 
 
 @pytest.fixture

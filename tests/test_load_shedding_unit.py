@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import numpy as np
 import pytest
 from grpc_status import rpc_status
 from google.rpc import error_details_pb2
 
 from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
-from ragserve_server.admission import BULK, CURRENT_LANE, INTERACTIVE, Admission
+from ragserve_server.admission import BULK, INTERACTIVE, Admission
 from ragserve_server.app import create_gateway
 from ragserve_server.catalog import build_catalog
 from ragserve_server.errors import DeadlineExceeded, Overloaded
 from ragserve_server.registry import minilm_spec
 from ragserve_server.settings import Settings
+from fakes import FakeBackend
 
 
 def test_lanes_have_separate_budgets_and_hints_follow_the_load():
@@ -68,35 +68,9 @@ async def test_waiting_for_a_permit_is_fifo_bounded_and_cancel_safe():
         await admission.acquire_waiting(BULK, timeout=0.05)
 
 
-class SlowBackend:
-    """Answers like an encoder after `delay` seconds; records the lane of each request."""
-
-    def __init__(self) -> None:
-        self.delay = 0.2
-        self.lanes: list[str] = []
-
-    async def infer(self, model, inputs, outputs, *, timeout):
-        self.lanes.append(CURRENT_LANE.get())
-        await asyncio.sleep(self.delay)
-        return {"embedding": np.ones((inputs["input_ids"].shape[0], 384), dtype=np.float32)}
-
-    async def stream(self, *args, **kwargs):
-        raise NotImplementedError
-        yield
-
-    async def is_ready(self, models):
-        return True
-
-    async def batch_statistics(self, model):
-        return {}
-
-    async def close(self):
-        pass
-
-
 @pytest.fixture
 async def shedding_stack():
-    backend = SlowBackend()
+    backend = FakeBackend(delay=0.2)
     settings = Settings(port=0, max_concurrent_requests=2, max_bulk_requests=2, health_poll_interval=0.05)
     gateway = await create_gateway(settings, backend, build_catalog([minilm_spec()]))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")

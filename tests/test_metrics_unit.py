@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import numpy as np
 import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,30 +18,7 @@ from ragserve_server.registry import minilm_spec
 from ragserve_server.metrics import GatewayMetrics, TritonBatchCollector
 from ragserve_server.request_record import RequestRecord
 from ragserve_server.settings import Settings
-
-
-class FakeBackend:
-    """MiniLM-shaped answers after `delay`; batch statistics like Triton's."""
-
-    def __init__(self) -> None:
-        self.delay = 0.0
-
-    async def infer(self, model, inputs, outputs, *, timeout):
-        await asyncio.sleep(self.delay)
-        return {"embedding": np.ones((inputs["input_ids"].shape[0], 384), dtype=np.float32)}
-
-    async def stream(self, *args, **kwargs):
-        raise NotImplementedError
-        yield
-
-    async def is_ready(self, models):
-        return True
-
-    async def batch_statistics(self, model):
-        return {1: 4, 8: 2, 64: 1}
-
-    async def close(self):
-        pass
+from fakes import FakeBackend
 
 
 @pytest.fixture

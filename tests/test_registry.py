@@ -29,6 +29,7 @@ from ragserve_server.registry import (
 from ragserve_server.repository import render_repository, triton_config
 from ragserve_server.tensorrt_profiles import Profile, check_coverage, profile_plan, required_shapes
 from ragserve_server.tokenization import EncoderTokenizer, bucket_length, bucket_widths
+from fakes import FakeBackend
 from support import MODEL_REPOSITORY, ROOT, GatewayProcess, free_port, start_triton
 
 
@@ -71,19 +72,6 @@ def test_committed_cpu_configs_are_rendered_from_the_registry():
         assert committed == triton_config(spec, ONNXRUNTIME), f"{spec.triton_model}: run `make configs`"
 
 
-class RecordingBackend:
-    """Keeps the tensors the gateway sends, answers with zeros of the declared output shape."""
-
-    def __init__(self, config: model_config_pb2.ModelConfig) -> None:
-        self.config = config
-        self.requests: list[dict[str, np.ndarray]] = []
-
-    async def infer(self, model, inputs, outputs, *, timeout):
-        self.requests.append(dict(inputs))
-        rows = next(iter(inputs.values())).shape[0]
-        return {o.name: np.zeros((rows, *o.dims), dtype=np.float32) for o in self.config.output if o.name in outputs}
-
-
 def assert_matches_config(inputs: dict[str, np.ndarray], config: model_config_pb2.ModelConfig) -> None:
     declared = {t.name: t for t in config.input}
     assert set(inputs) <= set(declared)
@@ -106,7 +94,7 @@ async def test_encoder_requests_match_the_config(kind):
             max_input_tokens=256, output=model_config.TensorSpec("logits", "TYPE_FP32", (1,)), token_types=True,
         )
     config = triton_config(spec, ONNXRUNTIME)
-    backend = RecordingBackend(config)
+    backend = FakeBackend()
     model = build_catalog([spec]).models[0]
     tokenizer = EncoderTokenizer(spec.tokenizer_dir / "tokenizer.json", spec.max_input_tokens)
     # 150 sequences over several buckets: several requests, some of max_batch rows.

@@ -213,6 +213,10 @@ class ReplicaSet:
         self._next = (self._next + 1) % len(candidates)
         return candidates[self._next]
 
+    def _may_retry(self, model: str, tried: set[str]) -> bool:
+        """Once per call, and only onto another replica that can serve the model."""
+        return len(tried) == 1 and any(r.ready_for(model) and r.address not in tried for r in self.replicas.values())
+
     def _failed(self, replica: Replica, exc: RagserveError) -> None:
         replica.stats.failures += 1
         if isinstance(exc, BackendUnavailable):
@@ -237,11 +241,11 @@ class ReplicaSet:
                 return await replica.backend.infer(model, inputs, outputs, timeout=left)
             except BackendUnavailable as exc:
                 self._failed(replica, exc)
-                if len(tried) > 1 or not any(r.ready_for(model) and r.address not in tried for r in self.replicas.values()):
+                if not self._may_retry(model, tried):
                     raise
                 self.retries += 1
                 log.info("triton_retry", model=model, failed=replica.address)
-            except RagserveError as exc:
+            except RagserveError:
                 replica.stats.failures += 1
                 raise
 
@@ -265,7 +269,7 @@ class ReplicaSet:
                 return
             except BackendUnavailable as exc:
                 self._failed(replica, exc)
-                if received or len(tried) > 1 or not any(r.ready_for(model) and r.address not in tried for r in self.replicas.values()):
+                if received or not self._may_retry(model, tried):
                     raise
                 self.retries += 1
                 log.info("triton_retry", model=model, failed=replica.address, stream=True)

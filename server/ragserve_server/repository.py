@@ -196,3 +196,17 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def publish_export(spec: ModelSpec, staging: Path, out: Path) -> None:
+    """Finishes an exported model built in `staging`: its registry entry (ragserve.json) and
+    CPU config are written, then the folder replaces `out` (a half-exported folder never
+    looks built). Shared by scripts/export_encoder.py and scripts/export_cross_encoder.py."""
+    from ragserve_server.registry import write_manifest
+
+    spec.validate()
+    write_manifest(spec, staging)
+    model_config.write(staging / "config.pbtxt", triton_config(spec, ONNXRUNTIME), config_header(spec, ONNXRUNTIME))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
