@@ -389,7 +389,7 @@ class HttpFront:
     async def _not_found(self, request: Request, exc: HTTPException) -> Response:
         message = f"{request.method} {request.url.path}: " + ("no such route" if exc.status_code == 404 else "method not allowed")
         status, body = error_body(grpc.StatusCode.NOT_FOUND, message, "route_not_found")
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers={"x-request-id": uuid.uuid4().hex})
 
 
 @contextmanager

@@ -25,6 +25,8 @@ _KINDS = {
     models_pb2.MODEL_KIND_GENERATION: "generation",
 }
 _UINT32 = 2**32 - 1
+# RerankResult's score field ("score", renamed "relevance_score" with the API's next fields).
+_SCORE = "relevance_score" if "relevance_score" in rerank_pb2.RerankResult.DESCRIPTOR.fields_by_name else "score"
 
 
 def _field(body: Mapping, name: str, kinds: type | tuple[type, ...], what: str):
@@ -122,7 +124,7 @@ def rerank_request(body: Mapping) -> rerank_pb2.RerankRequest:
 def rerank_response(response: rerank_pb2.RerankResponse, request_id: str) -> dict:
     results = []
     for result in response.results:
-        item: dict = {"index": result.index, "relevance_score": result.score}
+        item: dict = {"index": result.index, "relevance_score": getattr(result, _SCORE)}
         if result.HasField("document"):
             item["document"] = {"text": result.document}
         results.append(item)

@@ -1,0 +1,172 @@
+"""One trace from the caller through the gateway into Triton (OpenTelemetry).
+
+The gateway runs in-process with the SDK's in-memory exporter; the real bundled Triton runs
+with `--trace-config mode=opentelemetry` (the launcher's trace flags) and exports its spans
+over OTLP/HTTP (JSON) to a receiver on loopback. The caller's span, the gateway's call and
+stage spans and Triton's spans must form one trace, parented and ordered.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from opentelemetry import propagate
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import ragserve
+from ragserve_server import request_record, tracing
+from ragserve_server.app import create_gateway
+from ragserve_server.catalog import build_catalog
+from ragserve_server.registry import minilm_spec
+from ragserve_server.settings import Settings
+from ragserve_server.triton import TritonBackend
+from ragserve_server.triton_launcher import TritonPorts, TritonServer
+from support import MODEL_REPOSITORY, free_port
+
+STAGES = ["admission", "tokenize", "triton", "respond"]
+SLACK_NS = 2_000_000  # Triton and Python read the same clock; rounding and export jitter only
+
+
+class OtlpJsonReceiver:
+    """A minimal OTLP/HTTP trace receiver (Triton's exporter posts JSON to /v1/traces)."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                for resource in json.loads(body).get("resourceSpans", []):
+                    for scope in resource.get("scopeSpans", []):
+                        receiver.spans.extend(scope.get("spans", []))
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.port = free_port()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def trace(self, trace_id: str, count: int, timeout: float = 20.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [s for s in self.spans if s["traceId"] == trace_id]
+            if len(found) >= count:
+                return found
+            time.sleep(0.1)
+        return [s for s in self.spans if s["traceId"] == trace_id]
+
+
+@pytest.fixture(scope="module")
+def traced_triton(tmp_path_factory):
+    receiver = OtlpJsonReceiver()
+    server = TritonServer(
+        MODEL_REPOSITORY, ["minilm"], TritonPorts(free_port(), free_port(), free_port()), tmp_path_factory.mktemp("traced_triton"),
+        trace_url=f"127.0.0.1:{receiver.port}/v1/traces", trace_rate=1,
+    )
+    server.start()
+    try:
+        server.wait_ready(180)
+        yield server, receiver
+    finally:
+        server.stop()
+        receiver.server.shutdown()
+
+
+@pytest.fixture
+async def traced_gateway(traced_triton):
+    triton, receiver = traced_triton
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    settings = Settings(port=0, http_port=free_port(), health_poll_interval=0.2)
+    gateway = await create_gateway(settings, TritonBackend(triton.grpc_url), build_catalog([minilm_spec()]))
+    try:
+        yield gateway, provider.get_tracer("caller"), exporter, receiver
+    finally:
+        await gateway.stop(1)
+        tracing.install(None)
+
+
+def _hex(span_id: int) -> str:
+    return format(span_id, "016x")
+
+
+def check_one_trace(caller, exporter: InMemorySpanExporter, receiver: OtlpJsonReceiver, call_name: str) -> None:
+    trace_id = caller.context.trace_id
+    ours = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+    by_name = {s.name: s for s in ours}
+    call = by_name[call_name]
+    assert call.parent.span_id == caller.context.span_id  # the gateway continued the caller's trace
+    stages = sorted((s for s in ours if s.parent is not None and s.parent.span_id == call.context.span_id), key=lambda s: s.start_time)
+    assert [s.name for s in stages] == STAGES  # in order, each a child of the call
+    for before, after in zip(stages, stages[1:]):
+        assert before.end_time <= after.start_time
+    assert caller.start_time <= call.start_time <= stages[0].start_time and stages[-1].end_time <= call.end_time <= caller.end_time
+
+    # Triton's spans: the request under the gateway's `triton` stage, the model, its compute.
+    triton_stage = by_name["triton"]
+    theirs = {s["name"]: s for s in receiver.trace(format(trace_id, "032x"), 3)}
+    assert {"InferRequest", "minilm", "compute"} <= set(theirs), theirs
+    assert theirs["InferRequest"]["parentSpanId"] == _hex(triton_stage.context.span_id)
+    assert theirs["minilm"]["parentSpanId"] == theirs["InferRequest"]["spanId"]
+    assert theirs["compute"]["parentSpanId"] == theirs["minilm"]["spanId"]
+    events = [e["name"] for e in theirs["minilm"].get("events", [])]
+    assert "QUEUE_START" in events, events
+    start, end = int(theirs["InferRequest"]["startTimeUnixNano"]), int(theirs["InferRequest"]["endTimeUnixNano"])
+    compute_start = int(theirs["compute"]["startTimeUnixNano"])
+    assert triton_stage.start_time - SLACK_NS <= start <= compute_start <= end <= triton_stage.end_time + SLACK_NS
+
+
+async def test_grpc_call_joins_the_callers_trace_down_to_triton(traced_gateway):
+    gateway, tracer, exporter, receiver = traced_gateway
+    async with ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", retries=0) as client:
+        with tracer.start_as_current_span("caller") as caller:  # the SDK sends its traceparent
+            await client.embed(["the trace goes into Triton"], timeout=30)
+    check_one_trace(caller, exporter, receiver, "ragserve.v1.Embed/Embed")
+
+
+async def test_http_call_joins_the_callers_trace_down_to_triton(traced_gateway):
+    gateway, tracer, exporter, receiver = traced_gateway
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30) as client:
+        with tracer.start_as_current_span("caller") as caller:
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+            assert "traceparent" in headers
+            response = await client.post("/v1/embeddings", json={"input": "the trace goes into Triton"}, headers=headers)
+    assert response.status_code == 200, response.text
+    check_one_trace(caller, exporter, receiver, "POST /v1/embeddings")
+
+
+async def test_a_failed_call_is_an_error_span(traced_gateway):
+    gateway, tracer, exporter, receiver = traced_gateway
+    async with ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", retries=0) as client:
+        with tracer.start_as_current_span("caller") as caller:
+            with pytest.raises(ragserve.InvalidArgumentError):
+                await client.embed([""], timeout=30)
+    call = next(s for s in exporter.get_finished_spans() if s.name == "ragserve.v1.Embed/Embed" and s.context.trace_id == caller.context.trace_id)
+    assert call.status.status_code.name == "ERROR" and call.attributes["rpc.grpc.status_code_name"] == "INVALID_ARGUMENT"
+
+
+def test_tracing_off_costs_nothing_and_sends_nothing():
+    tracing.install(None)
+    assert not tracing.enabled()
+    assert request_record.stage_span is None  # stages are timed, no span is made
+    assert tracing.outgoing_metadata() is None  # Triton calls carry no extra metadata
+    assert not tracing.configure("on", env={"OTEL_SDK_DISABLED": "true"})  # the standard switch wins
+    assert not tracing.enabled()
+    with pytest.raises(ValueError):
+        tracing.configure("sometimes", env={})
