@@ -22,10 +22,6 @@ A gateway with TLS and API keys (certificate arguments: PEM bytes or file paths)
     ragserve.Client("gateway.internal:50051", api_key=key, root_certificates="ca.pem",
                     certificate_chain="client.pem", private_key="client.key")  # mTLS
 
-Every method is defined once (`_Methods`) for both clients; only the transport differs:
-`Client` returns results, `AsyncClient` awaitables (and an async iterator for `stream`).
-Results carry the server's `request_id`; `metadata=` adds metadata to one call.
-
 Retries: Embed, Rerank and ListModels are retried on UNAVAILABLE and RESOURCE_EXHAUSTED (gRPC's
 retry policy in the channel's service config, honouring the server's pushback), `retries=3` by
 default, `retries=0` off; Generate and the streams are never retried.
@@ -45,24 +41,21 @@ allow one per 5 minutes without data unless configured otherwise):
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Generic, TypeVar, Unpack
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 
-from ragserve import _bulk, _protocol
+from ragserve import _protocol
 from ragserve._errors import from_rpc_error
 from ragserve._tracing import with_trace_context
-from ragserve._types import EmbedBatch, EmbedResult, GenerateResult, ModelInfo, RerankResult, TextDelta, TokenizeResult
-from ragserve.v1 import embed_pb2_grpc, generate_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2_grpc, tokenize_pb2_grpc
+from ragserve._types import EmbedResult, GenerateResult, ModelInfo, RerankResult, TextDelta
+from ragserve.v1 import embed_pb2_grpc, generate_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 Pem = bytes | str | os.PathLike
-Metadata = Sequence[tuple[str, str]]
 
 
 def _channel_settings(tls, root_certificates, private_key, certificate_chain, load_balancing, retries, options):
@@ -76,194 +69,9 @@ class _Stubs:
         self.models = models_pb2_grpc.ModelsStub(channel)
         self.generate = generate_pb2_grpc.GenerateStub(channel)
         self.rerank = rerank_pb2_grpc.RerankStub(channel)
-        self.tokenize = tokenize_pb2_grpc.TokenizeStub(channel)
 
 
-def _with_request_id(result, request_id: str | None):
-    if request_id is not None and dataclasses.is_dataclass(result) and any(f.name == "request_id" for f in dataclasses.fields(result)):
-        return dataclasses.replace(result, request_id=request_id)
-    return result
-
-
-# What each shared method returns: the result itself (Client) or an awaitable of it (AsyncClient).
-_Embed = TypeVar("_Embed")
-_Rerank = TypeVar("_Rerank")
-_Generate = TypeVar("_Generate")
-_Stream = TypeVar("_Stream")
-_Models = TypeVar("_Models")
-_Tokenize = TypeVar("_Tokenize")
-_Detokenize = TypeVar("_Detokenize")
-
-
-class _Methods(Generic[_Embed, _Rerank, _Generate, _Stream, _Models, _Tokenize, _Detokenize]):
-    """Each call's options and meaning, written once; `_unary` and `_stream` are the transport."""
-
-    _stubs: _Stubs
-    _timeout: float | None
-    _metadata: tuple[tuple[str, str], ...]
-
-    def _unary(self, method, request, parse: Callable[[Any], Any], timeout: float | None, metadata: Metadata) -> Any:
-        raise NotImplementedError
-
-    def _stream(self, method, request, timeout: float | None, metadata: Metadata) -> Any:
-        raise NotImplementedError
-
-    def _call_metadata(self, metadata: Metadata) -> tuple[tuple[str, str], ...]:
-        return with_trace_context((*self._metadata, *_protocol.call_metadata(metadata, None)))
-
-    def embed(
-        self,
-        inputs: str | Sequence[str],
-        *,
-        model: str | None = None,
-        normalize: bool | None = None,
-        truncate: str | None = None,
-        dimensions: int | None = None,
-        input_type: str | None = None,
-        encoding: str = _protocol.DEFAULT_ENCODING,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> _Embed:
-        """Embeds texts; `truncate` is "none" (default: over-long is an error), "end" or "start";
-        `input_type` is "query" or "passage"; `dimensions` keeps the first N (Matryoshka).
-
-        `encoding` (result's `embeddings` dtype and shape): "float32" (default: float32 (n, d),
-        sent as one packed blob and read without a copy: a read-only array, `.copy()` to write),
-        "float" (the same numbers sent as repeated floats), "int8" / "uint8" (calibrated scalar
-        quantisation, (n, d); needs the model's calibration, see ModelInfo.encodings), "binary"
-        (int8) / "ubinary" (uint8): sign bits packed 8 to a byte, (n, ceil(d / 8))."""
-        request = _protocol.embed_request(
-            inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type,
-            encoding=encoding,
-        )
-        return self._unary(self._stubs.embed.Embed, request, _protocol.embed_result, timeout, metadata)
-
-    def rerank(
-        self,
-        query: str,
-        documents: Sequence[str],
-        *,
-        model: str | None = None,
-        top_n: int | None = None,
-        return_documents: bool = False,
-        truncate: str | None = None,
-        raw_scores: bool = False,
-        chunk_long_documents: bool = False,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> _Rerank:
-        """Orders `documents` by relevance to `query`, best first; `top_n` keeps the best N.
-        `relevance_score` is in [0, 1] for every reranker; `raw_scores` adds each one's raw
-        score (a bi-encoder's cosine, a cross-encoder's logit). `truncate` ("none" default,
-        "end", "start") applies to documents only; `chunk_long_documents` scores an over-long
-        document by its best chunk instead."""
-        request = _protocol.rerank_request(
-            query, documents, model=model, top_n=top_n, return_documents=return_documents, truncate=truncate,
-            raw_scores=raw_scores, chunk_long_documents=chunk_long_documents,
-        )
-        return self._unary(self._stubs.rerank.Rerank, request, _protocol.rerank_result, timeout, metadata)
-
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> _Generate:
-        """Generates a completion for `prompt` (raw text) or `messages` (chat: dicts with
-        "role" and "content"). temperature 0 = greedy; same `seed` and input = same text;
-        `max_tokens` defaults to the room the prompt leaves in the context; `logprobs` returns
-        each token's log probability, `top_logprobs=k` (0..20) the k likeliest alternatives too."""
-        request = _protocol.generate_request(
-            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop, logprobs=logprobs,
-            top_logprobs=top_logprobs, stop_token_ids=stop_token_ids, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, min_p=min_p,
-        )
-        return self._unary(self._stubs.generate.Generate, request, _protocol.generate_result, timeout, metadata)
-
-    def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> _Stream:
-        """Like `generate`, streamed: `TextDelta`s, then the final `GenerateResult`.
-        Leaving the loop early cancels the generation on the server."""
-        request = _protocol.generate_request(
-            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop, logprobs=logprobs,
-            top_logprobs=top_logprobs, stop_token_ids=stop_token_ids, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, min_p=min_p,
-        )
-        return self._stream(self._stubs.generate.GenerateStream, request, timeout, metadata)
-
-    def list_models(self, *, timeout: float | None = None, metadata: Metadata = ()) -> _Models:
-        return self._unary(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), _protocol.model_infos, timeout, metadata)
-
-    def tokenize(
-        self,
-        inputs: str | Sequence[str],
-        *,
-        model: str | None = None,
-        truncate: str | None = None,
-        input_type: str | None = None,
-        return_tokens: bool = False,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> _Tokenize:
-        """Tokens of each text as `model` gets them (default: the default embedding model; any
-        served model: embedding, reranker, generation), with Embed's truncation rules:
-        ids, character offsets, counts (and token strings with `return_tokens`)."""
-        request = _protocol.tokenize_request(inputs, model=model, truncate=truncate, input_type=input_type, return_tokens=return_tokens)
-        return self._unary(self._stubs.tokenize.Tokenize, request, _protocol.tokenize_result, timeout, metadata)
-
-    def detokenize(
-        self,
-        ids: Sequence[int],
-        *,
-        model: str | None = None,
-        skip_special_tokens: bool = True,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-    ) -> _Detokenize:
-        """The text of token `ids` in `model`'s vocabulary (special tokens left out by default)."""
-        request = _protocol.detokenize_request(ids, model=model, skip_special_tokens=skip_special_tokens)
-        return self._unary(self._stubs.tokenize.Detokenize, request, lambda response: response.text, timeout, metadata)
-
-
-class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDelta | GenerateResult], list[ModelInfo], TokenizeResult, str]):
+class Client:
     """Blocking client. `timeout` (seconds) is the default deadline of every call.
 
     api_key: sent as `authorization: Bearer <key>` with every call.
@@ -274,7 +82,6 @@ class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDe
     retries: Embed, Rerank and ListModels calls answered UNAVAILABLE or RESOURCE_EXHAUSTED are
         tried again up to this many times (0 = off, at most 4), after a jittered exponential
         backoff or the server's `grpc-retry-pushback-ms`, always within the call's deadline.
-    metadata: sent with every call (each method's `metadata=` adds to it for one call).
     load_balancing: "round_robin" or "pick_first" (gRPC's client-side policies).
     options: gRPC channel options, e.g. keepalive and message sizes (see the module docstring).
     """
@@ -290,7 +97,7 @@ class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDe
         private_key: Pem | None = None,
         certificate_chain: Pem | None = None,
         retries: int = _protocol.DEFAULT_RETRIES,
-        metadata: Metadata = (),
+        metadata: Sequence[tuple[str, str]] = (),
         load_balancing: str | None = None,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
@@ -305,40 +112,107 @@ class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDe
         self._timeout = timeout
         self._metadata = _protocol.call_metadata(metadata, api_key)
 
-    def _unary(self, method, request, parse, timeout, metadata):
+    def _call(self, method, request, timeout: float | None):
         try:
-            response, call = method.with_call(
-                request, timeout=timeout if timeout is not None else self._timeout, metadata=self._call_metadata(metadata)
-            )
+            return method(request, timeout=timeout if timeout is not None else self._timeout, metadata=with_trace_context(self._metadata))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-        return _with_request_id(parse(response), _protocol.request_id(call.trailing_metadata()))
 
-    def _stream(self, method, request, timeout, metadata) -> Iterator[TextDelta | GenerateResult]:
-        call = method(request, timeout=timeout if timeout is not None else self._timeout, metadata=self._call_metadata(metadata))
+    def embed(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: str | None = None,
+        dimensions: int | None = None,
+        input_type: str | None = None,
+        timeout: float | None = None,
+    ) -> EmbedResult:
+        """Embeds texts; `truncate` is "none" (default: over-long is an error), "end" or "start";
+        `input_type` is "query" or "passage"; `dimensions` keeps the first N (Matryoshka)."""
+        request = _protocol.embed_request(
+            inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type
+        )
+        return _protocol.embed_result(self._call(self._stubs.embed.Embed, request, timeout))
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        model: str | None = None,
+        top_n: int | None = None,
+        return_documents: bool = False,
+        truncate: str | None = None,
+        raw_scores: bool = False,
+        timeout: float | None = None,
+    ) -> RerankResult:
+        """Orders `documents` by relevance to `query`, best first; `top_n` keeps the best N;
+        `truncate` ("none" default, "end", "start") applies to documents only; `raw_scores`
+        gives a cross-encoder's logit instead of its sigmoid (a bi-encoder's cosine either way)."""
+        request = _protocol.rerank_request(
+            query, documents, model=model, top_n=top_n, return_documents=return_documents, truncate=truncate, raw_scores=raw_scores
+        )
+        return _protocol.rerank_result(self._call(self._stubs.rerank.Rerank, request, timeout))
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """Generates a completion for `prompt` (raw text) or `messages` (chat: dicts with
+        "role" and "content"). temperature 0 = greedy; same `seed` and input = same text."""
+        request = _protocol.generate_request(
+            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+        )
+        return _protocol.generate_result(self._call(self._stubs.generate.Generate, request, timeout))
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[TextDelta | GenerateResult]:
+        """Like `generate`, streamed: `TextDelta`s, then the final `GenerateResult`.
+        Leaving the loop early cancels the generation on the server."""
+        request = _protocol.generate_request(
+            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+        )
+        call = self._stubs.generate.GenerateStream(
+            request, timeout=timeout if timeout is not None else self._timeout, metadata=with_trace_context(self._metadata)
+        )
         try:
-            request_id = _protocol.request_id(call.initial_metadata())
             for message in call:
-                yield _protocol.stream_event(message, request_id)
+                yield _protocol.stream_event(message)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
 
-    def embed_stream(self, texts: Iterable[str], **options: Unpack[_bulk.EmbedStreamOptions]) -> EmbedResult:
-        """Embeds any number of texts over one EmbedStream: `embeddings` in input order (one
-        array, ready for np.save), `usage` summed. Options (`_bulk.EmbedStreamOptions`): `embed`'s,
-        and batch_size=64, max_in_flight=8, retries=8, progress=False (a tqdm bar),
-        on_progress=callable(done, total), total=None, timeout=None (the whole run)."""
-        timeout = options.pop("timeout", None)
-        run = _bulk.new_run(texts, **options)
-        return _bulk.collect(run, _bulk.iter_batches_sync(self._stubs.embed, self._call_metadata(()), run, texts, timeout))
-
-    def embed_stream_batches(self, texts: Iterable[str], **options: Unpack[_bulk.EmbedStreamOptions]) -> Iterator[EmbedBatch]:
-        """Like `embed_stream`, batch by batch in input order (bounded memory for any corpus size)."""
-        timeout = options.pop("timeout", None)
-        run = _bulk.new_run(texts, **options)
-        return _bulk.iter_batches_sync(self._stubs.embed, self._call_metadata(()), run, texts, timeout)
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return _protocol.model_infos(self._call(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), timeout))
 
     def close(self) -> None:
         self._channel.close()
@@ -350,18 +224,8 @@ class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDe
         self.close()
 
 
-class AsyncClient(
-    _Methods[
-        Awaitable[EmbedResult],
-        Awaitable[RerankResult],
-        Awaitable[GenerateResult],
-        AsyncIterator[TextDelta | GenerateResult],
-        Awaitable[list[ModelInfo]],
-        Awaitable[TokenizeResult],
-        Awaitable[str],
-    ]
-):
-    """asyncio client; the same arguments and calls as `Client`, awaited (`stream`: `async for`)."""
+class AsyncClient:
+    """asyncio client; the same arguments and calls as `Client`, awaited."""
 
     def __init__(
         self,
@@ -374,7 +238,7 @@ class AsyncClient(
         private_key: Pem | None = None,
         certificate_chain: Pem | None = None,
         retries: int = _protocol.DEFAULT_RETRIES,
-        metadata: Metadata = (),
+        metadata: Sequence[tuple[str, str]] = (),
         load_balancing: str | None = None,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
@@ -389,41 +253,102 @@ class AsyncClient(
         self._timeout = timeout
         self._metadata = _protocol.call_metadata(metadata, api_key)
 
-    async def _unary(self, method, request, parse, timeout, metadata):
-        call = method(request, timeout=timeout if timeout is not None else self._timeout, metadata=self._call_metadata(metadata))
+    async def _call(self, method, request, timeout: float | None):
         try:
-            response = await call
-            trailing = await call.trailing_metadata()
+            return await method(request, timeout=timeout if timeout is not None else self._timeout, metadata=with_trace_context(self._metadata))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-        return _with_request_id(parse(response), _protocol.request_id(trailing))
 
-    async def _stream(self, method, request, timeout, metadata) -> AsyncIterator[TextDelta | GenerateResult]:
-        call = method(request, timeout=timeout if timeout is not None else self._timeout, metadata=self._call_metadata(metadata))
+    async def embed(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: str | None = None,
+        dimensions: int | None = None,
+        input_type: str | None = None,
+        timeout: float | None = None,
+    ) -> EmbedResult:
+        """See `Client.embed`."""
+        request = _protocol.embed_request(
+            inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type
+        )
+        return _protocol.embed_result(await self._call(self._stubs.embed.Embed, request, timeout))
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        model: str | None = None,
+        top_n: int | None = None,
+        return_documents: bool = False,
+        truncate: str | None = None,
+        raw_scores: bool = False,
+        timeout: float | None = None,
+    ) -> RerankResult:
+        """See `Client.rerank`."""
+        request = _protocol.rerank_request(
+            query, documents, model=model, top_n=top_n, return_documents=return_documents, truncate=truncate, raw_scores=raw_scores
+        )
+        return _protocol.rerank_result(await self._call(self._stubs.rerank.Rerank, request, timeout))
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """See `Client.generate`."""
+        request = _protocol.generate_request(
+            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+        )
+        return _protocol.generate_result(await self._call(self._stubs.generate.Generate, request, timeout))
+
+    async def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[TextDelta | GenerateResult]:
+        """See `Client.stream`: an async iterator here."""
+        request = _protocol.generate_request(
+            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+        )
+        call = self._stubs.generate.GenerateStream(
+            request, timeout=timeout if timeout is not None else self._timeout, metadata=with_trace_context(self._metadata)
+        )
         try:
-            request_id = _protocol.request_id(await call.initial_metadata())
             async for message in call:
-                yield _protocol.stream_event(message, request_id)
+                yield _protocol.stream_event(message)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
 
-    async def embed_stream(
-        self, texts: Iterable[str] | AsyncIterable[str], **options: Unpack[_bulk.EmbedStreamOptions]
-    ) -> EmbedResult:
-        """See `Client.embed_stream`; `texts` may also be an async iterable."""
-        timeout = options.pop("timeout", None)
-        run = _bulk.new_run(texts, **options)
-        return await _bulk.collect_async(run, _bulk.iter_batches_async(self._stubs.embed, self._call_metadata(()), run, texts, timeout))
-
-    def embed_stream_batches(
-        self, texts: Iterable[str] | AsyncIterable[str], **options: Unpack[_bulk.EmbedStreamOptions]
-    ) -> AsyncIterator[EmbedBatch]:
-        """See `Client.embed_stream_batches`: `async for batch in client.embed_stream_batches(texts)`."""
-        timeout = options.pop("timeout", None)
-        run = _bulk.new_run(texts, **options)
-        return _bulk.iter_batches_async(self._stubs.embed, self._call_metadata(()), run, texts, timeout)
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return _protocol.model_infos(await self._call(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), timeout))
 
     async def close(self) -> None:
         await self._channel.close()
