@@ -6,6 +6,8 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 MINILM_ONNX := model_repository/minilm/1/model.onnx
 SMOLLM2_HF := model_repository/smollm2/1/hf/config.json
+# int8/uint8 embeddings: MiniLM's calibration ranges (scripts/calibrate_embeddings.py)
+MINILM_CALIBRATION := model_repository/minilm/1/calibration.json
 
 .PHONY: setup proto models configs engines run test test-unit bench loadtest observe clean
 
@@ -23,7 +25,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt client/pyproject.toml server/
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
-models: $(MINILM_ONNX) $(SMOLLM2_HF)
+models: $(MINILM_ONNX) $(SMOLLM2_HF) $(MINILM_CALIBRATION)
 
 # Every config.pbtxt is rendered from server/ragserve_server/registry.py (every fact about a
 # model lives there); tests/test_registry.py checks the committed CPU configs are up to date.
@@ -50,6 +52,9 @@ gpu-check-smoke: setup models
 $(MINILM_ONNX): scripts/export_minilm.py scripts/export_encoder.py $(STAMP)
 	$(PY) scripts/export_minilm.py --out $@
 
+$(MINILM_CALIBRATION): $(MINILM_ONNX) scripts/calibrate_embeddings.py bench/data/relevance.jsonl
+	$(PY) scripts/calibrate_embeddings.py --builtin minilm
+
 $(SMOLLM2_HF): scripts/convert_smollm2.py $(STAMP)
 	$(PY) scripts/convert_smollm2.py --out $(dir $@)
 
@@ -66,7 +71,7 @@ bench: setup models
 	$(PY) bench/embed_bench.py
 
 clean:
-	rm -rf $(VENV) build reports $(MINILM_ONNX) model_repository/smollm2/1/hf
+	rm -rf $(VENV) build reports $(MINILM_ONNX) $(MINILM_CALIBRATION) model_repository/smollm2/1/hf
 
 # Generate: in-flight batching at 1/4/16 streams vs sequential transformers generate.
 .PHONY: bench-generate

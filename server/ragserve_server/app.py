@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2, rerank_pb2_grpc
+from ragserve.v1 import tokenize_pb2, tokenize_pb2_grpc
 from ragserve_server import tls
 from ragserve_server.admission import Admission
 from ragserve_server.auth import AuthInterceptor, auth_interceptors
@@ -25,6 +26,7 @@ from ragserve_server.services.embed import EmbedService
 from ragserve_server.services.generate import GenerateService
 from ragserve_server.services.models import ModelsService
 from ragserve_server.services.rerank import RerankService
+from ragserve_server.services.tokenize import TokenizeService
 from ragserve_server.settings import Settings
 from ragserve_server.tokenization import EncoderTokenizer
 from ragserve_server.triton import InferenceBackend
@@ -34,6 +36,7 @@ SERVICE_NAMES = {
     "rerank": rerank_pb2.DESCRIPTOR.services_by_name["Rerank"].full_name,
     "generate": generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name,
     "models": models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
+    "tokenize": tokenize_pb2.DESCRIPTOR.services_by_name["Tokenize"].full_name,
 }
 
 
@@ -112,6 +115,7 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     embed_pb2_grpc.add_EmbedServicer_to_server(embed, server)
     models = ModelsService(catalog)
     models_pb2_grpc.add_ModelsServicer_to_server(models, server)
+    tokenize_pb2_grpc.add_TokenizeServicer_to_server(TokenizeService(catalog, tokenizers, executor, settings.max_inputs_per_call), server)
     generators = catalog.by_kind(GENERATION)
     generate = rerank = None
     if generators:
@@ -126,7 +130,8 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     # (a health check for them answers SERVICE_UNKNOWN; their RPCs answer UNIMPLEMENTED).
     embed_models = [m.triton_model for m in catalog.by_kind(EMBEDDING)]
     all_models = sorted({m.triton_model for m in catalog.models})
-    needs = {"": all_models, SERVICE_NAMES["embed"]: embed_models, SERVICE_NAMES["models"]: []}
+    # Tokenize needs only the gateway's tokenizers.
+    needs = {"": all_models, SERVICE_NAMES["embed"]: embed_models, SERVICE_NAMES["models"]: [], SERVICE_NAMES["tokenize"]: []}
     if generators:
         needs[SERVICE_NAMES["generate"]] = sorted({m.triton_model for m in generators})
     if rerankers:

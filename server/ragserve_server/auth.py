@@ -19,13 +19,15 @@ import contextvars
 import grpc
 import structlog
 
-from ragserve.v1 import embed_pb2, generate_pb2, models_pb2, rerank_pb2
+from ragserve.v1 import embed_pb2, generate_pb2, models_pb2, rerank_pb2, tokenize_pb2
 from ragserve_server.errors import PermissionDenied, RagserveError, Unauthenticated
 from ragserve_server.keys import KeyStore
 
 KEYED_SERVICES = frozenset(
     module.DESCRIPTOR.services_by_name[name].full_name
-    for module, name in ((embed_pb2, "Embed"), (rerank_pb2, "Rerank"), (generate_pb2, "Generate"), (models_pb2, "Models"))
+    for module, name in (
+        (embed_pb2, "Embed"), (rerank_pb2, "Rerank"), (generate_pb2, "Generate"), (models_pb2, "Models"), (tokenize_pb2, "Tokenize"),
+    )
 )
 REFLECTION_MODES = ("open", "keyed", "off")
 # The refusal of the call running in this task, for the gateway's scope to raise before it

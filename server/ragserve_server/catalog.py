@@ -7,7 +7,8 @@ model); services look models up by name (empty = the default of that kind).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,27 @@ class ServedModel:
     # Bi-encoder rerankers score with this embedding model.
     embedding_model: str = ""
     spec: ModelSpec | None = None
+    revision: str = ""  # where the weights came from (ModelSpec.revision)
+    matryoshka_dimensions: tuple[int, ...] = ()  # trained cut sizes; empty: cutting allowed, not trained for
+    int8_calibration: Mapping | None = None  # int8/uint8 ranges (quantize.py); None: no int8/uint8
+    # Rerankers: the ranges of RerankResult.relevance_score and raw_score.
+    score_range: tuple[float, float] | None = None
+    raw_score_range: tuple[float, float] | None = None
+
+    @property
+    def max_inputs_per_call(self) -> int:
+        """Texts per Embed / Tokenize call, documents per Rerank call (1 for generation)."""
+        return self.max_batch
+
+    @property
+    def max_tokens_per_batch(self) -> int:
+        """Tokens one Triton request can carry: rows x the longest input."""
+        return self.rows_per_request * self.max_input_tokens
+
+
+# Rerank score ranges per kind: relevance_score is in [0, 1] for every reranker; the raw score
+# is the cosine (bi-encoder) or the logit (cross-encoder).
+_SCORE_RANGES = {BI_ENCODER: ((0.0, 1.0), (-1.0, 1.0)), CROSS_ENCODER: ((0.0, 1.0), (-math.inf, math.inf))}
 
 
 @dataclass
@@ -83,6 +105,11 @@ def served(spec: ModelSpec, *, max_inputs_per_call: int = 2048, max_documents_pe
         dimensions=spec.dimensions,
         prefixes=dict(spec.prefixes),
         spec=spec,
+        revision=spec.revision,
+        matryoshka_dimensions=tuple(spec.matryoshka_dimensions),
+        int8_calibration=spec.int8_calibration if spec.kind == EMBEDDING else None,
+        score_range=_SCORE_RANGES.get(spec.kind, (None, None))[0],
+        raw_score_range=_SCORE_RANGES.get(spec.kind, (None, None))[1],
     )
     if not spec.bi_encoder:
         return [model]
@@ -98,6 +125,9 @@ def served(spec: ModelSpec, *, max_inputs_per_call: int = 2048, max_documents_pe
         rows_per_request=max(spec.max_batch, 1),
         embedding_model=spec.name,
         spec=spec,
+        revision=spec.revision,
+        score_range=_SCORE_RANGES[BI_ENCODER][0],
+        raw_score_range=_SCORE_RANGES[BI_ENCODER][1],
     )
     return [model, bi_encoder]
 

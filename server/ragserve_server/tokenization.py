@@ -83,10 +83,21 @@ class EncoderTokenizer:
 
     def encode(self, texts: list[str], truncate: str, *, what: str = "input") -> list[list[int]]:
         """Token ids per text; an over-long text with TRUNCATE_NONE is an InvalidInput naming it."""
+        return [e.ids for e in self.encodings(texts, truncate, what=what)]
+
+    def encodings(self, texts: list[str], truncate: str, *, what: str = "input") -> list[Encoding]:
+        """Like `encode`, the whole encodings (ids, character offsets, tokens, overflow): Tokenize."""
         encodings = self._singles[truncate].encode_batch(texts)
         if truncate == TRUNCATE_NONE:
             self._check_no_overflow(encodings, texts, what)
-        return [e.ids for e in encodings]
+        return encodings
+
+    @property
+    def vocab_size(self) -> int:
+        return self._untruncated.get_vocab_size(with_added_tokens=True)
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        return self._untruncated.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def check_query(self, query: str, *, paired: bool) -> int:
         """Tokens of a rerank query (special tokens included); InvalidInput if over the limit.

@@ -13,12 +13,40 @@ class InputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INPUT_TYPE_UNSPECIFIED: _ClassVar[InputType]
     INPUT_TYPE_QUERY: _ClassVar[InputType]
     INPUT_TYPE_PASSAGE: _ClassVar[InputType]
+
+class EmbeddingEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EMBEDDING_ENCODING_UNSPECIFIED: _ClassVar[EmbeddingEncoding]
+    EMBEDDING_ENCODING_FLOAT: _ClassVar[EmbeddingEncoding]
+    EMBEDDING_ENCODING_FLOAT32_BYTES: _ClassVar[EmbeddingEncoding]
+    EMBEDDING_ENCODING_INT8: _ClassVar[EmbeddingEncoding]
+    EMBEDDING_ENCODING_UINT8: _ClassVar[EmbeddingEncoding]
+    EMBEDDING_ENCODING_BINARY: _ClassVar[EmbeddingEncoding]
+    EMBEDDING_ENCODING_UBINARY: _ClassVar[EmbeddingEncoding]
+
+class ElementType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ELEMENT_TYPE_UNSPECIFIED: _ClassVar[ElementType]
+    ELEMENT_TYPE_FLOAT32: _ClassVar[ElementType]
+    ELEMENT_TYPE_INT8: _ClassVar[ElementType]
+    ELEMENT_TYPE_UINT8: _ClassVar[ElementType]
 INPUT_TYPE_UNSPECIFIED: InputType
 INPUT_TYPE_QUERY: InputType
 INPUT_TYPE_PASSAGE: InputType
+EMBEDDING_ENCODING_UNSPECIFIED: EmbeddingEncoding
+EMBEDDING_ENCODING_FLOAT: EmbeddingEncoding
+EMBEDDING_ENCODING_FLOAT32_BYTES: EmbeddingEncoding
+EMBEDDING_ENCODING_INT8: EmbeddingEncoding
+EMBEDDING_ENCODING_UINT8: EmbeddingEncoding
+EMBEDDING_ENCODING_BINARY: EmbeddingEncoding
+EMBEDDING_ENCODING_UBINARY: EmbeddingEncoding
+ELEMENT_TYPE_UNSPECIFIED: ElementType
+ELEMENT_TYPE_FLOAT32: ElementType
+ELEMENT_TYPE_INT8: ElementType
+ELEMENT_TYPE_UINT8: ElementType
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("model", "inputs", "normalize", "truncate", "dimensions", "input_type", "priority")
+    __slots__ = ("model", "inputs", "normalize", "truncate", "dimensions", "input_type", "priority", "encoding")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +54,7 @@ class EmbedRequest(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
     normalize: bool
@@ -33,7 +62,8 @@ class EmbedRequest(_message.Message):
     dimensions: int
     input_type: InputType
     priority: _common_pb2.Priority
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., normalize: bool = ..., truncate: _Optional[_Union[_common_pb2.Truncate, str]] = ..., dimensions: _Optional[int] = ..., input_type: _Optional[_Union[InputType, str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
+    encoding: EmbeddingEncoding
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., normalize: bool = ..., truncate: _Optional[_Union[_common_pb2.Truncate, str]] = ..., dimensions: _Optional[int] = ..., input_type: _Optional[_Union[InputType, str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., encoding: _Optional[_Union[EmbeddingEncoding, str]] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -41,15 +71,33 @@ class Embedding(_message.Message):
     values: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class PackedEmbeddings(_message.Message):
+    __slots__ = ("data", "rows", "columns", "element_type", "dimensions")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ELEMENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    rows: int
+    columns: int
+    element_type: ElementType
+    dimensions: int
+    def __init__(self, data: _Optional[bytes] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., element_type: _Optional[_Union[ElementType, str]] = ..., dimensions: _Optional[int] = ...) -> None: ...
+
 class EmbedResponse(_message.Message):
-    __slots__ = ("model", "embeddings", "usage")
+    __slots__ = ("model", "embeddings", "usage", "encoding", "packed")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     model: str
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     usage: _common_pb2.Usage
-    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
+    encoding: EmbeddingEncoding
+    packed: PackedEmbeddings
+    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., encoding: _Optional[_Union[EmbeddingEncoding, str]] = ..., packed: _Optional[_Union[PackedEmbeddings, _Mapping]] = ...) -> None: ...
 
 class EmbedStreamRequest(_message.Message):
     __slots__ = ("id", "request")

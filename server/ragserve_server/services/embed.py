@@ -8,7 +8,7 @@ from concurrent.futures import Executor
 import grpc
 
 from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
-from ragserve_server import request_record
+from ragserve_server import quantize, request_record
 from ragserve_server.admission import BULK, Admission
 from ragserve_server.catalog import EMBEDDING, Catalog
 from ragserve_server.encoder import EncoderRunner, finish_embeddings
@@ -17,6 +17,25 @@ from ragserve_server.services.common import off_loop, requested_model, time_left
 from ragserve_server.tokenization import EncoderTokenizer
 
 _INPUT_TYPES = {embed_pb2.INPUT_TYPE_UNSPECIFIED: "", embed_pb2.INPUT_TYPE_QUERY: "query", embed_pb2.INPUT_TYPE_PASSAGE: "passage"}
+ENCODINGS = {
+    embed_pb2.EMBEDDING_ENCODING_UNSPECIFIED: quantize.FLOAT,  # the default: repeated float
+    embed_pb2.EMBEDDING_ENCODING_FLOAT: quantize.FLOAT,
+    embed_pb2.EMBEDDING_ENCODING_FLOAT32_BYTES: quantize.FLOAT32_BYTES,
+    embed_pb2.EMBEDDING_ENCODING_INT8: quantize.INT8,
+    embed_pb2.EMBEDDING_ENCODING_UINT8: quantize.UINT8,
+    embed_pb2.EMBEDDING_ENCODING_BINARY: quantize.BINARY,
+    embed_pb2.EMBEDDING_ENCODING_UBINARY: quantize.UBINARY,
+}
+ENCODING_VALUES = {name: value for value, name in ENCODINGS.items() if value}
+_ELEMENT_TYPES = {"<f4": embed_pb2.ELEMENT_TYPE_FLOAT32, "i1": embed_pb2.ELEMENT_TYPE_INT8, "u1": embed_pb2.ELEMENT_TYPE_UINT8}
+
+
+def encoding_of(value: int) -> str:
+    try:
+        return ENCODINGS[value]
+    except KeyError:
+        allowed = ", ".join(f"{embed_pb2.EmbeddingEncoding.Name(v)} ({v})" for v in ENCODING_VALUES.values())
+        raise InvalidInput(f"encoding {value} is not a known encoding; allowed: {allowed}") from None
 
 # Messages of one EmbedStream in the gateway at once (working or waiting for a bulk permit);
 # beyond that the stream stops reading and HTTP/2 flow control pushes back on the sender.
@@ -39,6 +58,11 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
         self.encoder = encoder
         self.executor = executor
         self.max_inputs = max_inputs_per_call
+        self.calibrations = {
+            m.name: quantize.Calibration.from_entry(m.int8_calibration, m.dimensions, m.name)
+            for m in catalog.by_kind(EMBEDDING)
+            if m.int8_calibration is not None
+        }
 
     async def Embed(self, request: embed_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> embed_pb2.EmbedResponse:
         return await self.embed(request, timeout=time_left(context))
@@ -101,6 +125,12 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
             raise InvalidInput(f"unknown input_type {request.input_type}")
         truncate = truncate_mode(request.truncate)
         normalize = request.normalize if request.HasField("normalize") else True  # default: normalised
+        encoding = encoding_of(request.encoding)
+        calibration = self.calibrations.get(model.name)
+        quantize.check_encoding(
+            encoding, model=model.name, calibration=calibration, normalize=normalize, dimensions=dimensions,
+            full_dimensions=model.dimensions,
+        )
 
         prefix = model.prefixes.get(_INPUT_TYPES[request.input_type], "")
         if prefix:
@@ -113,8 +143,22 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
         pooled = await self.encoder.pooled(model, tokenizer, sequences, timeout=timeout)
         with request_record.stage("respond"):
             vectors = finish_embeddings(pooled, dimensions=dimensions, normalize=normalize)
-            return embed_pb2.EmbedResponse(
+            response = embed_pb2.EmbedResponse(
                 model=model.name,
-                embeddings=[embed_pb2.Embedding(values=row) for row in vectors.tolist()],
                 usage=common_pb2.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+                encoding=ENCODING_VALUES[encoding],
             )
+            if encoding == quantize.FLOAT:
+                response.embeddings.extend(embed_pb2.Embedding(values=row) for row in vectors.tolist())
+            else:
+                packed = quantize.encode(vectors, encoding, calibration)
+                response.packed.CopyFrom(
+                    embed_pb2.PackedEmbeddings(
+                        data=packed.tobytes(),
+                        rows=packed.shape[0],
+                        columns=packed.shape[1],
+                        element_type=_ELEMENT_TYPES[quantize.ELEMENT_TYPES[encoding]],
+                        dimensions=dimensions,
+                    )
+                )
+            return response

@@ -1,9 +1,11 @@
-"""ragserve.v1.Models: what this gateway serves."""
+"""ragserve.v1.Models: what this gateway serves (every fact read from the catalog / registry)."""
 
 from __future__ import annotations
 
-from ragserve.v1 import models_pb2, models_pb2_grpc
-from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog
+from ragserve.v1 import embed_pb2, models_pb2, models_pb2_grpc
+from ragserve_server import quantize
+from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog, ServedModel
+from ragserve_server.services.embed import ENCODING_VALUES
 
 _KINDS = {
     EMBEDDING: models_pb2.MODEL_KIND_EMBEDDING,
@@ -11,6 +13,34 @@ _KINDS = {
     BI_ENCODER: models_pb2.MODEL_KIND_BI_ENCODER,
     GENERATION: models_pb2.MODEL_KIND_GENERATION,
 }
+_INPUT_TYPES = {"query": embed_pb2.INPUT_TYPE_QUERY, "passage": embed_pb2.INPUT_TYPE_PASSAGE}
+
+
+def model_info(m: ServedModel, is_default: bool) -> models_pb2.ModelInfo:
+    info = models_pb2.ModelInfo(
+        name=m.name,
+        kind=_KINDS[m.kind],
+        dimensions=m.dimensions,
+        max_input_tokens=m.max_input_tokens,
+        max_batch=m.max_inputs_per_call,  # deprecated twin of max_inputs_per_call, for older clients
+        is_default=is_default,
+        max_inputs_per_call=m.max_inputs_per_call,
+        max_batch_rows=m.rows_per_request,
+        max_tokens_per_batch=m.max_tokens_per_batch,
+        revision=m.revision,
+    )
+    if m.kind == EMBEDDING:
+        info.input_types.extend(
+            models_pb2.InputTypePrefix(input_type=value, prefix=m.prefixes.get(name, "")) for name, value in _INPUT_TYPES.items()
+        )
+        info.dimensions_may_be_cut = True
+        info.matryoshka_dimensions.extend(m.matryoshka_dimensions)
+        info.encodings.extend(ENCODING_VALUES[e] for e in quantize.encodings_of(m.int8_calibration is not None))
+    if m.score_range is not None:
+        info.score_range.CopyFrom(models_pb2.ScoreRange(min=m.score_range[0], max=m.score_range[1]))
+    if m.raw_score_range is not None:
+        info.raw_score_range.CopyFrom(models_pb2.ScoreRange(min=m.raw_score_range[0], max=m.raw_score_range[1]))
+    return info
 
 
 class ModelsService(models_pb2_grpc.ModelsServicer):
@@ -19,16 +49,4 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
 
     async def ListModels(self, request, context) -> models_pb2.ListModelsResponse:
         defaults = set(self.catalog.defaults.values())
-        return models_pb2.ListModelsResponse(
-            models=[
-                models_pb2.ModelInfo(
-                    name=m.name,
-                    kind=_KINDS[m.kind],
-                    dimensions=m.dimensions,
-                    max_input_tokens=m.max_input_tokens,
-                    max_batch=m.max_batch,
-                    is_default=m.name in defaults,
-                )
-                for m in self.catalog.models
-            ]
-        )
+        return models_pb2.ListModelsResponse(models=[model_info(m, m.name in defaults) for m in self.catalog.models])
