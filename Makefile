@@ -136,3 +136,8 @@ loadtest: setup
 	$(VENV)/bin/locust -f loadtest/locustfile.py --headless --host $(RAGSERVE_ADDRESS) \
 	  -u $(LOADTEST_USERS) -r $(LOADTEST_USERS) -t $(LOADTEST_TIME) --stop-timeout 60 \
 	  --csv reports/loadtest --html reports/loadtest.html --only-summary
+
+# The same Embed load over gRPC and over HTTP (/v1/embeddings), tracing off and on (cost < 5 % is the goal).
+.PHONY: bench-http
+bench-http: setup models
+	$(PY) bench/http_bench.py
