@@ -59,7 +59,7 @@ class OtlpJsonReceiver:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def trace(self, trace_id: str, count: int, timeout: float = 20.0) -> list[dict]:
+    def trace(self, trace_id: str, count: int, timeout: float = 30.0) -> list[dict]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = [s for s in self.spans if s["traceId"] == trace_id]
@@ -126,9 +126,12 @@ def check_one_trace(caller, exporter: InMemorySpanExporter, receiver: OtlpJsonRe
     assert theirs["compute"]["parentSpanId"] == theirs["minilm"]["spanId"]
     events = [e["name"] for e in theirs["minilm"].get("events", [])]
     assert "QUEUE_START" in events, events
-    start, end = int(theirs["InferRequest"]["startTimeUnixNano"]), int(theirs["InferRequest"]["endTimeUnixNano"])
-    compute_start = int(theirs["compute"]["startTimeUnixNano"])
-    assert triton_stage.start_time - SLACK_NS <= start <= compute_start <= end <= triton_stage.end_time + SLACK_NS
+    # In causal order: the stage opens, Triton receives the request, queues it, computes, and
+    # the gateway has the answer. (Triton closes its spans after sending the response, so their
+    # ends may trail the stage's end by a little on a busy machine: not checked.)
+    start = int(theirs["InferRequest"]["startTimeUnixNano"])
+    model_start, compute_start = int(theirs["minilm"]["startTimeUnixNano"]), int(theirs["compute"]["startTimeUnixNano"])
+    assert triton_stage.start_time - SLACK_NS <= start <= model_start <= compute_start <= triton_stage.end_time
 
 
 async def test_grpc_call_joins_the_callers_trace_down_to_triton(traced_gateway):
