@@ -119,7 +119,7 @@ def test_stop_sequence_and_max_tokens(generation, reference):
     with ragserve.Client(gateway.address, timeout=120) as client:
         stopped = client.generate(messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0, stop=["Paris", "zzz"])
         short = client.generate(messages=CHATS[0], max_tokens=3, temperature=0)
-    assert stopped.text == text[:cut] and stopped.finish_reason == "stop"
+    assert stopped.text == text[:cut] and stopped.finish_reason == "stop_sequence" and stopped.stop_sequence == "Paris"
     assert short.finish_reason == "length" and short.usage.completion_tokens == 3
 
 
@@ -201,3 +201,79 @@ async def test_triton_serves_the_tensorrt_llm_contract(generation):
     assert streamed[-1][0] == [] and len(tokens) < MAX_TOKENS  # ended by the end id, which is not returned
     assert tokenizer.eos_token_id not in tokens
     assert whole == [(tokens, True)]
+
+
+# ---------------------------------------------------------------- logprobs, stop token ids, penalties, min-p, finish reasons
+@pytest.fixture(scope="module")
+def hf_logits():
+    """transformers' greedy generate with each step's raw logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(HF)
+    model = AutoModelForCausalLM.from_pretrained(HF, dtype=torch.float32).eval()
+
+    def run(messages, max_new_tokens):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        new = out.sequences[0, ids["input_ids"].shape[1] :].tolist()
+        return new, [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+
+    return run
+
+
+def test_greedy_logprobs_and_top_logprobs_equal_transformers(generation, hf_logits):
+    _, gateway = generation
+    tokens, logprobs = hf_logits(CHATS[0], 8)
+    with ragserve.Client(gateway.address, timeout=120) as client:
+        result = client.generate(messages=CHATS[0], max_tokens=8, temperature=0, logprobs=True, top_logprobs=5)
+        events = list(client.stream(messages=CHATS[0], max_tokens=8, temperature=0, logprobs=True, top_logprobs=5))
+    assert len(result.logprobs) == result.usage.completion_tokens
+    assert [lp.token_id for lp in result.logprobs] == tokens[: len(result.logprobs)]
+    for got, want in zip(result.logprobs, logprobs):
+        assert got.logprob == pytest.approx(float(want[got.token_id]), abs=1e-3)
+        assert [t.token_id for t in got.top_logprobs] == want.topk(5).indices.tolist()
+        assert got.top_logprobs[0].token_id == got.token_id
+    streamed = [lp for e in events[:-1] for lp in e.logprobs]
+    assert streamed == list(events[-1].logprobs) == list(result.logprobs)
+    assert events[-1].text == result.text and result.request_id and events[-1].request_id
+
+
+def test_stop_token_ids_and_finish_reasons_against_the_engine(generation, reference, hf_logits):
+    from transformers import AutoTokenizer
+
+    _, gateway = generation
+    tokenizer = AutoTokenizer.from_pretrained(HF)
+    text, _ = reference(CHATS[0])
+    ids, _ = hf_logits(CHATS[0], MAX_TOKENS)
+    stop_id, at = ids[2], ids.index(ids[2])
+    with ragserve.Client(gateway.address, timeout=120) as client:
+        stopped = client.generate(messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0, stop_token_ids=[stop_id])
+        assert stopped.finish_reason == "stop_sequence" and stopped.stop_token_id == stop_id
+        assert stopped.usage.completion_tokens == at and stopped.text == tokenizer.decode(ids[:at], skip_special_tokens=True)
+        word = text.split()[1]
+        by_string = client.generate(messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0, stop=[word])
+        assert by_string.finish_reason == "stop_sequence" and by_string.stop_sequence == word
+        assert client.generate(messages=CHATS[0], max_tokens=2, temperature=0).finish_reason == "length"
+        assert client.generate(messages=CHATS[0], max_tokens=200, temperature=0).finish_reason == "stop"
+        # min_p 1 keeps only the likeliest token: sampling at any temperature gives the greedy text.
+        sampled = client.generate(messages=CHATS[0], max_tokens=8, temperature=1.7, min_p=1.0, seed=3)
+        greedy = client.generate(messages=CHATS[0], max_tokens=8, temperature=0)
+        assert sampled.text == greedy.text
+        penalised = client.generate(prompt="one one one one one one", max_tokens=12, temperature=0, frequency_penalty=2.0, presence_penalty=2.0)
+        plain = client.generate(prompt="one one one one one one", max_tokens=12, temperature=0)
+        assert penalised.text != plain.text
+
+
+def test_max_tokens_defaults_to_the_room_left(generation):
+    """A long prompt without max_tokens is served (the old default of 256 was refused here)."""
+    _, gateway = generation
+    with ragserve.Client(gateway.address, timeout=300) as client:
+        prompt = "word " * 2000
+        result = client.stream(prompt=prompt, temperature=0)
+        first = next(result)
+        result.close()
+        assert first is not None
+        with pytest.raises(ragserve.InvalidArgumentError, match="leaves no room in the context of 2048"):
+            client.generate(prompt="word " * 2100)

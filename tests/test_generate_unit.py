@@ -54,12 +54,22 @@ def test_stop_sequences_never_leak(stop, expected):
 EOS = 2  # <|im_end|>, SmolLM2's end id
 
 
-def response(tokens: list[int]) -> dict[str, np.ndarray]:
-    """One streamed TensorRT-LLM response: the new tokens of the first beam."""
-    return {
-        "output_ids": np.array(tokens, dtype=np.int32).reshape(1, 1, len(tokens)),
-        "sequence_length": np.array([[len(tokens)]], dtype=np.int32),
+def response(tokens: list[int], inputs=None) -> dict[str, np.ndarray]:
+    """One streamed TensorRT-LLM response: the new tokens of the first beam (and, when the
+    request asks for them, made-up log probs: -token/1000, alternatives token+1.. below)."""
+    n = len(tokens)
+    out = {
+        "output_ids": np.array(tokens, dtype=np.int32).reshape(1, 1, n),
+        "sequence_length": np.array([[n]], dtype=np.int32),
     }
+    if inputs is not None and "return_log_probs" in inputs:
+        out["output_log_probs"] = np.array([-t / 1000 for t in tokens], dtype=np.float32).reshape(1, 1, n)
+        out["cum_log_probs"] = np.zeros((1, 1), dtype=np.float32)
+        if "num_top_logprobs" in inputs:
+            k = int(inputs["num_top_logprobs"][0, 0])
+            out["top_logprobs_ids"] = np.array([[t + j for j in range(k)] for t in tokens], dtype=np.int32).reshape(1, 1, n, k)
+            out["top_logprobs"] = np.array([[-(t + j) / 1000 for j in range(k)] for t in tokens], dtype=np.float32).reshape(1, 1, n, k)
+    return out
 
 
 class FakeEngine:
@@ -73,22 +83,30 @@ class FakeEngine:
         self.inputs = None
         self.outputs = None
         self.returns_end_id = False
+        self.cancel_after: int | None = None  # close the request with a tensor-less final after this many tokens
 
     async def stream(self, model, inputs, outputs, *, timeout):
         self.inputs, self.outputs = inputs, outputs
         limit = int(inputs["request_output_len"][0, 0])
         end_id = int(inputs["end_id"][0, 0])
+        stop_ids = set(inputs["stop_words_list"][0, 0].tolist()) if "stop_words_list" in inputs else set()
         sequence = self.tokens + [end_id]
         done = False
         try:
             for i, token in enumerate(sequence[:limit]):
+                if i == self.cancel_after:
+                    done = True
+                    yield {}, True
+                    return
                 last = i == limit - 1
                 if token == end_id and not self.returns_end_id:
                     done = True
-                    yield response([]), True
+                    yield response([], inputs), True
                     return
-                done = last or token == end_id
-                yield response([token]), done
+                done = last or token == end_id or token in stop_ids  # a stop word's token is returned
+                yield response([token], inputs), done
+                if done:
+                    return
                 await asyncio.sleep(0)
         finally:
             if not done:
@@ -127,8 +145,9 @@ async def test_stream_concatenates_to_unary_text(fake_generation):
 
 async def test_stop_sequence_cancels_the_engine_request(fake_generation):
     engine, client = fake_generation
-    result = await client.generate("hi", max_tokens=40, stop=["東京"])
-    assert result.text == "Héllo wörld! " and result.finish_reason == "stop"
+    result = await client.generate("hi", max_tokens=40, stop=["東京", "zzz"])
+    assert result.text == "Héllo wörld! " and result.finish_reason == "stop_sequence"
+    assert result.stop_sequence == "東京" and result.stop_token_id is None
     await asyncio.wait_for(engine.closed_early.wait(), 2)
 
 
@@ -183,6 +202,14 @@ BAD = [
     (dict(prompt="x", stop=["a", "b", "c", "d", "e"]), "at most 4 stop sequences"),
     (dict(prompt="x", stop=["a", ""]), "stop sequence 1 is an empty string"),
     (dict(messages=[{"role": "wizard", "content": "y"}]), "unknown role 'wizard'"),
+    (dict(prompt="x", presence_penalty=2.5), "presence_penalty must be in [-2, 2] (0 = off), got 2.5"),
+    (dict(prompt="x", frequency_penalty=-3.0), "frequency_penalty must be in [-2, 2] (0 = off), got -3.0"),
+    (dict(prompt="x", min_p=1.5), "min_p must be in [0, 1] (0 = off), got 1.5"),
+    (dict(prompt="x", min_p=-0.1), "min_p must be in [0, 1]"),
+    (dict(prompt="x", top_logprobs=21), "top_logprobs must be in [0, 20], got 21"),
+    (dict(prompt="x", stop_token_ids=[49152]), "stop_token_ids[0] is 49152, the model's token ids are in [0, 49152)"),
+    (dict(prompt="x", stop_token_ids=list(range(17))), "stop_token_ids holds 17 ids, at most 16"),
+    (dict(prompt="word " * 63, max_tokens=None), "leaves no room in the context of 64 tokens"),
 ]
 
 
@@ -193,3 +220,70 @@ async def test_bad_input(fake_generation, kwargs, message):
         await client.generate(max_tokens=kwargs.pop("max_tokens", 8), **kwargs)
     assert message in info.value.message
     assert (await client.generate("still serving", max_tokens=2)).usage.completion_tokens == 2
+
+
+async def test_logprobs_per_token_in_the_stream_and_the_final(fake_generation):
+    engine, client = fake_generation
+    n = len(engine.tokens)
+    result = await client.generate("hi", max_tokens=40, logprobs=True, top_logprobs=3)
+    assert engine.outputs == contract.OUTPUT_NAMES + ("output_log_probs", "cum_log_probs", "top_logprobs_ids", "top_logprobs")
+    assert engine.inputs["return_log_probs"].tolist() == [[True]] and engine.inputs["num_top_logprobs"].tolist() == [[3]]
+    assert len(result.logprobs) == result.usage.completion_tokens == n  # one per completion token; not the end id
+    assert [lp.token_id for lp in result.logprobs] == engine.tokens
+    first = result.logprobs[0]
+    assert first.logprob == pytest.approx(-engine.tokens[0] / 1000)
+    assert [t.token_id for t in first.top_logprobs] == [engine.tokens[0] + j for j in range(3)]
+    assert first.token == tokenizer().decode([engine.tokens[0]])
+    events = [e async for e in client.stream("hi", max_tokens=40, logprobs=True)]
+    streamed = [lp for e in events[:-1] for lp in e.logprobs]
+    assert [lp.token_id for lp in streamed] == engine.tokens and events[-1].logprobs == tuple(streamed)
+    assert all(lp.top_logprobs == () for lp in streamed)
+    # Without logprobs nothing extra is asked for, sent or returned.
+    plain = await client.generate("hi", max_tokens=4)
+    assert plain.logprobs == () and engine.outputs == contract.OUTPUT_NAMES
+    assert not {"return_log_probs", "num_top_logprobs", "min_p", "presence_penalty", "frequency_penalty", "stop_words_list"} & set(engine.inputs)
+
+
+async def test_stop_token_ids_end_the_generation_unseen(fake_generation):
+    engine, client = fake_generation
+    stop_at = 4
+    token = engine.tokens[stop_at]
+    assert token not in engine.tokens[:stop_at]
+    result = await client.generate("hi", max_tokens=40, stop_token_ids=[token, 7])
+    assert engine.inputs["stop_words_list"].tolist() == [[[token, 7], [1, 2]]]  # TensorRT-LLM's [ids; end offsets]
+    assert result.finish_reason == "stop_sequence" and result.stop_token_id == token and result.stop_sequence is None
+    assert result.usage.completion_tokens == stop_at and result.text == tokenizer().decode(engine.tokens[:stop_at])
+
+
+async def test_penalties_and_min_p_map_onto_their_tensors(fake_generation):
+    engine, client = fake_generation
+    await client.generate("hi", max_tokens=2, presence_penalty=0.5, frequency_penalty=-1.5, min_p=0.05)
+    sent = {k: v.tolist() for k, v in engine.inputs.items()}
+    np.testing.assert_allclose([sent["presence_penalty"][0][0], sent["frequency_penalty"][0][0], sent["min_p"][0][0]], [0.5, -1.5, 0.05], rtol=1e-6)
+
+
+async def test_a_request_the_server_cancels_ends_with_cancelled_and_the_text_so_far(fake_generation):
+    engine, client = fake_generation
+    engine.cancel_after = 3
+    result = await client.generate("hi", max_tokens=40)
+    assert result.finish_reason == "cancelled" and result.usage.completion_tokens == 3
+    assert result.text == tokenizer().decode(engine.tokens[:3])
+    events = [e async for e in client.stream("hi", max_tokens=40)]
+    assert events[-1].finish_reason == "cancelled"
+
+
+async def test_max_tokens_defaults_to_the_room_left_in_the_context(fake_generation):
+    engine, client = fake_generation
+    prompt = "word " * 20
+    result = await client.generate(prompt)
+    prompt_tokens = result.usage.prompt_tokens
+    assert engine.inputs["request_output_len"].tolist() == [[64 - prompt_tokens]]
+
+
+async def test_results_carry_the_request_id_and_per_call_metadata_is_sent(fake_generation):
+    _, client = fake_generation
+    result = await client.generate("hi", max_tokens=2, metadata=[("x-request-id", "caller-id-1")])
+    assert result.request_id == "caller-id-1"
+    assert (await client.generate("hi", max_tokens=2)).request_id not in (None, "caller-id-1")
+    events = [e async for e in client.stream("hi", max_tokens=2, metadata=[("x-request-id", "caller-id-2")])]
+    assert events[-1].request_id == "caller-id-2"

@@ -46,8 +46,20 @@ def test_request_tensors_follow_the_tensorrt_llm_table(sampling):
 
 
 def test_the_table_is_tensorrt_llms():
-    """The facts copied from tensorrtllm_backend's tensorrt_llm config (SOURCE), pinned."""
-    table = {s.name: (s.dtype, s.dims, s.reshape, s.optional, s.allow_ragged_batch) for s in contract.INPUTS + contract.OUTPUTS}
+    """The facts copied from tensorrtllm_backend's tensorrt_llm config (SOURCE), pinned; our
+    extensions (which a TensorRT-LLM deployment lacks) are optional and named apart."""
+    table = {
+        s.name: (s.dtype, s.dims, s.reshape, s.optional, s.allow_ragged_batch)
+        for s in contract.INPUTS + contract.OUTPUTS
+        if s.name not in contract.EXTENSIONS
+    }
+    extensions = {s.name: (s.dtype, s.dims, s.optional) for s in contract.INPUTS + contract.OUTPUTS if s.name in contract.EXTENSIONS}
+    assert extensions == {
+        "min_p": ("TYPE_FP32", (1,), True),
+        "num_top_logprobs": ("TYPE_INT32", (1,), True),
+        "top_logprobs_ids": ("TYPE_INT32", (-1, -1, -1), True),
+        "top_logprobs": ("TYPE_FP32", (-1, -1, -1), True),
+    }
     scalar = ((1,), ())
     assert table == {
         "input_ids": ("TYPE_INT32", (-1,), None, True, True),
@@ -60,8 +72,15 @@ def test_the_table_is_tensorrt_llms():
         "runtime_top_p": ("TYPE_FP32", *scalar, True, False),
         "repetition_penalty": ("TYPE_FP32", *scalar, True, False),
         "seed": ("TYPE_UINT64", *scalar, True, False),
+        "stop_words_list": ("TYPE_INT32", (2, -1), None, True, True),
+        "presence_penalty": ("TYPE_FP32", *scalar, True, False),
+        "frequency_penalty": ("TYPE_FP32", *scalar, True, False),
+        "return_log_probs": ("TYPE_BOOL", *scalar, True, False),
         "output_ids": ("TYPE_INT32", (-1, -1), None, False, False),
         "sequence_length": ("TYPE_INT32", (-1,), None, False, False),
+        # Outputs TensorRT-LLM always declares; optional here only so that a model without them passes.
+        "cum_log_probs": ("TYPE_FP32", (-1,), None, True, False),
+        "output_log_probs": ("TYPE_FP32", (-1, -1), None, True, False),
     }
     assert contract.MAX_BATCH_SIZE > 0 and "c2e65b88d85255be30cf50440a91662abeb497dd" in contract.SOURCE
 
@@ -81,6 +100,41 @@ def test_a_disagreeing_config_is_named():
     config.input[0].data_type = model_config.model_config_pb2.TYPE_INT64
     problems = model_config.mismatches("smollm2", contract.MAX_BATCH_SIZE, contract.INPUTS, contract.OUTPUTS, config)
     assert problems == ["smollm2: input 'input_ids' is TYPE_INT64 in Triton's config, the gateway uses TYPE_INT32"]
+
+
+def test_a_tensorrt_llm_config_without_our_extensions_passes_the_start_up_check():
+    config = model_config.read(MODEL_DIR / "config.pbtxt")
+    for field in (config.input, config.output):
+        keep = [t for t in field if t.name not in contract.EXTENSIONS]
+        del field[:]
+        field.extend(keep)
+    assert model_config.mismatches("smollm2", contract.MAX_BATCH_SIZE, contract.INPUTS, contract.OUTPUTS, config) == []
+
+
+def test_new_controls_are_sent_only_when_used():
+    plain = contract.request_tensors(PROMPT, contract.Sampling(max_tokens=4), end_id=2)
+    assert not set(plain) & {"stop_words_list", "presence_penalty", "frequency_penalty", "return_log_probs", "min_p", "num_top_logprobs"}
+    assert contract.output_names(contract.Sampling(max_tokens=4)) == ("output_ids", "sequence_length")
+    full = contract.Sampling(max_tokens=4, presence_penalty=0.5, frequency_penalty=1.0, min_p=0.1, logprobs=True, top_logprobs=5, stop_token_ids=(7, 9))
+    tensors = contract.request_tensors(PROMPT, full, end_id=2)
+    assert tensors["stop_words_list"].tolist() == [[[7, 9], [1, 2]]] and tensors["return_log_probs"].tolist() == [[True]]
+    assert tensors["num_top_logprobs"].tolist() == [[5]]
+    assert contract.output_names(full)[2:] == ("output_log_probs", "cum_log_probs", "top_logprobs_ids", "top_logprobs")
+
+
+def test_response_logprobs():
+    outputs = {
+        "output_ids": np.array([5, 6], dtype=np.int32).reshape(1, 1, 2),
+        "output_log_probs": np.array([-0.5, -1.5], dtype=np.float32).reshape(1, 1, 2),
+        "top_logprobs_ids": np.array([[5, 1], [3, 6]], dtype=np.int32).reshape(1, 1, 2, 2),
+        "top_logprobs": np.array([[-0.5, -2.0], [-1.0, -1.5]], dtype=np.float32).reshape(1, 1, 2, 2),
+    }
+    assert contract.response_logprobs(outputs, [5, 6]) == [
+        contract.TokenLogprobs(5, -0.5, ((5, -0.5), (1, -2.0))),
+        contract.TokenLogprobs(6, -1.5, ((3, -1.0), (6, -1.5))),
+    ]
+    assert contract.response_logprobs({"output_ids": outputs["output_ids"]}, [5, 6]) == []
+    assert contract.cancelled_by_server({}, True) and not contract.cancelled_by_server({"output_ids": np.zeros((1, 1, 0))}, True)
 
 
 def test_response_tokens():
@@ -115,6 +169,8 @@ API_VALUES = dict(
     top_p=[1.0, 0.5, 1e-6, 0.0, 1.5],
     top_k=[0, 1, 50, -1],
     repetition_penalty=[1.0, 1.3, 1e-3, 0.0],
+    presence_penalty=[0.0, 2.0, -2.5],
+    min_p=[0.0, 1.0, 1.5],
 )
 
 
@@ -122,7 +178,8 @@ def test_every_request_the_gateway_accepts_the_engine_accepts_with_the_same_mean
     """The gateway checks our API's ranges, the engine TensorRT-LLM's: what passes the first
     must pass the second, and greedy must stay greedy (and sampling sampling)."""
     fields = {"temperature": "temperature", "runtime_top_k": "top_k", "runtime_top_p": "top_p",
-              "repetition_penalty": "repetition_penalty", "seed": "seed"}
+              "repetition_penalty": "repetition_penalty", "seed": "seed", "presence_penalty": "presence_penalty",
+              "min_p": "min_p"}
     accepted = 0
     for values in itertools.product(*API_VALUES.values()):
         api = contract.Sampling(max_tokens=4, seed=7, **dict(zip(API_VALUES, values)))
@@ -132,7 +189,7 @@ def test_every_request_the_gateway_accepts_the_engine_accepts_with_the_same_mean
             continue
         accepted += 1
         tensors = contract.request_tensors(PROMPT, api, end_id=2)
-        params = sampler.SamplingParams(**{field: tensors[name].reshape(-1)[0].item() for name, field in fields.items()})
+        params = sampler.SamplingParams(**{field: tensors[name].reshape(-1)[0].item() for name, field in fields.items() if name in tensors})
         params.validate()
         assert params.greedy == (api.greedy or api.top_k == 1), api
-    assert accepted == 3**4
+    assert accepted == 3**4 * 2 * 2

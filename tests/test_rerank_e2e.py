@@ -37,15 +37,16 @@ def cross_name(cross_encoder):
     return cross_encoder.name
 
 
-def scores_by_index(result: ragserve.RerankResult) -> np.ndarray:
+def scores_by_index(result: ragserve.RerankResult, raw: bool = False) -> np.ndarray:
     scores = np.full(len(result.results), np.nan)
     for r in result.results:
-        scores[r.index] = r.score
+        scores[r.index] = r.raw_score if raw else r.relevance_score
+        assert 0.0 <= r.relevance_score <= 1.0
     return scores
 
 
 def assert_sorted_stably(result: ragserve.RerankResult) -> None:
-    keys = [(-r.score, r.index) for r in result.results]
+    keys = [(-r.relevance_score, r.index) for r in result.results]
     assert keys == sorted(keys), "not sorted by score, best first, ties in request order"
 
 
@@ -57,10 +58,12 @@ def test_cross_encoder_scores_match_transformers(client, cross_encoder, raw):
     result = client.rerank(QUERY, DOCUMENTS, model=cross_encoder.name, raw_scores=raw)
     assert result.model == cross_encoder.name
     logits = cross_encoder_logits(cross_encoder.hf_folder, QUERY, DOCUMENTS)
-    want = logits if raw else 1 / (1 + np.exp(-logits))
-    assert np.abs(scores_by_index(result) - want).max() < 1e-4
+    assert np.abs(scores_by_index(result) - 1 / (1 + np.exp(-logits))).max() < 1e-4  # relevance: sigmoid(logit)
+    if raw:
+        assert np.abs(scores_by_index(result, raw=True) - logits).max() < 1e-4
     assert_sorted_stably(result)
-    assert np.ptp(want) > 0.05, "the test head should spread the scores"
+    assert all((r.raw_score is not None) == raw for r in result.results)
+    assert np.ptp(1 / (1 + np.exp(-logits))) > 0.05, "the test head should spread the scores"
 
 
 @pytest.mark.parametrize("truncate,side", [("end", "right"), ("start", "left")])
@@ -68,7 +71,7 @@ def test_cross_encoder_truncates_the_document_side(client, cross_encoder, trunca
     documents = [LONG, "short one", "tail " + LONG[::-1]]
     result = client.rerank(QUERY, documents, model=cross_encoder.name, truncate=truncate, raw_scores=True)
     want = cross_encoder_logits(cross_encoder.hf_folder, QUERY, documents, truncation_side=side)
-    assert np.abs(scores_by_index(result) - want).max() < 1e-4
+    assert np.abs(scores_by_index(result, raw=True) - want).max() < 1e-4
     tokenizer, _ = _cross_encoder(str(cross_encoder.hf_folder), side)
     pairs = tokenizer([QUERY] * 3, documents, truncation="only_second", max_length=512)["input_ids"]
     assert result.usage.prompt_tokens == sum(len(p) for p in pairs)
@@ -104,7 +107,10 @@ def test_bi_encoder_scores_equal_cosine_of_embed_vectors(client, raw):
     assert result.model == BI_ENCODER
     query = client.embed([QUERY]).embeddings[0]
     vectors = client.embed(documents).embeddings
-    np.testing.assert_allclose(scores_by_index(result), vectors @ query, atol=1e-5)
+    np.testing.assert_allclose(scores_by_index(result), (vectors @ query + 1) / 2, atol=1e-5)  # relevance: (cosine + 1) / 2
+    assert all((r.raw_score is not None) == raw for r in result.results)
+    if raw:
+        np.testing.assert_allclose(scores_by_index(result, raw=True), vectors @ query, atol=1e-5)
     np.testing.assert_allclose(vectors @ query, minilm_embeddings(documents) @ minilm_embeddings([QUERY])[0], atol=1e-4)
 
 
@@ -114,7 +120,7 @@ def test_bi_encoder_ranks_the_answer_first(client):
     assert result.results[0].document == DOCUMENTS[1]
     assert all(r.document == DOCUMENTS[r.index] for r in result.results)
     assert_sorted_stably(result)
-    assert scores_by_index(result)[3] == pytest.approx(float(np.dot(minilm_embeddings([""])[0], minilm_embeddings([QUERY])[0])), abs=1e-4)
+    assert scores_by_index(result)[3] == pytest.approx((float(np.dot(minilm_embeddings([""])[0], minilm_embeddings([QUERY])[0])) + 1) / 2, abs=1e-4)
     tokens = [len(ids) for ids in _minilm_ids([QUERY, *DOCUMENTS])]
     assert result.usage.prompt_tokens == sum(tokens)
 
@@ -166,7 +172,7 @@ def test_1000_documents_bi_encoder(client):
     assert_sorted_stably(result)
     sample = [0, 7, 500, 999]
     want = minilm_embeddings([documents[i] for i in sample]) @ minilm_embeddings(["topic 7"])[0]
-    np.testing.assert_allclose(scores_by_index(result)[sample], want, atol=1e-4)
+    np.testing.assert_allclose(scores_by_index(result)[sample], (want + 1) / 2, atol=1e-4)
 
 
 async def test_async_client_reranks(rerank_gateway, cross_name):
@@ -203,7 +209,11 @@ BAD_INPUTS = [
     (dict(query="q", documents=["ok", "fine", LONG]), ragserve.InvalidArgumentError, "document 2 has"),
     (dict(query="q", documents=["ok", LONG], truncate="none"), ragserve.InvalidArgumentError, "document 1 has"),
     (dict(query="q", documents=["d"], model="no-such-model"), ragserve.ModelNotFoundError, "unknown model 'no-such-model'"),
-    (dict(query="q", documents=["d"], model="all-minilm-l6-v2"), ragserve.ModelNotFoundError, "unknown model 'all-minilm-l6-v2'"),
+    (
+        dict(query="q", documents=["d"], model="all-minilm-l6-v2"),
+        ragserve.InvalidArgumentError,
+        "model 'all-minilm-l6-v2' is an embedding model, not a reranker; rerankers: all-minilm-l6-v2-bi-encoder",
+    ),
     # The cross-encoder's limit is on the pair: the query must leave room for the document.
     (dict(query=LONGER_QUERY, documents=["d"], model="cross"), ragserve.InvalidArgumentError, "than the 510 allowed"),
     (dict(query="q", documents=["ok", LONG], model="cross"), ragserve.InvalidArgumentError, "document 1 with the query has"),
@@ -227,3 +237,35 @@ def test_bad_input_is_rejected_clearly(client, cross_name, kwargs, error, messag
 def test_sdk_rejects_a_single_string_as_documents(client):
     with pytest.raises(ragserve.InvalidArgumentError, match="sequence of str"):
         client.rerank("q", "one document")
+
+
+# --- long documents: chunked and scored by their best chunk -----------------------------------
+
+
+def test_bi_encoder_scores_a_long_document_by_its_best_chunk(client):
+    """The answer buried past the model's 256 tokens: truncation loses it, chunking finds it."""
+    filler = "Photosynthesis turns light, water and carbon dioxide into sugar. " * 30  # ~330 tokens
+    answer = "Paris is the capital and most populous city of France."
+    documents = [filler + answer, "Berlin is the capital and largest city of Germany."]
+    truncated = client.rerank(QUERY, documents, truncate="end")
+    chunked = client.rerank(QUERY, documents, chunk_long_documents=True, raw_scores=True, return_documents=True)
+    assert truncated.results[0].index == 1 and chunked.results[0].index == 0
+    best = chunked.results[0]
+    assert best.chunk_index == 1 and best.document == documents[0]
+    assert [r.chunk_index for r in chunked.results if r.index == 1] == [0]
+    # The best chunk's score is the score of that chunk alone (the tail of the document).
+    tail = client.rerank(QUERY, [documents[0][-400:]]).results[0]
+    assert best.relevance_score == pytest.approx((best.raw_score + 1) / 2, abs=1e-6)
+    assert best.relevance_score >= tail.relevance_score - 0.05
+    with pytest.raises(ragserve.InvalidArgumentError, match="more than the model's limit"):
+        client.rerank(QUERY, documents)  # without chunking or truncation: refused, as before
+
+
+def test_cross_encoder_scores_a_long_document_by_its_best_chunk(client, cross_encoder):
+    documents = [LONG + " Paris is the capital of France.", "short one"]
+    result = client.rerank(QUERY, documents, model=cross_encoder.name, chunk_long_documents=True, raw_scores=True)
+    by_index = {r.index: r for r in result.results}
+    assert by_index[0].chunk_index is not None and by_index[1].chunk_index == 0
+    assert by_index[1].raw_score == pytest.approx(float(cross_encoder_logits(cross_encoder.hf_folder, QUERY, ["short one"])[0]), abs=1e-4)
+    # Every chunk fits beside the query: the usage counts more than one model-sized pair.
+    assert result.usage.prompt_tokens > 512

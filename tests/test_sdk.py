@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import filecmp
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -35,6 +38,8 @@ def test_exported_members():
             "GenerateResult",
             "ServerError",
             "TextDelta",
+            "TokenLogprob",
+            "TopLogprob",
             "UnauthenticatedError",
             "UnavailableError",
             "Usage",
@@ -50,9 +55,51 @@ def test_sdk_does_not_import_server_dependencies():
     assert out == "[]"
 
 
-def test_sdk_declares_only_its_own_dependencies():
-    text = (ROOT / "client" / "pyproject.toml").read_text()
-    assert 'dependencies = ["grpcio>=1.76", "protobuf>=6.31,<7", "numpy>=1.21"]' in text
+def test_sdk_declares_only_its_own_dependencies_and_ships_py_typed():
+    project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())
+    assert project["project"]["dependencies"] == ["grpcio>=1.76", "protobuf>=5.26,<7", "numpy>=1.21"]
+    assert project["tool"]["setuptools"]["package-data"]["ragserve"] == ["py.typed"]
+    assert (ROOT / "client" / "ragserve" / "py.typed").is_file()
+
+
+# Top-level module -> the distribution that provides it.
+DISTRIBUTIONS = {
+    "grpc": "grpcio",
+    "grpc_health": "grpcio-health-checking",
+    "grpc_reflection": "grpcio-reflection",
+    "google": "protobuf",
+    "tritonclient": "tritonclient",
+    "numpy": "numpy",
+    "tokenizers": "tokenizers",
+    "transformers": "transformers",
+    "structlog": "structlog",
+    "prometheus_client": "prometheus-client",
+    "ragserve": "ragserve",
+    "torch": "torch",
+    "starlette": "starlette",
+    "uvicorn": "uvicorn",
+    "opentelemetry": "opentelemetry-api",
+}
+
+
+def test_server_declares_what_it_imports():
+    """Every third-party module ragserve_server imports is a dependency (or an extra) of server/pyproject.toml."""
+    project = tomllib.loads((ROOT / "server" / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    for extra in project.get("optional-dependencies", {}).values():
+        declared |= {re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0].lower() for d in extra}
+    imported = set()
+    for path in (ROOT / "server" / "ragserve_server").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"ragserve_server", "__future__"}
+    unknown = sorted(third_party - set(DISTRIBUTIONS))
+    assert not unknown, f"add these imports to DISTRIBUTIONS (and their distributions to server/pyproject.toml): {unknown}"
+    missing = sorted(DISTRIBUTIONS[m] for m in third_party if DISTRIBUTIONS[m] not in declared)
+    assert not missing, f"server/pyproject.toml does not declare {missing}"
 
 
 def test_generated_stubs_are_up_to_date(tmp_path):

@@ -14,6 +14,7 @@ from ragserve._errors import (
     UnavailableError,
 )
 from ragserve._types import EmbedResult, GenerateResult, ModelInfo, RankedDocument, RerankResult, TextDelta, Usage
+from ragserve._types import TokenLogprob, TopLogprob
 
 __all__ = [
     "AsyncClient",
@@ -32,6 +33,8 @@ __all__ = [
     "RerankResult",
     "ServerError",
     "TextDelta",
+    "TokenLogprob",
+    "TopLogprob",
     "UnauthenticatedError",
     "UnavailableError",
     "Usage",

@@ -22,6 +22,10 @@ A gateway with TLS and API keys (certificate arguments: PEM bytes or file paths)
     ragserve.Client("gateway.internal:50051", api_key=key, root_certificates="ca.pem",
                     certificate_chain="client.pem", private_key="client.key")  # mTLS
 
+Every method is defined once (`_Methods`) for both clients; only the transport differs:
+`Client` returns results, `AsyncClient` awaitables (and an async iterator for `stream`).
+Results carry the server's `request_id`; `metadata=` adds metadata to one call.
+
 Retries: Embed, Rerank and ListModels are retried on UNAVAILABLE and RESOURCE_EXHAUSTED (gRPC's
 retry policy in the channel's service config, honouring the server's pushback), `retries=3` by
 default, `retries=0` off; Generate and the streams are never retried.
@@ -41,8 +45,10 @@ allow one per 5 minutes without data unless configured otherwise):
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -56,6 +62,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 Pem = bytes | str | os.PathLike
+Metadata = Sequence[tuple[str, str]]
 
 
 def _channel_settings(tls, root_certificates, private_key, certificate_chain, load_balancing, retries, options):
@@ -71,7 +78,151 @@ class _Stubs:
         self.rerank = rerank_pb2_grpc.RerankStub(channel)
 
 
-class Client:
+def _with_request_id(result, request_id: str | None):
+    if request_id is not None and dataclasses.is_dataclass(result) and any(f.name == "request_id" for f in dataclasses.fields(result)):
+        return dataclasses.replace(result, request_id=request_id)
+    return result
+
+
+# What each shared method returns: the result itself (Client) or an awaitable of it (AsyncClient).
+_Embed = TypeVar("_Embed")
+_Rerank = TypeVar("_Rerank")
+_Generate = TypeVar("_Generate")
+_Stream = TypeVar("_Stream")
+_Models = TypeVar("_Models")
+
+
+class _Methods(Generic[_Embed, _Rerank, _Generate, _Stream, _Models]):
+    """Each call's options and meaning, written once; `_unary` and `_stream` are the transport."""
+
+    _stubs: _Stubs
+    _timeout: float | None
+    _metadata: tuple[tuple[str, str], ...]
+
+    def _unary(self, method, request, parse: Callable[[Any], Any], timeout: float | None, metadata: Metadata) -> Any:
+        raise NotImplementedError
+
+    def _stream(self, method, request, timeout: float | None, metadata: Metadata) -> Any:
+        raise NotImplementedError
+
+    def _call_metadata(self, metadata: Metadata) -> tuple[tuple[str, str], ...]:
+        return with_trace_context((*self._metadata, *_protocol.call_metadata(metadata, None)))
+
+    def embed(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: str | None = None,
+        dimensions: int | None = None,
+        input_type: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> _Embed:
+        """Embeds texts; `truncate` is "none" (default: over-long is an error), "end" or "start";
+        `input_type` is "query" or "passage"; `dimensions` keeps the first N (Matryoshka)."""
+        request = _protocol.embed_request(
+            inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type
+        )
+        return self._unary(self._stubs.embed.Embed, request, _protocol.embed_result, timeout, metadata)
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        model: str | None = None,
+        top_n: int | None = None,
+        return_documents: bool = False,
+        truncate: str | None = None,
+        raw_scores: bool = False,
+        chunk_long_documents: bool = False,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> _Rerank:
+        """Orders `documents` by relevance to `query`, best first; `top_n` keeps the best N.
+        `relevance_score` is in [0, 1] for every reranker; `raw_scores` adds each one's raw
+        score (a bi-encoder's cosine, a cross-encoder's logit). `truncate` ("none" default,
+        "end", "start") applies to documents only; `chunk_long_documents` scores an over-long
+        document by its best chunk instead."""
+        request = _protocol.rerank_request(
+            query, documents, model=model, top_n=top_n, return_documents=return_documents, truncate=truncate,
+            raw_scores=raw_scores, chunk_long_documents=chunk_long_documents,
+        )
+        return self._unary(self._stubs.rerank.Rerank, request, _protocol.rerank_result, timeout, metadata)
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> _Generate:
+        """Generates a completion for `prompt` (raw text) or `messages` (chat: dicts with
+        "role" and "content"). temperature 0 = greedy; same `seed` and input = same text;
+        `max_tokens` defaults to the room the prompt leaves in the context; `logprobs` returns
+        each token's log probability, `top_logprobs=k` (0..20) the k likeliest alternatives too."""
+        request = _protocol.generate_request(
+            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop, logprobs=logprobs,
+            top_logprobs=top_logprobs, stop_token_ids=stop_token_ids, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, min_p=min_p,
+        )
+        return self._unary(self._stubs.generate.Generate, request, _protocol.generate_result, timeout, metadata)
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> _Stream:
+        """Like `generate`, streamed: `TextDelta`s, then the final `GenerateResult`.
+        Leaving the loop early cancels the generation on the server."""
+        request = _protocol.generate_request(
+            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop, logprobs=logprobs,
+            top_logprobs=top_logprobs, stop_token_ids=stop_token_ids, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, min_p=min_p,
+        )
+        return self._stream(self._stubs.generate.GenerateStream, request, timeout, metadata)
+
+    def list_models(self, *, timeout: float | None = None, metadata: Metadata = ()) -> _Models:
+        return self._unary(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), _protocol.model_infos, timeout, metadata)
+
+
+class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDelta | GenerateResult], list[ModelInfo]]):
     """Blocking client. `timeout` (seconds) is the default deadline of every call.
 
     api_key: sent as `authorization: Bearer <key>` with every call.
@@ -82,6 +233,7 @@ class Client:
     retries: Embed, Rerank and ListModels calls answered UNAVAILABLE or RESOURCE_EXHAUSTED are
         tried again up to this many times (0 = off, at most 4), after a jittered exponential
         backoff or the server's `grpc-retry-pushback-ms`, always within the call's deadline.
+    metadata: sent with every call (each method's `metadata=` adds to it for one call).
     load_balancing: "round_robin" or "pick_first" (gRPC's client-side policies).
     options: gRPC channel options, e.g. keepalive and message sizes (see the module docstring).
     """
@@ -97,7 +249,7 @@ class Client:
         private_key: Pem | None = None,
         certificate_chain: Pem | None = None,
         retries: int = _protocol.DEFAULT_RETRIES,
-        metadata: Sequence[tuple[str, str]] = (),
+        metadata: Metadata = (),
         load_balancing: str | None = None,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
@@ -112,107 +264,25 @@ class Client:
         self._timeout = timeout
         self._metadata = _protocol.call_metadata(metadata, api_key)
 
-    def _call(self, method, request, timeout: float | None):
+    def _unary(self, method, request, parse, timeout, metadata):
         try:
-            return method(request, timeout=timeout if timeout is not None else self._timeout, metadata=with_trace_context(self._metadata))
+            response, call = method.with_call(
+                request, timeout=timeout if timeout is not None else self._timeout, metadata=self._call_metadata(metadata)
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+        return _with_request_id(parse(response), _protocol.request_id(call.trailing_metadata()))
 
-    def embed(
-        self,
-        inputs: str | Sequence[str],
-        *,
-        model: str | None = None,
-        normalize: bool | None = None,
-        truncate: str | None = None,
-        dimensions: int | None = None,
-        input_type: str | None = None,
-        timeout: float | None = None,
-    ) -> EmbedResult:
-        """Embeds texts; `truncate` is "none" (default: over-long is an error), "end" or "start";
-        `input_type` is "query" or "passage"; `dimensions` keeps the first N (Matryoshka)."""
-        request = _protocol.embed_request(
-            inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type
-        )
-        return _protocol.embed_result(self._call(self._stubs.embed.Embed, request, timeout))
-
-    def rerank(
-        self,
-        query: str,
-        documents: Sequence[str],
-        *,
-        model: str | None = None,
-        top_n: int | None = None,
-        return_documents: bool = False,
-        truncate: str | None = None,
-        raw_scores: bool = False,
-        timeout: float | None = None,
-    ) -> RerankResult:
-        """Orders `documents` by relevance to `query`, best first; `top_n` keeps the best N;
-        `truncate` ("none" default, "end", "start") applies to documents only; `raw_scores`
-        gives a cross-encoder's logit instead of its sigmoid (a bi-encoder's cosine either way)."""
-        request = _protocol.rerank_request(
-            query, documents, model=model, top_n=top_n, return_documents=return_documents, truncate=truncate, raw_scores=raw_scores
-        )
-        return _protocol.rerank_result(self._call(self._stubs.rerank.Rerank, request, timeout))
-
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        timeout: float | None = None,
-    ) -> GenerateResult:
-        """Generates a completion for `prompt` (raw text) or `messages` (chat: dicts with
-        "role" and "content"). temperature 0 = greedy; same `seed` and input = same text."""
-        request = _protocol.generate_request(
-            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-        )
-        return _protocol.generate_result(self._call(self._stubs.generate.Generate, request, timeout))
-
-    def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        timeout: float | None = None,
-    ) -> Iterator[TextDelta | GenerateResult]:
-        """Like `generate`, streamed: `TextDelta`s, then the final `GenerateResult`.
-        Leaving the loop early cancels the generation on the server."""
-        request = _protocol.generate_request(
-            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-        )
-        call = self._stubs.generate.GenerateStream(
-            request, timeout=timeout if timeout is not None else self._timeout, metadata=with_trace_context(self._metadata)
-        )
+    def _stream(self, method, request, timeout, metadata) -> Iterator[TextDelta | GenerateResult]:
+        call = method(request, timeout=timeout if timeout is not None else self._timeout, metadata=self._call_metadata(metadata))
         try:
+            request_id = _protocol.request_id(call.initial_metadata())
             for message in call:
-                yield _protocol.stream_event(message)
+                yield _protocol.stream_event(message, request_id)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
-
-    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        return _protocol.model_infos(self._call(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), timeout))
 
     def close(self) -> None:
         self._channel.close()
@@ -224,8 +294,16 @@ class Client:
         self.close()
 
 
-class AsyncClient:
-    """asyncio client; the same arguments and calls as `Client`, awaited."""
+class AsyncClient(
+    _Methods[
+        Awaitable[EmbedResult],
+        Awaitable[RerankResult],
+        Awaitable[GenerateResult],
+        AsyncIterator[TextDelta | GenerateResult],
+        Awaitable[list[ModelInfo]],
+    ]
+):
+    """asyncio client; the same arguments and calls as `Client`, awaited (`stream`: `async for`)."""
 
     def __init__(
         self,
@@ -238,7 +316,7 @@ class AsyncClient:
         private_key: Pem | None = None,
         certificate_chain: Pem | None = None,
         retries: int = _protocol.DEFAULT_RETRIES,
-        metadata: Sequence[tuple[str, str]] = (),
+        metadata: Metadata = (),
         load_balancing: str | None = None,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
@@ -253,102 +331,25 @@ class AsyncClient:
         self._timeout = timeout
         self._metadata = _protocol.call_metadata(metadata, api_key)
 
-    async def _call(self, method, request, timeout: float | None):
+    async def _unary(self, method, request, parse, timeout, metadata):
+        call = method(request, timeout=timeout if timeout is not None else self._timeout, metadata=self._call_metadata(metadata))
         try:
-            return await method(request, timeout=timeout if timeout is not None else self._timeout, metadata=with_trace_context(self._metadata))
+            response = await call
+            trailing = await call.trailing_metadata()
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+        return _with_request_id(parse(response), _protocol.request_id(trailing))
 
-    async def embed(
-        self,
-        inputs: str | Sequence[str],
-        *,
-        model: str | None = None,
-        normalize: bool | None = None,
-        truncate: str | None = None,
-        dimensions: int | None = None,
-        input_type: str | None = None,
-        timeout: float | None = None,
-    ) -> EmbedResult:
-        """See `Client.embed`."""
-        request = _protocol.embed_request(
-            inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type
-        )
-        return _protocol.embed_result(await self._call(self._stubs.embed.Embed, request, timeout))
-
-    async def rerank(
-        self,
-        query: str,
-        documents: Sequence[str],
-        *,
-        model: str | None = None,
-        top_n: int | None = None,
-        return_documents: bool = False,
-        truncate: str | None = None,
-        raw_scores: bool = False,
-        timeout: float | None = None,
-    ) -> RerankResult:
-        """See `Client.rerank`."""
-        request = _protocol.rerank_request(
-            query, documents, model=model, top_n=top_n, return_documents=return_documents, truncate=truncate, raw_scores=raw_scores
-        )
-        return _protocol.rerank_result(await self._call(self._stubs.rerank.Rerank, request, timeout))
-
-    async def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        timeout: float | None = None,
-    ) -> GenerateResult:
-        """See `Client.generate`."""
-        request = _protocol.generate_request(
-            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-        )
-        return _protocol.generate_result(await self._call(self._stubs.generate.Generate, request, timeout))
-
-    async def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        timeout: float | None = None,
-    ) -> AsyncIterator[TextDelta | GenerateResult]:
-        """See `Client.stream`: an async iterator here."""
-        request = _protocol.generate_request(
-            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-        )
-        call = self._stubs.generate.GenerateStream(
-            request, timeout=timeout if timeout is not None else self._timeout, metadata=with_trace_context(self._metadata)
-        )
+    async def _stream(self, method, request, timeout, metadata) -> AsyncIterator[TextDelta | GenerateResult]:
+        call = method(request, timeout=timeout if timeout is not None else self._timeout, metadata=self._call_metadata(metadata))
         try:
+            request_id = _protocol.request_id(await call.initial_metadata())
             async for message in call:
-                yield _protocol.stream_event(message)
+                yield _protocol.stream_event(message, request_id)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
-
-    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        return _protocol.model_infos(await self._call(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), timeout))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -14,7 +14,17 @@ import grpc
 import numpy as np
 
 from ragserve._errors import InvalidArgumentError
-from ragserve._types import EmbedResult, GenerateResult, ModelInfo, RankedDocument, RerankResult, TextDelta, Usage
+from ragserve._types import (
+    EmbedResult,
+    GenerateResult,
+    ModelInfo,
+    RankedDocument,
+    RerankResult,
+    TextDelta,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from ragserve.v1 import common_pb2, embed_pb2, generate_pb2, models_pb2, rerank_pb2
 
 TRUNCATE = {
@@ -96,6 +106,7 @@ def rerank_request(
     return_documents: bool,
     truncate: str | None,
     raw_scores: bool,
+    chunk_long_documents: bool = False,
 ) -> rerank_pb2.RerankRequest:
     if isinstance(documents, str):
         raise InvalidArgumentError("documents must be a sequence of str, not one str")
@@ -107,6 +118,7 @@ def rerank_request(
         return_documents=return_documents,
         truncate=_choice(TRUNCATE, truncate, "truncate"),
         raw_scores=raw_scores,
+        chunk_long_documents=chunk_long_documents,
     )
     if top_n is not None:
         if top_n < 0:
@@ -115,12 +127,18 @@ def rerank_request(
     return request
 
 
-def rerank_result(response: rerank_pb2.RerankResponse) -> RerankResult:
+def rerank_result(response: rerank_pb2.RerankResponse, request_id: str | None = None) -> RerankResult:
     results = [
-        RankedDocument(index=r.index, score=r.score, document=r.document if r.HasField("document") else None)
+        RankedDocument(
+            index=r.index,
+            relevance_score=r.relevance_score,
+            document=r.document if r.HasField("document") else None,
+            raw_score=r.raw_score if r.HasField("raw_score") else None,
+            chunk_index=r.chunk_index if r.HasField("chunk_index") else None,
+        )
         for r in response.results
     ]
-    return RerankResult(model=response.model, results=results, usage=usage(response.usage))
+    return RerankResult(model=response.model, results=results, usage=usage(response.usage), request_id=request_id)
 
 
 def model_infos(response: models_pb2.ListModelsResponse) -> list[ModelInfo]:
@@ -137,7 +155,12 @@ def model_infos(response: models_pb2.ListModelsResponse) -> list[ModelInfo]:
     ]
 
 
-FINISH_REASON = {generate_pb2.FINISH_REASON_STOP: "stop", generate_pb2.FINISH_REASON_LENGTH: "length"}
+FINISH_REASON = {
+    generate_pb2.FINISH_REASON_STOP: "stop",
+    generate_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+    generate_pb2.FINISH_REASON_LENGTH: "length",
+    generate_pb2.FINISH_REASON_CANCELLED: "cancelled",
+}
 
 
 def generate_request(
@@ -152,6 +175,12 @@ def generate_request(
     repetition_penalty: float | None,
     seed: int | None,
     stop: str | Sequence[str] | None,
+    logprobs: bool = False,
+    top_logprobs: int | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    min_p: float | None = None,
 ) -> generate_pb2.GenerateRequest:
     request = generate_pb2.GenerateRequest(model=model or "")
     if prompt is not None:
@@ -169,7 +198,12 @@ def generate_request(
         "top_k": top_k,
         "repetition_penalty": repetition_penalty,
         "seed": seed,
+        "top_logprobs": top_logprobs,
+        "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty,
+        "min_p": min_p,
     }
+    request.logprobs = bool(logprobs or top_logprobs)
     for field, value in optional.items():
         if value is not None:
             try:
@@ -178,22 +212,47 @@ def generate_request(
                 raise InvalidArgumentError(f"{field}: {exc}") from None
     if stop is not None:
         request.stop.extend(_texts(stop, "stop sequence"))
+    if stop_token_ids is not None:
+        try:
+            request.stop_token_ids.extend(stop_token_ids)
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgumentError(f"stop_token_ids: {exc}") from None
     return request
 
 
-def generate_result(response: generate_pb2.GenerateResponse) -> GenerateResult:
+def _logprobs(items) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(i.token_id, i.token, i.logprob, tuple(TopLogprob(t.token_id, t.token, t.logprob) for t in i.top_logprobs))
+        for i in items
+    )
+
+
+def generate_result(response: generate_pb2.GenerateResponse, request_id: str | None = None) -> GenerateResult:
+    stop = response.WhichOneof("stop")
     return GenerateResult(
         model=response.model,
         text=response.text,
         finish_reason=FINISH_REASON.get(response.finish_reason, "unspecified"),
         usage=usage(response.usage),
+        logprobs=_logprobs(response.logprobs),
+        stop_sequence=response.stop_sequence if stop == "stop_sequence" else None,
+        stop_token_id=response.stop_token_id if stop == "stop_token_id" else None,
+        request_id=request_id,
     )
 
 
-def stream_event(message: generate_pb2.GenerateStreamResponse) -> TextDelta | GenerateResult:
+def stream_event(message: generate_pb2.GenerateStreamResponse, request_id: str | None = None) -> TextDelta | GenerateResult:
     if message.WhichOneof("event") == "final":
-        return generate_result(message.final)
-    return TextDelta(message.delta)
+        return generate_result(message.final, request_id)
+    return TextDelta(message.delta, _logprobs(message.logprobs))
+
+
+def request_id(metadata) -> str | None:
+    """The server's `x-request-id` from a call's initial or trailing metadata."""
+    for key, value in metadata or ():
+        if key == "x-request-id":
+            return value
+    return None
 
 
 # Calls the SDK retries (idempotent: the same request gives the same answer and changes

@@ -48,6 +48,7 @@ class StopMatcher:
         self.text = ""  # everything decoded so far
         self.emitted = 0  # chars of `text` already released to the caller
         self.stopped = False
+        self.matched = ""  # the stop sequence found (the earliest in the text)
 
     def feed(self, delta: str) -> str:
         """Adds decoded text; returns what may be released now. After a stop sequence is
@@ -57,10 +58,10 @@ class StopMatcher:
         self.text += delta
         longest = max((len(s) for s in self.stops), default=0)
         search_from = max(0, self.emitted - longest + 1)
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.text.find(s, search_from), s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped = True
-            end = min(hits)
+            end, self.matched = min(hits, key=lambda hit: hit[0])
         else:
             end = len(self.text) - self._held_back()
         released = self.text[self.emitted : end] if end > self.emitted else ""

@@ -20,6 +20,19 @@ How our API maps onto it (`request_tensors`):
   would make every unseeded request the same;
 - `end_id` is the model's (first) end-of-sequence id; TensorRT-LLM stops there and leaves
   the end id out of `output_ids`.
+- `stop_token_ids` become `stop_words_list` [1, 2, n]: one single-token word per id (row 0
+  the ids, row 1 each word's end offset, TensorRT-LLM's layout); the engine stops after such a
+  token and returns it, and the gateway leaves it out of the text and the count;
+- `presence_penalty` / `frequency_penalty` are TensorRT-LLM's tensors of the same names
+  (OpenAI semantics: over the generated tokens); sent only when not 0;
+- `logprobs` is `return_log_probs`; each response then carries `output_log_probs`
+  [1, beams, n] (one per new token) and `cum_log_probs` [1, beams].
+Extensions of ours (`EXTENSIONS`; optional, sent or asked for only when a request uses them):
+TensorRT-LLM's Triton backend has no min-p input and no top-k alternatives, so `min_p` FP32
+and `num_top_logprobs` INT32 are inputs of ours, and `top_logprobs_ids` INT32 / `top_logprobs`
+FP32 [1, beams, n, k] outputs of ours. A TensorRT-LLM deployment declares none of them: the
+start-up check accepts it (they are optional), and a request that uses min_p or
+top_logprobs is refused by its Triton (INVALID_ARGUMENT, "unexpected inference input").
 TensorRT-LLM has no finish reason: `finish_reason` derives it from the final response, the
 end ids and the token count. Stop strings are not expressible as token ids in general and
 stay in the gateway (detokenizer.StopMatcher), which ends the Triton call on a match.
@@ -60,12 +73,25 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("runtime_top_p", "TYPE_FP32", **_SCALAR, optional=True, comment="<= 0 = off"),
     TensorSpec("repetition_penalty", "TYPE_FP32", **_SCALAR, optional=True),
     TensorSpec("seed", "TYPE_UINT64", **_SCALAR, optional=True, comment="named random_seed before 2025-05"),
+    TensorSpec("stop_words_list", "TYPE_INT32", (2, -1), optional=True, allow_ragged_batch=True, comment="stop_token_ids: [ids; end offsets]"),
+    TensorSpec("presence_penalty", "TYPE_FP32", **_SCALAR, optional=True),
+    TensorSpec("frequency_penalty", "TYPE_FP32", **_SCALAR, optional=True),
+    TensorSpec("return_log_probs", "TYPE_BOOL", **_SCALAR, optional=True, comment="output_log_probs and cum_log_probs"),
+    TensorSpec("min_p", "TYPE_FP32", **_SCALAR, optional=True, comment="ragserve extension; 0 = off"),
+    TensorSpec("num_top_logprobs", "TYPE_INT32", **_SCALAR, optional=True, comment="ragserve extension: alternatives per token"),
 )
 OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("output_ids", "TYPE_INT32", (-1, -1), comment="[beams, new tokens] per response"),
     TensorSpec("sequence_length", "TYPE_INT32", (-1,), comment="[beams]: tokens in this response"),
+    TensorSpec("cum_log_probs", "TYPE_FP32", (-1,), optional=True, comment="[beams]: sum of the log probs so far"),
+    TensorSpec("output_log_probs", "TYPE_FP32", (-1, -1), optional=True, comment="[beams, new tokens]"),
+    TensorSpec("top_logprobs_ids", "TYPE_INT32", (-1, -1, -1), optional=True, comment="ragserve extension: [beams, new tokens, k]"),
+    TensorSpec("top_logprobs", "TYPE_FP32", (-1, -1, -1), optional=True, comment="ragserve extension: [beams, new tokens, k]"),
 )
-OUTPUT_NAMES: tuple[str, ...] = tuple(t.name for t in OUTPUTS)
+# Ours, not TensorRT-LLM's: a TensorRT-LLM deployment has none of these (module docstring).
+EXTENSIONS = frozenset({"min_p", "num_top_logprobs", "top_logprobs_ids", "top_logprobs"})
+# The outputs every request asks for; `output_names` adds the log-prob ones a request wants.
+OUTPUT_NAMES: tuple[str, ...] = ("output_ids", "sequence_length")
 
 # The engine settings this deployment renders into the generation model's config.pbtxt
 # (model_repository/smollm2/1/engine.py `EngineConfig` parses them; every key is required
@@ -85,7 +111,13 @@ ENGINE_PARAMETERS: dict[str, str] = {
     "hf_dir": "1/hf",
 }
 
-STOP, LENGTH = "stop", "length"
+# Finish reasons, named as in our API (FinishReason): STOP is the end of sequence.
+STOP, LENGTH, STOP_SEQUENCE, CANCELLED = "stop", "length", "stop_sequence", "cancelled"
+
+# OpenAI's ranges.
+PENALTY_RANGE = (-2.0, 2.0)
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 16
 
 # Far below these, logits / temperature (and a seen token's logit / repetition_penalty)
 # overflow to inf and the sampler's softmax turns to NaN (vLLM floors temperature at 0.01 for
@@ -104,8 +136,15 @@ class Sampling:
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
     seed: int | None = None  # None = a random seed per request
+    presence_penalty: float = 0.0  # 0 = off
+    frequency_penalty: float = 0.0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    top_logprobs: int = 0  # alternatives per token; needs logprobs
+    logprobs: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
-    OPTIONAL = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
+    # The request's `optional` fields, set only when present (their defaults: above).
+    OPTIONAL = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "presence_penalty", "frequency_penalty", "min_p", "top_logprobs")
 
     def validate(self) -> None:
         """The API's range checks (TensorRT-LLM's SamplingConfig checks the same ranges)."""
@@ -125,6 +164,25 @@ class Sampling:
             )
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidInput(f"seed must be in [0, 2**64), got {self.seed}")
+        low, high = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value <= high):
+                raise InvalidInput(f"{name} must be in [{low:g}, {high:g}] (0 = off), got {value}")
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            raise InvalidInput(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidInput(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidInput(f"top_logprobs ({self.top_logprobs}) needs logprobs: set logprobs to true")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidInput(f"stop_token_ids holds {len(self.stop_token_ids)} ids, at most {MAX_STOP_TOKEN_IDS}")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Token ids the request names must be the model's."""
+        for index, token in enumerate(self.stop_token_ids):
+            if not 0 <= token < vocab_size:
+                raise InvalidInput(f"stop_token_ids[{index}] is {token}, the model's token ids are in [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:
@@ -137,9 +195,12 @@ def _at_least(value: float, floor: float) -> bool:
 
 
 def request_tensors(prompt_ids: Sequence[int], sampling: Sampling, end_id: int) -> dict[str, np.ndarray]:
-    """One request's input tensors, each with its batch dimension of 1, dtypes from `INPUTS`."""
+    """One request's input tensors, each with its batch dimension of 1, dtypes from `INPUTS`.
+
+    The optional controls beyond TensorRT-LLM's basic sampling are sent only when a request
+    uses them, so a deployment without an extension serves every request that does not."""
     seed = sampling.seed if sampling.seed is not None else random.getrandbits(64)
-    values = {
+    values: dict[str, object] = {
         "input_ids": [list(prompt_ids)],
         "input_lengths": [[len(prompt_ids)]],
         "request_output_len": [[sampling.max_tokens]],
@@ -151,7 +212,55 @@ def request_tensors(prompt_ids: Sequence[int], sampling: Sampling, end_id: int) 
         "repetition_penalty": [[sampling.repetition_penalty]],
         "seed": [[seed]],
     }
-    return {spec.name: np.asarray(values[spec.name], dtype=spec.numpy_dtype) for spec in INPUTS}
+    if sampling.stop_token_ids:
+        ids = list(sampling.stop_token_ids)
+        values["stop_words_list"] = [[ids, list(range(1, len(ids) + 1))]]
+    if sampling.presence_penalty:
+        values["presence_penalty"] = [[sampling.presence_penalty]]
+    if sampling.frequency_penalty:
+        values["frequency_penalty"] = [[sampling.frequency_penalty]]
+    if sampling.logprobs:
+        values["return_log_probs"] = [[True]]
+    if sampling.min_p:
+        values["min_p"] = [[sampling.min_p]]
+    if sampling.top_logprobs:
+        values["num_top_logprobs"] = [[sampling.top_logprobs]]
+    return {spec.name: np.asarray(values[spec.name], dtype=spec.numpy_dtype) for spec in INPUTS if spec.name in values}
+
+
+def output_names(sampling: Sampling) -> tuple[str, ...]:
+    """The outputs to ask for: the log-prob ones only when the request wants them."""
+    names = OUTPUT_NAMES
+    if sampling.logprobs:
+        names += ("output_log_probs", "cum_log_probs")
+    if sampling.top_logprobs:
+        names += ("top_logprobs_ids", "top_logprobs")
+    return names
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token's log probability and its most likely alternatives (best first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def response_logprobs(outputs: Mapping[str, np.ndarray], tokens: Sequence[int]) -> list[TokenLogprobs]:
+    """The log probs of one response's new `tokens` (first beam); [] when it carries none."""
+    logprobs = outputs.get("output_log_probs")
+    if logprobs is None or logprobs.size == 0 or not tokens:
+        return []
+    n = len(tokens)
+    values = logprobs.reshape(-1, logprobs.shape[-1])[0][:n].tolist()
+    ids, top = outputs.get("top_logprobs_ids"), outputs.get("top_logprobs")
+    alternatives: list[tuple[tuple[int, float], ...]] = [()] * n
+    if ids is not None and top is not None and ids.size:
+        k = ids.shape[-1]
+        ids, top = ids.reshape(-1, ids.shape[-2], k)[0][:n], top.reshape(-1, top.shape[-2], k)[0][:n]
+        alternatives = [tuple(zip(i.tolist(), v.tolist())) for i, v in zip(ids, top)]
+    return [TokenLogprobs(t, v, a) for t, v, a in zip(tokens, values, alternatives)]
 
 
 def response_tokens(outputs: Mapping[str, np.ndarray]) -> list[int]:
@@ -165,6 +274,13 @@ def response_tokens(outputs: Mapping[str, np.ndarray]) -> list[int]:
     if lengths is not None and lengths.size:
         tokens = tokens[: int(lengths.reshape(-1)[0])]
     return tokens.tolist()
+
+
+def cancelled_by_server(outputs: Mapping[str, np.ndarray], final: bool) -> bool:
+    """A final response without any tensor: the model closed the request without finishing it
+    (the CPU engine's answer to a request Triton cancelled). A finished sequence's final
+    response always carries `output_ids`, empty when it ended on the end id."""
+    return final and "output_ids" not in outputs
 
 
 def finish_reason(*, completion_tokens: int, max_tokens: int, ended_by_end_id: bool) -> str:

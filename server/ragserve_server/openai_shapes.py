@@ -17,7 +17,13 @@ import numpy as np
 from ragserve.v1 import embed_pb2, generate_pb2, models_pb2, rerank_pb2
 from ragserve_server.errors import InvalidInput
 
-_FINISH = {generate_pb2.FINISH_REASON_STOP: "stop", generate_pb2.FINISH_REASON_LENGTH: "length"}
+# OpenAI's "stop" covers the end of sequence and a stop sequence; it has no value for a
+# generation the server cancelled (FINISH_REASON_CANCELLED): null.
+_FINISH = {
+    generate_pb2.FINISH_REASON_STOP: "stop",
+    generate_pb2.FINISH_REASON_STOP_SEQUENCE: "stop",
+    generate_pb2.FINISH_REASON_LENGTH: "length",
+}
 _KINDS = {
     models_pb2.MODEL_KIND_EMBEDDING: "embedding",
     models_pb2.MODEL_KIND_CROSS_ENCODER: "cross_encoder",

@@ -114,6 +114,18 @@ class EncoderTokenizer:
             )
         return tokens
 
+    def chunks(self, text: str, *, query: str | None = None) -> list[str]:
+        """`text` cut on token boundaries into pieces that each fit the model's limit alone, or
+        beside `query` as a (query, piece) pair; a text that fits is one piece (Rerank's
+        chunk_long_documents). Offsets come from the untruncated encoding, so no text is lost."""
+        processor = self._untruncated.post_processor
+        specials = processor.num_special_tokens_to_add(False) if processor else 0
+        budget = self.max_tokens - specials if query is None else self.max_tokens - self.count(query) - self._pair_extra
+        offsets = [span for span in self._untruncated.encode(text, add_special_tokens=False).offsets]
+        if len(offsets) <= budget or budget < 1:
+            return [text]
+        return [text[offsets[i][0] : offsets[min(i + budget, len(offsets)) - 1][1]] for i in range(0, len(offsets), budget)]
+
     def encode_pairs(self, query: str, documents: list[str], truncate: str) -> list[Encoding]:
         """(query, document) pairs for a cross-encoder, truncated on the document side.
 

@@ -57,9 +57,12 @@ class Collector:
         self.done = threading.Event()
         self.cancel_after = cancel_after
         self.seq = None
+        self.logprobs = []
 
     def on_token(self, token, reason):
         self.tokens.append(token)
+        if self.seq.params.logprobs:
+            self.logprobs.append(self.seq.sampling.last)
         if self.cancel_after is not None and len(self.tokens) == self.cancel_after:
             self.seq.cancel()
         if reason is not None:
@@ -75,10 +78,10 @@ class Collector:
         return self
 
 
-def submit(engine, prompt, max_tokens, cancel_after=None, ignore_eos=False, end_id=None, **params):
+def submit(engine, prompt, max_tokens, cancel_after=None, ignore_eos=False, end_id=None, stop_words=(), **params):
     c = Collector(cancel_after)
     c.seq = eng.Sequence(list(prompt), max_tokens, eng.SamplingParams(**params), c.on_token,
-                         c.on_abort, ignore_eos=ignore_eos, end_id=end_id)
+                         c.on_abort, ignore_eos=ignore_eos, end_id=end_id, stop_words=stop_words)
     engine.submit(c.seq)
     return c
 
@@ -306,3 +309,70 @@ def test_fp16_forward_agrees_with_fp32(prompts):
                 out.append(int(logits.argmax()))
         tokens[dtype] = out
     assert tokens[torch.float16] == tokens[torch.float32]
+
+
+# ---------------------------------------------------------------- logprobs, stop words, penalties, min-p
+@pytest.fixture(scope="module")
+def hf_model():
+    model = transformers.AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32)
+    return model.eval()
+
+
+def test_greedy_logprobs_match_transformers(engine, prompts, reference, hf_model):
+    """The chosen token's log prob and the top 5 are log_softmax of the raw logits, as in
+    transformers' generate(output_logits=True)."""
+    prompt = prompts[0]
+    c = submit(engine, prompt, 12, temperature=0.0, logprobs=True, top_logprobs=5).wait()
+    assert c.tokens == reference[0][:12]
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(c.tokens), do_sample=False,
+                                output_logits=True, return_dict_in_generate=True)
+    for step, (token, got) in enumerate(zip(c.tokens, c.logprobs)):
+        want = torch.log_softmax(out.logits[step][0].float(), -1)
+        assert got.logprob == pytest.approx(float(want[token]), abs=1e-4)
+        top = torch.topk(want, 5)
+        assert list(got.top_ids) == top.indices.tolist()
+        assert list(got.top_logprobs) == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert got.top_ids[0] == token  # greedy picks the likeliest
+
+
+def test_a_stop_word_ends_the_sequence_and_is_returned(engine, prompts, reference):
+    ref = reference[1]
+    word = ref[3]
+    first = ref.index(word)
+    c = submit(engine, prompts[1], 20, temperature=0.0, stop_words=((word,), (49151, 49150))).wait()
+    assert c.reason == eng.FINISH_STOP_WORD and c.tokens == ref[: first + 1]
+    two = (ref[4], ref[5])
+    c = submit(engine, prompts[1], 20, temperature=0.0, stop_words=(two,)).wait()
+    assert c.reason == eng.FINISH_STOP_WORD and c.tokens == ref[:6]
+
+
+def test_presence_and_frequency_penalties_follow_openai(engine, prompts, hf_model):
+    """Greedy with penalties equals a step-by-step greedy over transformers' logits with
+    logit - frequency * count - presence * (count > 0) over the generated tokens."""
+    prompt, presence, frequency = prompts[2], 0.8, 0.6
+    c = submit(engine, prompt, 10, temperature=0.0, presence_penalty=presence, frequency_penalty=frequency).wait()
+    generated: list[int] = []
+    with torch.inference_mode():
+        for _ in range(len(c.tokens)):
+            logits = hf_model(torch.tensor([prompt + generated])).logits[0, -1].float()
+            counts = torch.zeros_like(logits)
+            for t in generated:
+                counts[t] += 1
+            logits = logits - frequency * counts - presence * (counts > 0).float()
+            generated.append(int(logits.argmax()))
+    assert c.tokens == generated
+
+
+def test_min_p_one_keeps_only_the_likeliest_token(engine, prompts, reference):
+    for seed in (1, 2):
+        c = submit(engine, prompts[0], 12, temperature=1.5, min_p=1.0, seed=seed).wait()
+        assert c.tokens == reference[0][:12]
+
+
+def test_new_sampling_range_checks():
+    for params, message in [(dict(min_p=1.5), "min_p"), (dict(top_logprobs=21), "num_top_logprobs"),
+                            (dict(presence_penalty=float("nan")), "presence_penalty")]:
+        with pytest.raises(eng.RequestError, match=message):
+            eng.SamplingParams(**params).validate()

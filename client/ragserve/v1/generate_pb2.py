@@ -17,23 +17,27 @@ _sym_db = _symbol_database.Default()
 from ragserve.v1 import common_pb2 as ragserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aragserve/v1/generate.proto\x12\x0bragserve.v1\x1a\x18ragserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xdc\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.ragserve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\tB\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x84\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.ragserve.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.ragserve.v1.Usage\"b\n\x16GenerateStreamResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12.\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1d.ragserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xaa\x01\n\x08Generate\x12G\n\x08Generate\x12\x1c.ragserve.v1.GenerateRequest\x1a\x1d.ragserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.ragserve.v1.GenerateRequest\x1a#.ragserve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aragserve/v1/generate.proto\x12\x0bragserve.v1\x1a\x18ragserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xba\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.ragserve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\x0c \x01(\rH\x07\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\t\x88\x01\x01\x12\x12\n\x05min_p\x18\x10 \x01(\x02H\n\x88\x01\x01\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0f\n\r_top_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_min_p\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.ragserve.v1.TopLogprob\"\xeb\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.ragserve.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.ragserve.v1.Usage\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.ragserve.v1.TokenLogprob\x12\x17\n\rstop_sequence\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\rH\x00\x42\x06\n\x04stop\"\x8f\x01\n\x16GenerateStreamResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12.\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1d.ragserve.v1.GenerateResponseH\x00\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.ragserve.v1.TokenLogprobB\x07\n\x05\x65vent*\x9d\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xaa\x01\n\x08Generate\x12G\n\x08Generate\x12\x1c.ragserve.v1.GenerateRequest\x1a\x1d.ragserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.ragserve.v1.GenerateRequest\x1a#.ragserve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ragserve.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=701
-  _globals['_FINISHREASON']._serialized_end=796
+  _globals['_FINISHREASON']._serialized_start=1250
+  _globals['_FINISHREASON']._serialized_end=1407
   _globals['_CHATMESSAGE']._serialized_start=69
   _globals['_CHATMESSAGE']._serialized_end=113
   _globals['_GENERATEREQUEST']._serialized_start=116
-  _globals['_GENERATEREQUEST']._serialized_end=464
-  _globals['_GENERATERESPONSE']._serialized_start=467
-  _globals['_GENERATERESPONSE']._serialized_end=599
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=601
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=699
-  _globals['_GENERATE']._serialized_start=799
-  _globals['_GENERATE']._serialized_end=969
+  _globals['_GENERATEREQUEST']._serialized_end=686
+  _globals['_TOPLOGPROB']._serialized_start=688
+  _globals['_TOPLOGPROB']._serialized_end=750
+  _globals['_TOKENLOGPROB']._serialized_start=752
+  _globals['_TOKENLOGPROB']._serialized_end=863
+  _globals['_GENERATERESPONSE']._serialized_start=866
+  _globals['_GENERATERESPONSE']._serialized_end=1101
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1104
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1247
+  _globals['_GENERATE']._serialized_start=1410
+  _globals['_GENERATE']._serialized_end=1580
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ _sym_db = _symbol_database.Default()
 from ragserve.v1 import common_pb2 as ragserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ragserve/v1/rerank.proto\x12\x0bragserve.v1\x1a\x18ragserve/v1/common.proto\"\xde\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x12\n\x05top_n\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\'\n\x08truncate\x18\x06 \x01(\x0e\x32\x15.ragserve.v1.Truncate\x12\x12\n\nraw_scores\x18\x07 \x01(\x08\x12\'\n\x08priority\x18\x08 \x01(\x0e\x32\x15.ragserve.v1.PriorityB\x08\n\x06_top_n\"P\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\x08\x64ocument\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_document\"n\n\x0eRerankResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.ragserve.v1.RerankResult\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.ragserve.v1.Usage2K\n\x06Rerank\x12\x41\n\x06Rerank\x12\x1a.ragserve.v1.RerankRequest\x1a\x1b.ragserve.v1.RerankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ragserve/v1/rerank.proto\x12\x0bragserve.v1\x1a\x18ragserve/v1/common.proto\"\xfc\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x12\n\x05top_n\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\'\n\x08truncate\x18\x06 \x01(\x0e\x32\x15.ragserve.v1.Truncate\x12\x12\n\nraw_scores\x18\x07 \x01(\x08\x12\'\n\x08priority\x18\x08 \x01(\x0e\x32\x15.ragserve.v1.Priority\x12\x1c\n\x14\x63hunk_long_documents\x18\t \x01(\x08\x42\x08\n\x06_top_n\"\xaa\x01\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x02\x12\x15\n\x08\x64ocument\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x16\n\traw_score\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x18\n\x0b\x63hunk_index\x18\x05 \x01(\rH\x02\x88\x01\x01\x42\x0b\n\t_documentB\x0c\n\n_raw_scoreB\x0e\n\x0c_chunk_index\"n\n\x0eRerankResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.ragserve.v1.RerankResult\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.ragserve.v1.Usage2K\n\x06Rerank\x12\x41\n\x06Rerank\x12\x1a.ragserve.v1.RerankRequest\x1a\x1b.ragserve.v1.RerankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -25,11 +25,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ragserve.v1.rerank_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RERANKREQUEST']._serialized_start=68
-  _globals['_RERANKREQUEST']._serialized_end=290
-  _globals['_RERANKRESULT']._serialized_start=292
-  _globals['_RERANKRESULT']._serialized_end=372
-  _globals['_RERANKRESPONSE']._serialized_start=374
-  _globals['_RERANKRESPONSE']._serialized_end=484
-  _globals['_RERANK']._serialized_start=486
-  _globals['_RERANK']._serialized_end=561
+  _globals['_RERANKREQUEST']._serialized_end=320
+  _globals['_RERANKRESULT']._serialized_start=323
+  _globals['_RERANKRESULT']._serialized_end=493
+  _globals['_RERANKRESPONSE']._serialized_start=495
+  _globals['_RERANKRESPONSE']._serialized_end=605
+  _globals['_RERANK']._serialized_start=607
+  _globals['_RERANK']._serialized_end=682
 # @@protoc_insertion_point(module_scope)

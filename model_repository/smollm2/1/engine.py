@@ -55,13 +55,14 @@ import torch
 from llama import Llama, eos_ids
 from sampler import RequestError, Sampler, SamplingParams, SamplingState
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "FINISH_LENGTH", "FINISH_STOP", "RequestError",
-           "SamplingParams", "Sequence"]
+__all__ = ["Engine", "EngineConfig", "EngineStats", "FINISH_LENGTH", "FINISH_STOP", "FINISH_STOP_WORD",
+           "RequestError", "SamplingParams", "Sequence"]
 
 log = logging.getLogger("ragserve.engine")
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+FINISH_STOP_WORD = "stop_word"  # the sequence ends with one of its stop words (kept, as TensorRT-LLM does)
 DEVICES = ("cpu", "cuda")
 
 
@@ -135,7 +136,8 @@ class EngineStats:
 
 
 # on_token(token_id, finish_reason): finish_reason is None except on the last token; with
-# FINISH_STOP the token is the end id that ended the sequence.
+# FINISH_STOP the token is the end id that ended the sequence, with FINISH_STOP_WORD the last
+# token of a stop word. With logprobs asked for, seq.sampling.last holds the token's.
 TokenCallback = Callable[[int, "str | None"], None]
 # on_abort(kind, message): kind is "cancelled" or "error"; no further calls follow.
 AbortCallback = Callable[[str, str], None]
@@ -152,6 +154,7 @@ class Sequence:
     is_cancelled: Callable[[], bool] = lambda: False
     end_id: int | None = None  # None = the checkpoint's EOS ids
     ignore_eos: bool = False  # benchmarks: always run to max_tokens
+    stop_words: tuple[tuple[int, ...], ...] = ()  # token sequences that end the sequence
 
     generated: list[int] = field(default_factory=list)
     slot: int = -1
@@ -271,6 +274,8 @@ class Engine:
         vocab = self.model.w.vocab
         if min(seq.prompt) < 0 or max(seq.prompt) >= vocab:
             raise RequestError("INVALID_ARGUMENT", f"token ids must be in [0, {vocab})")
+        if any(not word or min(word) < 0 or max(word) >= vocab for word in seq.stop_words):
+            raise RequestError("INVALID_ARGUMENT", f"stop_words_list: words must be non-empty, token ids in [0, {vocab})")
         seq.params.validate()
         with self._cv:
             if self._stop:
@@ -388,6 +393,8 @@ class Engine:
         reason = None
         if self._ends(seq, token):
             reason = FINISH_STOP
+        elif any(seq.generated[-len(w):] == list(w) for w in seq.stop_words):
+            reason = FINISH_STOP_WORD
         elif len(seq.generated) >= seq.max_tokens:
             reason = FINISH_LENGTH
         if reason is not None:

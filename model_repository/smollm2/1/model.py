@@ -14,11 +14,19 @@ Inputs: ``input_ids`` INT32 [-1] (prompt token ids), ``input_lengths`` INT32 (ho
 them), ``request_output_len`` INT32 (max new tokens, >= 1); optional ``end_id`` INT32
 (generation stops there; absent: the checkpoint's EOS ids), ``streaming`` BOOL (absent:
 false), ``temperature`` FP32, ``runtime_top_k`` INT32, ``runtime_top_p`` FP32,
-``repetition_penalty`` FP32, ``seed`` UINT64 (absent values and their ranges:
-``sampler.SamplingParams``, as in TensorRT-LLM: top-k and top-p both off = greedy).
+``repetition_penalty`` FP32, ``seed`` UINT64, ``presence_penalty`` FP32,
+``frequency_penalty`` FP32, ``return_log_probs`` BOOL, ``stop_words_list`` INT32 [2, n]
+(TensorRT-LLM's layout: row 0 the words' tokens one after the other, row 1 each word's end
+offset, padded with -1); and two inputs of ours that TensorRT-LLM lacks: ``min_p`` FP32 and
+``num_top_logprobs`` INT32 (absent values and their ranges: ``sampler.SamplingParams``, as
+in TensorRT-LLM: top-k and top-p both off = greedy).
 
 Responses, as TensorRT-LLM's: ``output_ids`` INT32 [1, 1, n] with the new tokens and
-``sequence_length`` INT32 [1, 1] = n. Streaming: one response per generated token; the
+``sequence_length`` INT32 [1, 1] = n; with ``return_log_probs``, ``output_log_probs`` FP32
+[1, 1, n] (log_softmax of the raw logits at each new token) and ``cum_log_probs`` FP32 [1, 1]
+(their sum since the start); with ``num_top_logprobs`` k > 0, ours: ``top_logprobs_ids`` INT32
+and ``top_logprobs`` FP32 [1, 1, n, k], most likely first. A sequence that ends on a stop
+word returns the word's tokens (as TensorRT-LLM). Streaming: one response per generated token; the
 last one carries TRITONSERVER_RESPONSE_COMPLETE_FINAL. The end id is never returned: when
 the sequence ends on it, the final response holds n = 0 tokens. Not streaming: one final
 response with all tokens. There is no finish reason tensor (TensorRT-LLM has none): a
@@ -55,6 +63,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # engine.py, llama.py, sampler.py
 
 from engine import FINISH_STOP, Engine, EngineConfig, EngineStats, RequestError, SamplingParams, Sequence  # noqa: E402
+from sampler import TokenLogprobs  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ERROR_CODES = {
@@ -71,6 +80,11 @@ SAMPLING_INPUTS = {
     "runtime_top_p": "top_p",
     "repetition_penalty": "repetition_penalty",
     "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "return_log_probs": "logprobs",
+    "min_p": "min_p",
+    "num_top_logprobs": "top_logprobs",
 }
 
 
@@ -91,11 +105,42 @@ def _scalar(request, name: str):
     return arr[0].item()
 
 
-def _response(tokens: list[int]) -> "pb_utils.InferenceResponse":
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32).reshape(1, 1, len(tokens))),
-        pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
-    ])
+def _stop_words(request) -> tuple[tuple[int, ...], ...]:
+    """TensorRT-LLM's stop_words_list [1, 2, n]: the words' tokens, then each word's end offset."""
+    tensor = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
+    if tensor is None:
+        return ()
+    arr = tensor.as_numpy()
+    if arr.ndim != 3 or arr.shape[:2] != (1, 2):
+        raise RequestError("INVALID_ARGUMENT", f"stop_words_list must be [1, 2, n], got {list(arr.shape)}")
+    ids, offsets = arr[0, 0].tolist(), [o for o in arr[0, 1].tolist() if o >= 0]
+    words, start = [], 0
+    for end in offsets:
+        if not start < end <= len(ids):
+            raise RequestError("INVALID_ARGUMENT", f"stop_words_list: offset {end} out of order or past {len(ids)}")
+        words.append(tuple(ids[start:end]))
+        start = end
+    return tuple(words)
+
+
+def _response(tokens: list[int], logprobs: list[TokenLogprobs] | None, cum: float,
+              top_k: int) -> "pb_utils.InferenceResponse":
+    n = len(tokens)
+    tensors = [
+        pb_utils.Tensor("output_ids", np.array(tokens, dtype=np.int32).reshape(1, 1, n)),
+        pb_utils.Tensor("sequence_length", np.array([[n]], dtype=np.int32)),
+    ]
+    if logprobs is not None:
+        tensors += [
+            pb_utils.Tensor("output_log_probs", np.array([lp.logprob for lp in logprobs], dtype=np.float32).reshape(1, 1, n)),
+            pb_utils.Tensor("cum_log_probs", np.array([[cum]], dtype=np.float32)),
+        ]
+        if top_k:
+            tensors += [
+                pb_utils.Tensor("top_logprobs_ids", np.array([lp.top_ids for lp in logprobs], dtype=np.int32).reshape(1, 1, n, top_k)),
+                pb_utils.Tensor("top_logprobs", np.array([lp.top_logprobs for lp in logprobs], dtype=np.float32).reshape(1, 1, n, top_k)),
+            ]
+    return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 class TritonPythonModel:
@@ -179,18 +224,29 @@ class TritonPythonModel:
         streaming = bool(_scalar(request, "streaming") or False)
         given = {field: _scalar(request, tensor) for tensor, field in SAMPLING_INPUTS.items()}
         params = SamplingParams(**{k: v for k, v in given.items() if v is not None})
+        stop_words = _stop_words(request)
         collected: list[int] = []
+        collected_logprobs: list[TokenLogprobs] = []
+        cum = [0.0]
 
         def on_token(token: int, finish_reason: str | None) -> None:
             # TensorRT-LLM leaves the end id out of the output.
             new = [] if finish_reason == FINISH_STOP else [token]
-            if finish_reason is None:
-                if streaming:
-                    sender.send(_response(new))
-                else:
-                    collected.extend(new)
+            new_logprobs = None
+            if params.logprobs:
+                new_logprobs = [seq.sampling.last] if new else []
+                cum[0] += sum(lp.logprob for lp in new_logprobs)
+            if finish_reason is None and not streaming:
+                collected.extend(new)
+                collected_logprobs.extend(new_logprobs or ())
                 return
-            sender.send(_response(new if streaming else collected + new), flags=FINAL)
+            if not streaming:
+                new, new_logprobs = collected + new, (None if new_logprobs is None else collected_logprobs + new_logprobs)
+            response = _response(new, new_logprobs, cum[0], params.top_logprobs)
+            if finish_reason is None:
+                sender.send(response)
+            else:
+                sender.send(response, flags=FINAL)
 
         def on_abort(kind: str, message: str) -> None:
             pb_utils.Logger.log_verbose(f"request {request.request_id()!r} {kind}: {message}")
@@ -205,9 +261,11 @@ class TritonPythonModel:
         # Response senders of decoupled models report cancellation themselves in newer
         # Triton; the request does in 2.51+.
         probe = getattr(sender, "is_cancelled", None) or request.is_cancelled
-        return Sequence(prompt=[int(t) for t in ids], max_tokens=int(max_tokens),
-                        params=params, on_token=on_token, on_abort=on_abort,
-                        is_cancelled=probe, end_id=None if end_id is None else int(end_id))
+        seq = Sequence(prompt=[int(t) for t in ids], max_tokens=int(max_tokens),
+                       params=params, on_token=on_token, on_abort=on_abort,
+                       is_cancelled=probe, end_id=None if end_id is None else int(end_id),
+                       stop_words=stop_words)
+        return seq
 
     def finalize(self):
         self.engine.stop()

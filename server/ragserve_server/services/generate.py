@@ -5,10 +5,22 @@ generation model (decoupled, in-flight batching; the tensors are TensorRT-LLM's,
 generation_contract.py), detokenizes incrementally, and applies stop sequences; a stop
 sequence ends the Triton request early, and so does a caller that cancels, disconnects or
 runs out of deadline (leaving the stream cancels the Triton call).
+
+Finish reasons: STOP at the model's end of sequence; STOP_SEQUENCE at a `stop` string or a
+`stop_token_ids` token (neither is in the text; a stop token is not counted either, like the
+end of sequence); LENGTH at max_tokens; CANCELLED when the model server closes the request
+without finishing it (a final response with no tensors) while the caller is still there. A
+caller's own cancel or spent deadline ends the call with that status instead: no final
+message can reach it any more.
+
+`generate` yields `Delta`s (a `str`, so callers that only want text, like the HTTP front, use
+it as one; `.logprobs` holds the log probs of the tokens it releases) and then the final
+GenerateResponse.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
@@ -26,10 +38,26 @@ from ragserve_server.errors import InvalidInput
 from ragserve_server.services.common import off_loop, requested_model, time_left
 from ragserve_server.triton import InferenceBackend
 
-DEFAULT_MAX_TOKENS = 256
 MAX_STOP_SEQUENCES = 4
 ROLES = ("system", "user", "assistant")
-_FINISH = {contract.STOP: generate_pb2.FINISH_REASON_STOP, contract.LENGTH: generate_pb2.FINISH_REASON_LENGTH}
+_FINISH = {
+    contract.STOP: generate_pb2.FINISH_REASON_STOP,
+    contract.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
+    contract.STOP_SEQUENCE: generate_pb2.FINISH_REASON_STOP_SEQUENCE,
+    contract.CANCELLED: generate_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+class Delta(str):
+    """New text of the completion; `logprobs` (TokenLogprob messages) of the tokens it releases."""
+
+    logprobs: tuple[generate_pb2.TokenLogprob, ...] = ()
+
+
+def _delta(text: str, logprobs: list[generate_pb2.TokenLogprob]) -> Delta:
+    delta = Delta(text)
+    delta.logprobs = tuple(logprobs)
+    return delta
 
 
 class ChatTokenizer:
@@ -44,6 +72,23 @@ class ChatTokenizer:
         if not self.eos_ids:
             raise ValueError(f"{model.name}: no eos_token_id in {model.model_dir} (generation_config.json, config.json or the tokenizer)")
         self.end_id = self.eos_ids[0]  # TensorRT-LLM takes one end id; the others still end a sequence here
+        self.vocab_size = self.fast.get_vocab_size(with_added_tokens=True)
+        self._pieces: dict[int, str] = {}
+
+    def piece(self, token: int) -> str:
+        """One token decoded alone (U+FFFD where it holds part of a character), cached."""
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self.fast.decode([token], skip_special_tokens=False)
+        return text
+
+    def logprob_message(self, item: contract.TokenLogprobs) -> generate_pb2.TokenLogprob:
+        return generate_pb2.TokenLogprob(
+            token_id=item.token,
+            token=self.piece(item.token),
+            logprob=item.logprob,
+            top_logprobs=[generate_pb2.TopLogprob(token_id=t, token=self.piece(t), logprob=v) for t, v in item.top],
+        )
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return list(self._hf(prompt)["input_ids"])
@@ -84,70 +129,92 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             if isinstance(event, generate_pb2.GenerateResponse):
                 yield generate_pb2.GenerateStreamResponse(final=event)
             else:
-                yield generate_pb2.GenerateStreamResponse(delta=event)
+                yield generate_pb2.GenerateStreamResponse(delta=event, logprobs=event.logprobs)
 
-    async def generate(self, request: generate_pb2.GenerateRequest, *, timeout: float | None) -> AsyncIterator[str | generate_pb2.GenerateResponse]:
+    async def generate(self, request: generate_pb2.GenerateRequest, *, timeout: float | None) -> AsyncIterator[Delta | generate_pb2.GenerateResponse]:
         """Yields text deltas, then the final GenerateResponse."""
         model = self.catalog.get(requested_model(request.model), (GENERATION,))
         tokenizer = self.tokenizers[model.name]
         sampling, stop_strings = _sampling(request, model)
+        sampling.check_vocabulary(tokenizer.vocab_size)
         messages = _messages(request)
         if messages is not None:
             prompt_ids = await off_loop(self.executor, tokenizer.encode_chat, messages)
         else:
             prompt_ids = await off_loop(self.executor, tokenizer.encode_prompt, request.prompt)
-        if len(prompt_ids) + sampling.max_tokens > model.max_input_tokens:
-            raise InvalidInput(
-                f"the prompt has {len(prompt_ids)} tokens; with max_tokens {sampling.max_tokens} that exceeds the "
-                f"context of {model.max_input_tokens} tokens: shorten the prompt or lower max_tokens"
-            )
+        sampling = _with_max_tokens(sampling, len(prompt_ids), model.max_input_tokens)
         request_record.add_tokens(prompt=len(prompt_ids))
 
         detokenizer = IncrementalDetokenizer(tokenizer.fast)
         stops = StopMatcher(stop_strings)
-        text, completion_tokens, ended_by_end_id = [], 0, False
+        stop_ids = set(sampling.stop_token_ids)
+        text, completion_tokens, finish = [], 0, None
+        stop_token: int | None = None
+        all_logprobs: list[generate_pb2.TokenLogprob] = []
+        pending: list[generate_pb2.TokenLogprob] = []  # logprobs of tokens whose text is not out yet
         inputs = contract.request_tensors(prompt_ids, sampling, tokenizer.end_id)
-        stream = self.backend.stream(model.triton_model, inputs, contract.OUTPUT_NAMES, timeout=timeout)
+        stream = self.backend.stream(model.triton_model, inputs, contract.output_names(sampling), timeout=timeout)
         with request_record.stage("triton"):  # queue + decode in the engine, as the tokens arrive
             try:
                 async for outputs, final in stream:
-                    for token in contract.response_tokens(outputs):
+                    if contract.cancelled_by_server(outputs, final):
+                        finish = contract.CANCELLED
+                        break
+                    tokens = contract.response_tokens(outputs)
+                    logprobs = contract.response_logprobs(outputs, tokens) if sampling.logprobs else []
+                    for index, token in enumerate(tokens):
                         if token in tokenizer.eos_ids:  # an engine that returns its end id, or a second EOS id
-                            ended_by_end_id = True
+                            finish = contract.STOP
+                            break
+                        if token in stop_ids:  # the engine returns a stop word's token (as TensorRT-LLM)
+                            finish, stop_token = contract.STOP_SEQUENCE, token
                             break
                         completion_tokens += 1
                         request_record.token_emitted()
+                        if index < len(logprobs):
+                            item = tokenizer.logprob_message(logprobs[index])
+                            all_logprobs.append(item)
+                            pending.append(item)
                         delta = stops.feed(detokenizer.add(token))
                         if delta:
                             text.append(delta)
-                            yield delta
+                            yield _delta(delta, pending)
+                            pending = []
                         if stops.stopped:
+                            finish = contract.STOP_SEQUENCE
                             break
                     # Leaving the stream early cancels the Triton request: the engine stops at once.
-                    if final or stops.stopped or ended_by_end_id:
+                    if final or finish is not None:
                         break
             finally:
                 await stream.aclose()
-        if stops.stopped:
-            finish = contract.STOP
-        else:
-            finish = contract.finish_reason(
-                completion_tokens=completion_tokens, max_tokens=sampling.max_tokens, ended_by_end_id=ended_by_end_id
-            )
+        if not stops.stopped:
             tail = stops.feed(detokenizer.flush()) + stops.flush()
-            if tail:
+            if stops.stopped:  # the flushed tail completed a stop string
+                finish = contract.STOP_SEQUENCE
+            if tail or pending:
                 text.append(tail)
-                yield tail
+                yield _delta(tail, pending)
+        elif pending:
+            yield _delta("", pending)
+        if finish is None:
+            finish = contract.finish_reason(completion_tokens=completion_tokens, max_tokens=sampling.max_tokens, ended_by_end_id=False)
         request_record.add_tokens(completion=completion_tokens)
         prompt_tokens = len(prompt_ids)
-        yield generate_pb2.GenerateResponse(
+        response = generate_pb2.GenerateResponse(
             model=model.name,
             text="".join(text),
             finish_reason=_FINISH[finish],
             usage=common_pb2.Usage(
                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
             ),
+            logprobs=all_logprobs,
         )
+        if stops.stopped:
+            response.stop_sequence = stops.matched
+        elif stop_token is not None:
+            response.stop_token_id = stop_token
+        yield response
 
 
 def _messages(request: generate_pb2.GenerateRequest) -> list[dict[str, str]] | None:
@@ -166,11 +233,19 @@ def _messages(request: generate_pb2.GenerateRequest) -> list[dict[str, str]] | N
 
 
 def _sampling(request: generate_pb2.GenerateRequest, model: ServedModel) -> tuple[contract.Sampling, list[str]]:
-    # Defaults of the optional fields: contract.Sampling's own (one visible place).
-    max_tokens = request.max_tokens if request.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, model.max_input_tokens - 1)
-    if not 1 <= max_tokens < model.max_input_tokens:
-        raise InvalidInput(f"max_tokens must be between 1 and {model.max_input_tokens - 1} (the context), got {max_tokens}")
-    sampling = contract.Sampling(max_tokens, **{f: getattr(request, f) for f in contract.Sampling.OPTIONAL if request.HasField(f)})
+    """The request's settings; `max_tokens` 0 stands for unset until the prompt is counted
+    (`_with_max_tokens`). Defaults of the optional fields: contract.Sampling's own (one visible place)."""
+    max_tokens = 0
+    if request.HasField("max_tokens"):
+        max_tokens = request.max_tokens
+        if not 1 <= max_tokens < model.max_input_tokens:
+            raise InvalidInput(f"max_tokens must be between 1 and {model.max_input_tokens - 1} (the context), got {max_tokens}")
+    sampling = contract.Sampling(
+        max_tokens,
+        logprobs=request.logprobs,
+        stop_token_ids=tuple(request.stop_token_ids),
+        **{f: getattr(request, f) for f in contract.Sampling.OPTIONAL if request.HasField(f)},
+    )
     sampling.validate()
     stops = list(request.stop)
     if len(stops) > MAX_STOP_SEQUENCES:
@@ -179,3 +254,19 @@ def _sampling(request: generate_pb2.GenerateRequest, model: ServedModel) -> tupl
         if not stop:
             raise InvalidInput(f"stop sequence {index} is an empty string")
     return sampling, stops
+
+
+def _with_max_tokens(sampling: contract.Sampling, prompt_tokens: int, context: int) -> contract.Sampling:
+    """max_tokens checked against the prompt, or by default the room the prompt leaves in the context."""
+    if sampling.max_tokens:
+        if prompt_tokens + sampling.max_tokens > context:
+            raise InvalidInput(
+                f"the prompt has {prompt_tokens} tokens; with max_tokens {sampling.max_tokens} that exceeds the "
+                f"context of {context} tokens: shorten the prompt or lower max_tokens"
+            )
+        return sampling
+    if prompt_tokens >= context:
+        raise InvalidInput(
+            f"the prompt has {prompt_tokens} tokens and leaves no room in the context of {context} tokens: shorten the prompt"
+        )
+    return dataclasses.replace(sampling, max_tokens=context - prompt_tokens)

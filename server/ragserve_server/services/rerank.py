@@ -2,15 +2,21 @@
 
 Two kinds of model, both run by Triton through the shared `EncoderRunner` (length buckets,
 chunks of at most the model's Triton `max_batch_size` rows, sent concurrently so that Triton's dynamic batcher
-mixes them with other callers' work):
+mixes them with other callers' work). One score scale for both, `relevance_score` in [0, 1]:
 
 - bi-encoder (the embedded default): the query and the documents are embedded by the
-  embedding model's Triton model; the score is their cosine similarity. It has no logit,
-  so `raw_scores` returns the same cosine.
+  embedding model's Triton model; relevance (cosine + 1) / 2, raw score the cosine.
 - cross-encoder: each (query, document) pair is tokenized together, truncated on the
-  document side only; the score is sigmoid(logit), or the logit with `raw_scores`.
+  document side only; relevance sigmoid(logit), raw score the logit.
 
-Identical documents are scored once, so duplicates tie exactly and keep request order.
+`chunk_long_documents`: a document over the model's limit is cut on token boundaries into
+pieces that fit (beside the query, for a cross-encoder); each piece is scored and the
+document takes its best piece's scores. Identical texts are scored once, so duplicates tie
+exactly and keep request order.
+
+An embedding model's name is INVALID_ARGUMENT, not NOT_FOUND: the model exists (ListModels
+shows it; the SDK would raise ModelNotFoundError for NOT_FOUND), the request asks it for what
+it does not do, and the message names the rerankers to use instead.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, Catalo
 from ragserve_server.encoder import EncoderRunner, finish_embeddings
 from ragserve_server.errors import InvalidInput
 from ragserve_server.services.common import off_loop, requested_model, time_left, truncate_mode
+from ragserve_server.tokenization import TRUNCATE_END
 from ragserve_server.tokenization import EncoderTokenizer
 
 
@@ -48,7 +55,13 @@ class RerankService(rerank_pb2_grpc.RerankServicer):
         return await self.rerank(request, timeout=time_left(context))
 
     async def rerank(self, request: rerank_pb2.RerankRequest, *, timeout: float | None) -> rerank_pb2.RerankResponse:
-        model = self.catalog.get(requested_model(request.model), (BI_ENCODER, CROSS_ENCODER))
+        name = requested_model(request.model)
+        if name and any(m.name == name and m.kind not in (BI_ENCODER, CROSS_ENCODER) for m in self.catalog.models):
+            kind = next(m.kind for m in self.catalog.models if m.name == name).replace("_", " ")
+            rerankers = ", ".join(m.name for m in self.catalog.models if m.kind in (BI_ENCODER, CROSS_ENCODER)) or "none"
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise InvalidInput(f"model {name!r} is {article} {kind} model, not a reranker; rerankers: {rerankers}")
+        model = self.catalog.get(name, (BI_ENCODER, CROSS_ENCODER))
         if not request.query.strip():
             raise InvalidInput("query is empty: send the text to rank the documents against")
         documents = list(request.documents)
@@ -63,25 +76,36 @@ class RerankService(rerank_pb2_grpc.RerankServicer):
             raise InvalidInput("top_n must be at least 1 (leave it unset for all documents)")
         truncate = truncate_mode(request.truncate)
 
-        # Score each distinct text once; `slots` maps each document to its distinct text.
+        pieces = [[d] for d in documents]
+        if request.chunk_long_documents:
+            pieces = await off_loop(self.executor, self._chunks, model, request.query, documents)
+            truncate = TRUNCATE_END  # a piece a token over at a boundary is cut, not refused
+        # Score each distinct text once; `slots` maps each piece to its distinct text.
         distinct: dict[str, int] = {}
-        slots = np.array([distinct.setdefault(d, len(distinct)) for d in documents], dtype=np.int64)
+        slots = [np.array([distinct.setdefault(p, len(distinct)) for p in doc], dtype=np.int64) for doc in pieces]
         unique = list(distinct)
         if model.kind == BI_ENCODER:
-            scores, prompt_tokens = await self._bi_encoder(model, request.query, unique, truncate, timeout)
+            raw, prompt_tokens = await self._bi_encoder(model, request.query, unique, truncate, timeout)
+            relevance = (raw + 1.0) / 2.0
         else:
-            scores, prompt_tokens = await self._cross_encoder(model, request.query, unique, truncate, request.raw_scores, timeout)
+            raw, prompt_tokens = await self._cross_encoder(model, request.query, unique, truncate, timeout)
+            relevance = 1.0 / (1.0 + np.exp(-raw))
         request_record.add_tokens(prompt=prompt_tokens)
 
         with request_record.stage("respond"):
             # Sorted on the float32 values the caller receives; a stable sort keeps ties in request order.
-            per_document = scores.astype(np.float32)[slots]
+            relevance, raw = np.clip(relevance, 0.0, 1.0).astype(np.float32), raw.astype(np.float32)
+            best = [int(s[np.argmax(relevance[s])]) for s in slots]  # first best piece of each document
+            chunk = [int(np.argmax(relevance[s])) for s in slots]
+            per_document = relevance[best]
             order = np.argsort(-per_document, kind="stable")[:top_n]
             results = [
                 rerank_pb2.RerankResult(
                     index=int(i),
-                    score=float(per_document[i]),
+                    relevance_score=float(per_document[i]),
                     document=documents[i] if request.return_documents else None,
+                    raw_score=float(raw[best[i]]) if request.raw_scores else None,
+                    chunk_index=chunk[i] if request.chunk_long_documents else None,
                 )
                 for i in order
             ]
@@ -90,6 +114,15 @@ class RerankService(rerank_pb2_grpc.RerankServicer):
                 results=results,
                 usage=common_pb2.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
             )
+
+    def _chunks(self, model: ServedModel, query: str, documents: list[str]) -> list[list[str]]:
+        if model.kind == BI_ENCODER:
+            embedding = self.catalog.get(model.embedding_model, (EMBEDDING,))
+            tokenizer = self.tokenizers[embedding.name]
+            return [tokenizer.chunks(d) for d in documents]
+        tokenizer = self.tokenizers[model.name]
+        tokenizer.check_query(query, paired=True)
+        return [tokenizer.chunks(d, query=query) for d in documents]
 
     async def _bi_encoder(
         self, model: ServedModel, query: str, documents: list[str], truncate: str, timeout: float | None
@@ -109,11 +142,11 @@ class RerankService(rerank_pb2_grpc.RerankServicer):
         # Query and documents in one pass: one set of Triton requests, bucketed together.
         pooled = await self.encoder.pooled(embedding, tokenizer, [query_ids, *document_ids], timeout=timeout)
         vectors = finish_embeddings(pooled, dimensions=embedding.dimensions, normalize=True)
-        scores = vectors[1:] @ vectors[0]  # cosine: both sides are unit vectors
-        return scores, len(query_ids) + sum(len(s) for s in document_ids)
+        cosine = (vectors[1:] @ vectors[0]).astype(np.float64)  # both sides are unit vectors
+        return cosine, len(query_ids) + sum(len(s) for s in document_ids)
 
     async def _cross_encoder(
-        self, model: ServedModel, query: str, documents: list[str], truncate: str, raw: bool, timeout: float | None
+        self, model: ServedModel, query: str, documents: list[str], truncate: str, timeout: float | None
     ) -> tuple[np.ndarray, int]:
         tokenizer = self.tokenizers[model.name]
 
@@ -124,6 +157,4 @@ class RerankService(rerank_pb2_grpc.RerankServicer):
 
         ids, type_ids = await off_loop(self.executor, tokenize)
         logits = await self.encoder.rows(model, tokenizer, ids, output="logits", type_ids=type_ids, timeout=timeout)
-        logits = logits.reshape(len(documents)).astype(np.float64)
-        scores = logits if raw else 1.0 / (1.0 + np.exp(-logits))
-        return scores, sum(len(s) for s in ids)
+        return logits.reshape(len(documents)).astype(np.float64), sum(len(s) for s in ids)
