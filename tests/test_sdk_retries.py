@@ -161,6 +161,8 @@ async def test_retries_and_round_robin_in_one_service_config(refusing_server):
         ("ragserve.v1.Embed", "Embed"),
         ("ragserve.v1.Rerank", "Rerank"),
         ("ragserve.v1.Models", "ListModels"),
+        ("ragserve.v1.Tokenize", "Tokenize"),
+        ("ragserve.v1.Tokenize", "Detokenize"),
     }
 
 

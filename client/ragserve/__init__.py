@@ -15,12 +15,14 @@ from ragserve._errors import (
 )
 from ragserve._types import EmbedResult, GenerateResult, ModelInfo, RankedDocument, RerankResult, TextDelta, Usage
 from ragserve._types import TokenLogprob, TopLogprob
+from ragserve._types import EmbedBatch, TokenizedText, TokenizeResult
 
 __all__ = [
     "AsyncClient",
     "CancelledError",
     "Client",
     "DeadlineExceededError",
+    "EmbedBatch",
     "EmbedResult",
     "GenerateResult",
     "InvalidArgumentError",
@@ -34,6 +36,8 @@ __all__ = [
     "ServerError",
     "TextDelta",
     "TokenLogprob",
+    "TokenizeResult",
+    "TokenizedText",
     "TopLogprob",
     "UnauthenticatedError",
     "UnavailableError",

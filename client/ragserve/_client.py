@@ -47,16 +47,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar, Unpack
 
 import grpc
 
-from ragserve import _protocol
+from ragserve import _bulk, _protocol
 from ragserve._errors import from_rpc_error
 from ragserve._tracing import with_trace_context
-from ragserve._types import EmbedResult, GenerateResult, ModelInfo, RerankResult, TextDelta
-from ragserve.v1 import embed_pb2_grpc, generate_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2_grpc
+from ragserve._types import EmbedBatch, EmbedResult, GenerateResult, ModelInfo, RerankResult, TextDelta, TokenizeResult
+from ragserve.v1 import embed_pb2_grpc, generate_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2_grpc, tokenize_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -76,6 +76,7 @@ class _Stubs:
         self.models = models_pb2_grpc.ModelsStub(channel)
         self.generate = generate_pb2_grpc.GenerateStub(channel)
         self.rerank = rerank_pb2_grpc.RerankStub(channel)
+        self.tokenize = tokenize_pb2_grpc.TokenizeStub(channel)
 
 
 def _with_request_id(result, request_id: str | None):
@@ -90,9 +91,11 @@ _Rerank = TypeVar("_Rerank")
 _Generate = TypeVar("_Generate")
 _Stream = TypeVar("_Stream")
 _Models = TypeVar("_Models")
+_Tokenize = TypeVar("_Tokenize")
+_Detokenize = TypeVar("_Detokenize")
 
 
-class _Methods(Generic[_Embed, _Rerank, _Generate, _Stream, _Models]):
+class _Methods(Generic[_Embed, _Rerank, _Generate, _Stream, _Models, _Tokenize, _Detokenize]):
     """Each call's options and meaning, written once; `_unary` and `_stream` are the transport."""
 
     _stubs: _Stubs
@@ -117,13 +120,21 @@ class _Methods(Generic[_Embed, _Rerank, _Generate, _Stream, _Models]):
         truncate: str | None = None,
         dimensions: int | None = None,
         input_type: str | None = None,
+        encoding: str = _protocol.DEFAULT_ENCODING,
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> _Embed:
         """Embeds texts; `truncate` is "none" (default: over-long is an error), "end" or "start";
-        `input_type` is "query" or "passage"; `dimensions` keeps the first N (Matryoshka)."""
+        `input_type` is "query" or "passage"; `dimensions` keeps the first N (Matryoshka).
+
+        `encoding` (result's `embeddings` dtype and shape): "float32" (default: float32 (n, d),
+        sent as one packed blob and read without a copy: a read-only array, `.copy()` to write),
+        "float" (the same numbers sent as repeated floats), "int8" / "uint8" (calibrated scalar
+        quantisation, (n, d); needs the model's calibration, see ModelInfo.encodings), "binary"
+        (int8) / "ubinary" (uint8): sign bits packed 8 to a byte, (n, ceil(d / 8))."""
         request = _protocol.embed_request(
-            inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type
+            inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type,
+            encoding=encoding,
         )
         return self._unary(self._stubs.embed.Embed, request, _protocol.embed_result, timeout, metadata)
 
@@ -221,8 +232,38 @@ class _Methods(Generic[_Embed, _Rerank, _Generate, _Stream, _Models]):
     def list_models(self, *, timeout: float | None = None, metadata: Metadata = ()) -> _Models:
         return self._unary(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), _protocol.model_infos, timeout, metadata)
 
+    def tokenize(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        model: str | None = None,
+        truncate: str | None = None,
+        input_type: str | None = None,
+        return_tokens: bool = False,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> _Tokenize:
+        """Tokens of each text as `model` gets them (default: the default embedding model; any
+        served model: embedding, reranker, generation), with Embed's truncation rules:
+        ids, character offsets, counts (and token strings with `return_tokens`)."""
+        request = _protocol.tokenize_request(inputs, model=model, truncate=truncate, input_type=input_type, return_tokens=return_tokens)
+        return self._unary(self._stubs.tokenize.Tokenize, request, _protocol.tokenize_result, timeout, metadata)
 
-class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDelta | GenerateResult], list[ModelInfo]]):
+    def detokenize(
+        self,
+        ids: Sequence[int],
+        *,
+        model: str | None = None,
+        skip_special_tokens: bool = True,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> _Detokenize:
+        """The text of token `ids` in `model`'s vocabulary (special tokens left out by default)."""
+        request = _protocol.detokenize_request(ids, model=model, skip_special_tokens=skip_special_tokens)
+        return self._unary(self._stubs.tokenize.Detokenize, request, lambda response: response.text, timeout, metadata)
+
+
+class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDelta | GenerateResult], list[ModelInfo], TokenizeResult, str]):
     """Blocking client. `timeout` (seconds) is the default deadline of every call.
 
     api_key: sent as `authorization: Bearer <key>` with every call.
@@ -284,6 +325,21 @@ class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDe
         finally:
             call.cancel()
 
+    def embed_stream(self, texts: Iterable[str], **options: Unpack[_bulk.EmbedStreamOptions]) -> EmbedResult:
+        """Embeds any number of texts over one EmbedStream: `embeddings` in input order (one
+        array, ready for np.save), `usage` summed. Options (`_bulk.EmbedStreamOptions`): `embed`'s,
+        and batch_size=64, max_in_flight=8, retries=8, progress=False (a tqdm bar),
+        on_progress=callable(done, total), total=None, timeout=None (the whole run)."""
+        timeout = options.pop("timeout", None)
+        run = _bulk.new_run(texts, **options)
+        return _bulk.collect(run, _bulk.iter_batches_sync(self._stubs.embed, self._call_metadata(()), run, texts, timeout))
+
+    def embed_stream_batches(self, texts: Iterable[str], **options: Unpack[_bulk.EmbedStreamOptions]) -> Iterator[EmbedBatch]:
+        """Like `embed_stream`, batch by batch in input order (bounded memory for any corpus size)."""
+        timeout = options.pop("timeout", None)
+        run = _bulk.new_run(texts, **options)
+        return _bulk.iter_batches_sync(self._stubs.embed, self._call_metadata(()), run, texts, timeout)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -301,6 +357,8 @@ class AsyncClient(
         Awaitable[GenerateResult],
         AsyncIterator[TextDelta | GenerateResult],
         Awaitable[list[ModelInfo]],
+        Awaitable[TokenizeResult],
+        Awaitable[str],
     ]
 ):
     """asyncio client; the same arguments and calls as `Client`, awaited (`stream`: `async for`)."""
@@ -350,6 +408,22 @@ class AsyncClient(
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
+
+    async def embed_stream(
+        self, texts: Iterable[str] | AsyncIterable[str], **options: Unpack[_bulk.EmbedStreamOptions]
+    ) -> EmbedResult:
+        """See `Client.embed_stream`; `texts` may also be an async iterable."""
+        timeout = options.pop("timeout", None)
+        run = _bulk.new_run(texts, **options)
+        return await _bulk.collect_async(run, _bulk.iter_batches_async(self._stubs.embed, self._call_metadata(()), run, texts, timeout))
+
+    def embed_stream_batches(
+        self, texts: Iterable[str] | AsyncIterable[str], **options: Unpack[_bulk.EmbedStreamOptions]
+    ) -> AsyncIterator[EmbedBatch]:
+        """See `Client.embed_stream_batches`: `async for batch in client.embed_stream_batches(texts)`."""
+        timeout = options.pop("timeout", None)
+        run = _bulk.new_run(texts, **options)
+        return _bulk.iter_batches_async(self._stubs.embed, self._call_metadata(()), run, texts, timeout)
 
     async def close(self) -> None:
         await self._channel.close()

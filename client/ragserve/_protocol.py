@@ -13,19 +13,21 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from ragserve._errors import InvalidArgumentError
+from ragserve._errors import InvalidArgumentError, ServerError
 from ragserve._types import (
     EmbedResult,
     GenerateResult,
     ModelInfo,
     RankedDocument,
+    TokenizedText,
+    TokenizeResult,
     RerankResult,
     TextDelta,
     TokenLogprob,
     TopLogprob,
     Usage,
 )
-from ragserve.v1 import common_pb2, embed_pb2, generate_pb2, models_pb2, rerank_pb2
+from ragserve.v1 import common_pb2, embed_pb2, generate_pb2, models_pb2, rerank_pb2, tokenize_pb2
 
 TRUNCATE = {
     None: common_pb2.TRUNCATE_UNSPECIFIED,
@@ -34,6 +36,22 @@ TRUNCATE = {
     "start": common_pb2.TRUNCATE_START,
 }
 INPUT_TYPE = {None: embed_pb2.INPUT_TYPE_UNSPECIFIED, "query": embed_pb2.INPUT_TYPE_QUERY, "passage": embed_pb2.INPUT_TYPE_PASSAGE}
+# The SDK's encodings; the default "float32" is the packed float32 blob, read with np.frombuffer.
+ENCODING = {
+    "float32": embed_pb2.EMBEDDING_ENCODING_FLOAT32_BYTES,
+    "float": embed_pb2.EMBEDDING_ENCODING_FLOAT,
+    "int8": embed_pb2.EMBEDDING_ENCODING_INT8,
+    "uint8": embed_pb2.EMBEDDING_ENCODING_UINT8,
+    "binary": embed_pb2.EMBEDDING_ENCODING_BINARY,
+    "ubinary": embed_pb2.EMBEDDING_ENCODING_UBINARY,
+}
+DEFAULT_ENCODING = "float32"
+ENCODING_NAMES = {value: name for name, value in ENCODING.items()}
+ELEMENT_DTYPES = {
+    embed_pb2.ELEMENT_TYPE_FLOAT32: np.dtype("<f4"),
+    embed_pb2.ELEMENT_TYPE_INT8: np.dtype("i1"),
+    embed_pb2.ELEMENT_TYPE_UINT8: np.dtype("u1"),
+}
 MODEL_KIND = {
     models_pb2.MODEL_KIND_EMBEDDING: "embedding",
     models_pb2.MODEL_KIND_CROSS_ENCODER: "cross_encoder",
@@ -70,12 +88,14 @@ def embed_request(
     truncate: str | None,
     dimensions: int | None,
     input_type: str | None,
+    encoding: str = DEFAULT_ENCODING,
 ) -> embed_pb2.EmbedRequest:
     request = embed_pb2.EmbedRequest(
         model=model or "",
         inputs=_texts(inputs, "input"),
         truncate=_choice(TRUNCATE, truncate, "truncate"),
         input_type=_choice(INPUT_TYPE, input_type, "input_type"),
+        encoding=_encoding(encoding),
     )
     if normalize is not None:
         request.normalize = normalize
@@ -90,11 +110,73 @@ def usage(message: common_pb2.Usage) -> Usage:
     return Usage(message.prompt_tokens, message.completion_tokens, message.total_tokens)
 
 
-def embed_result(response: embed_pb2.EmbedResponse) -> EmbedResult:
-    rows = [e.values for e in response.embeddings]
-    width = len(rows[0]) if rows else 0
-    embeddings = np.array(rows, dtype=np.float32).reshape(len(rows), width)
-    return EmbedResult(model=response.model, embeddings=embeddings, usage=usage(response.usage))
+def _encoding(name: str) -> int:
+    try:
+        return ENCODING[name]
+    except (KeyError, TypeError):
+        raise InvalidArgumentError(f"encoding must be one of {', '.join(map(repr, ENCODING))}, got {name!r}") from None
+
+
+def embeddings_of(response: embed_pb2.EmbedResponse) -> np.ndarray:
+    """The response's vectors: (n, dimensions) float32 / int8 / uint8, or (n, ceil(dimensions / 8))
+    for the bit encodings. A packed blob is read without copying (a read-only array)."""
+    if response.encoding in (embed_pb2.EMBEDDING_ENCODING_FLOAT, embed_pb2.EMBEDDING_ENCODING_UNSPECIFIED):
+        rows = [e.values for e in response.embeddings]
+        width = len(rows[0]) if rows else 0
+        return np.array(rows, dtype=np.float32).reshape(len(rows), width)
+    packed = response.packed
+    dtype = ELEMENT_DTYPES.get(packed.element_type)
+    if dtype is None or len(packed.data) != packed.rows * packed.columns * dtype.itemsize:
+        raise ServerError(
+            f"malformed packed embeddings: {len(packed.data)} bytes for {packed.rows} x {packed.columns} of element type {packed.element_type}"
+        )
+    return np.frombuffer(packed.data, dtype=dtype).reshape(packed.rows, packed.columns)
+
+
+def embed_result(response: embed_pb2.EmbedResponse, request_id: str | None = None) -> EmbedResult:
+    embeddings = embeddings_of(response)
+    packed = response.encoding not in (embed_pb2.EMBEDDING_ENCODING_FLOAT, embed_pb2.EMBEDDING_ENCODING_UNSPECIFIED)
+    return EmbedResult(
+        model=response.model,
+        embeddings=embeddings,
+        usage=usage(response.usage),
+        request_id=request_id,
+        encoding=ENCODING_NAMES.get(response.encoding, "float"),
+        dimensions=response.packed.dimensions if packed else embeddings.shape[1],
+    )
+
+
+def tokenize_request(
+    inputs: str | Sequence[str], *, model: str | None, truncate: str | None, input_type: str | None, return_tokens: bool
+) -> tokenize_pb2.TokenizeRequest:
+    return tokenize_pb2.TokenizeRequest(
+        model=model or "",
+        inputs=_texts(inputs, "input"),
+        truncate=_choice(TRUNCATE, truncate, "truncate"),
+        input_type=_choice(INPUT_TYPE, input_type, "input_type"),
+        return_tokens=return_tokens,
+    )
+
+
+def tokenize_result(response: tokenize_pb2.TokenizeResponse) -> TokenizeResult:
+    results = [
+        TokenizedText(
+            ids=list(r.ids),
+            offsets=list(zip(r.offset_starts, r.offset_ends)),
+            tokens=list(r.tokens),
+            untruncated_count=r.untruncated_count,
+        )
+        for r in response.results
+    ]
+    return TokenizeResult(model=response.model, results=results, usage=usage(response.usage))
+
+
+def detokenize_request(ids: Sequence[int], *, model: str | None, skip_special_tokens: bool) -> tokenize_pb2.DetokenizeRequest:
+    ids = list(ids)
+    for index, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < 2**32:
+            raise InvalidArgumentError(f"ids[{index}] must be an int from 0 to 2**32 - 1, got {token!r}")
+    return tokenize_pb2.DetokenizeRequest(model=model or "", ids=ids, skip_special_tokens=skip_special_tokens)
 
 
 def rerank_request(
@@ -148,11 +230,24 @@ def model_infos(response: models_pb2.ListModelsResponse) -> list[ModelInfo]:
             kind=MODEL_KIND.get(m.kind, "unspecified"),
             dimensions=m.dimensions,
             max_input_tokens=m.max_input_tokens,
-            max_batch=m.max_batch,
+            # A gateway older than max_inputs_per_call sends only the deprecated max_batch.
+            max_inputs_per_call=m.max_inputs_per_call or m.max_batch,
             is_default=m.is_default,
+            max_batch_rows=m.max_batch_rows,
+            max_tokens_per_batch=m.max_tokens_per_batch,
+            input_types={INPUT_TYPE_NAMES.get(t.input_type, "unspecified"): t.prefix for t in m.input_types},
+            dimensions_may_be_cut=m.dimensions_may_be_cut,
+            matryoshka_dimensions=tuple(m.matryoshka_dimensions),
+            score_range=(m.score_range.min, m.score_range.max) if m.HasField("score_range") else None,
+            raw_score_range=(m.raw_score_range.min, m.raw_score_range.max) if m.HasField("raw_score_range") else None,
+            revision=m.revision,
+            encodings=tuple(ENCODING_NAMES[e] for e in m.encodings if e in ENCODING_NAMES),
         )
         for m in response.models
     ]
+
+
+INPUT_TYPE_NAMES = {value: name for name, value in INPUT_TYPE.items() if name}
 
 
 FINISH_REASON = {
@@ -261,6 +356,8 @@ RETRIED_METHODS = (
     (embed_pb2.DESCRIPTOR.services_by_name["Embed"].full_name, "Embed"),
     (rerank_pb2.DESCRIPTOR.services_by_name["Rerank"].full_name, "Rerank"),
     (models_pb2.DESCRIPTOR.services_by_name["Models"].full_name, "ListModels"),
+    (tokenize_pb2.DESCRIPTOR.services_by_name["Tokenize"].full_name, "Tokenize"),
+    (tokenize_pb2.DESCRIPTOR.services_by_name["Tokenize"].full_name, "Detokenize"),
 )
 DEFAULT_RETRIES = 3
 MAX_RETRIES = 4  # gRPC caps maxAttempts at 5

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +22,12 @@ class EmbedResult:
     embeddings: np.ndarray
     usage: Usage
     request_id: str | None = None
+    # "float32" (the SDK's default, packed), "float", "int8", "uint8", "binary" or "ubinary";
+    # `dimensions`: the vectors' size (bits per row for the bit encodings: for "ubinary",
+    # np.unpackbits(embeddings, axis=-1, count=dimensions) gives the (x > 0) bits back;
+    # "binary" is ubinary - 128, so unpack (embeddings.astype(np.int16) + 128).astype(np.uint8)).
+    encoding: str = "float32"
+    dimensions: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,12 +63,71 @@ class RerankResult:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """What a served model takes and gives (ListModels). Limits: `max_inputs_per_call` texts
+    per Embed / Tokenize call or documents per Rerank call; `max_batch_rows` rows per Triton
+    request (longer calls are split); `max_tokens_per_batch` = rows x `max_input_tokens`.
+    Embedding models: `input_types` ({"query": prefix, "passage": prefix}, "" = none),
+    `dimensions_may_be_cut` (Embed's `dimensions`), `matryoshka_dimensions` (sizes it was
+    trained to be cut to; empty: cutting allowed but not trained for), `encodings`.
+    Rerankers: `score_range` of `relevance_score`, `raw_score_range` of `raw_score`."""
+
     name: str
     kind: str  # "embedding", "cross_encoder", "bi_encoder" or "generation"
     dimensions: int
     max_input_tokens: int
-    max_batch: int
+    max_inputs_per_call: int
     is_default: bool
+    max_batch_rows: int = 0
+    max_tokens_per_batch: int = 0
+    input_types: dict[str, str] = field(default_factory=dict)
+    dimensions_may_be_cut: bool = False
+    matryoshka_dimensions: tuple[int, ...] = ()
+    score_range: tuple[float, float] | None = None
+    raw_score_range: tuple[float, float] | None = None
+    revision: str = ""
+    encodings: tuple[str, ...] = ()
+
+    @property
+    def max_batch(self) -> int:
+        """Deprecated: `max_inputs_per_call`."""
+        return self.max_inputs_per_call
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    """One text's tokens as the model gets them: `ids`, per token its `offsets` (start, end)
+    in the text in characters ((0, 0) for special and prefix tokens), `tokens` (strings, when
+    asked for), `untruncated_count` (> len(ids) when truncated)."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    tokens: list[str]
+    untruncated_count: int
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    @property
+    def truncated(self) -> bool:
+        return self.untruncated_count > len(self.ids)
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    model: str
+    results: list[TokenizedText]
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class EmbedBatch:
+    """One batch of `embed_stream_batches`: rows `start` .. `start + len(embeddings)` of the
+    input, in input order."""
+
+    start: int
+    embeddings: np.ndarray
+    usage: Usage
 
 
 @dataclass(frozen=True)
