@@ -47,6 +47,18 @@ def floats(stub) -> np.ndarray:
     return np.array([e.values for e in response.embeddings], dtype=np.float32)
 
 
+# Two calls may run in different Triton batches (the dynamic batcher groups them with other
+# callers' requests), and ONNX Runtime's last bits differ between batch shapes (~1e-8): floats
+# agree to 1e-6, and a quantised value may sit one step away when a float lies on a boundary.
+def assert_same_floats(got: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def assert_same_steps(got: np.ndarray, want: np.ndarray) -> None:
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, f"{(diff > 0).sum()} values differ, max {diff.max()} steps"
+
+
 # The documented definitions (embed.proto), written out independently of the gateway's code.
 def ref_uint8(x: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     lo, hi = ranges[0], ranges[1]
@@ -83,7 +95,7 @@ def test_float32_bytes_are_the_floats_in_one_blob(stub, floats):
     p = response.packed
     assert (p.rows, p.columns, p.dimensions, p.element_type) == (len(TEXTS), 384, 384, E.ELEMENT_TYPE_FLOAT32)
     assert len(p.data) == len(TEXTS) * 384 * 4
-    np.testing.assert_array_equal(packed(response, "<f4"), floats)
+    assert_same_floats(packed(response, "<f4"), floats)
     assert cosine_rows(packed(response, "<f4"), minilm_embeddings(TEXTS)).min() >= 0.9999
 
 
@@ -100,7 +112,7 @@ def test_calibrated_scalar_quantisation(stub, floats, ranges, encoding, dtype, r
     assert (p.rows, p.columns, p.dimensions) == (len(TEXTS), 384, 384)
     assert p.element_type == (E.ELEMENT_TYPE_INT8 if dtype == "i1" else E.ELEMENT_TYPE_UINT8)
     got = packed(response, dtype)
-    np.testing.assert_array_equal(got, reference(floats, ranges))  # exact on the gateway's own floats
+    assert_same_steps(got, reference(floats, ranges))  # on the gateway's floats of another call
     # Against transformers in-process: float noise may move a value over a step boundary.
     want = reference(minilm_embeddings(TEXTS).astype(np.float32), ranges)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
@@ -145,7 +157,10 @@ def test_matches_sentence_transformers_where_installed(stub, floats, ranges):
     ):
         got = packed(stub.Embed(E.EmbedRequest(inputs=TEXTS, encoding=encoding), timeout=30), dtype)
         want = quantization.quantize_embeddings(floats, precision, ranges=ranges)
-        np.testing.assert_array_equal(got, want, err_msg=precision)
+        if "binary" in precision:
+            np.testing.assert_array_equal(got, want, err_msg=precision)
+        else:
+            assert_same_steps(got, want)
 
 
 def test_stream_messages_use_their_encoding(stub, floats):
@@ -155,7 +170,7 @@ def test_stream_messages_use_their_encoding(stub, floats):
     ]
     answers = {a.id: a.response for a in stub.EmbedStream(iter(messages), timeout=30)}
     np.testing.assert_array_equal(packed(answers["b"], "u1"), ref_ubinary(floats))
-    np.testing.assert_array_equal(packed(answers["f"], "<f4"), floats)
+    assert_same_floats(packed(answers["f"], "<f4"), floats)
 
 
 @pytest.mark.parametrize(
@@ -197,11 +212,11 @@ def test_sdk_encodings(gateway, floats, ranges):
         default = client.embed(TEXTS)
         assert (default.encoding, default.dimensions, default.embeddings.dtype) == ("float32", 384, np.float32)
         assert not default.embeddings.flags.writeable  # read from the response's bytes, not copied
-        np.testing.assert_array_equal(default.embeddings, floats)
-        np.testing.assert_array_equal(client.embed(TEXTS, encoding="float").embeddings, floats)
+        assert_same_floats(default.embeddings, floats)
+        assert_same_floats(client.embed(TEXTS, encoding="float").embeddings, floats)
         int8 = client.embed(TEXTS, encoding="int8")
         assert (int8.encoding, int8.embeddings.dtype) == ("int8", np.int8)
-        np.testing.assert_array_equal(int8.embeddings, ref_int8(floats, ranges))
+        assert_same_steps(int8.embeddings, ref_int8(floats, ranges))
         binary = client.embed(TEXTS, encoding="binary", dimensions=100)
         assert (binary.encoding, binary.dimensions, binary.embeddings.shape) == ("binary", 100, (len(TEXTS), 13))
         with pytest.raises(ragserve.InvalidArgumentError, match="encoding must be one of 'float32', 'float'"):

@@ -229,4 +229,6 @@ async def test_async_stream_int8_against_the_gateway(gateway):
         result = await client.embed_stream(produce(), encoding="int8", batch_size=100)
         direct = await client.embed(corpus[:100], encoding="int8")
     assert result.embeddings.dtype == np.int8 and result.encoding == "int8" and result.dimensions == 384
-    np.testing.assert_array_equal(result.embeddings[:100], direct.embeddings)
+    # Different Triton batches: a value on a quantisation boundary may sit one step away.
+    diff = np.abs(result.embeddings[:100].astype(np.int16) - direct.embeddings.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
