@@ -1,5 +1,10 @@
 """Balancing cost: Embed through one gateway over 1 Triton replica vs over 2, side by side.
 
+Three setups: 1 replica; 2 replicas of which only one has the model loaded (every call goes
+to it: what the replica set's bookkeeping and picking cost); 2 serving replicas (calls spread:
+on one machine each replica sees half the requests, so its batches are smaller, and the two
+ONNX Runtimes compete for the same cores).
+
     .venv/bin/python bench/replicas_bench.py [--requests 1500] [--rounds 3] [--concurrency 16 64]
 
 Both gateways and all Tritons run on loopback and are started first; then the setups are
@@ -34,11 +39,15 @@ def main() -> None:
     texts = sentences(4096)
     work = Path(tempfile.mkdtemp(prefix="replicas_bench."))
     tritons = [start_triton(work / f"triton{i}", ["minilm"]) for i in range(2)]
+    tritons.append(start_triton(work / "triton-empty", []))  # up, but serves no model
     gateways = {}
     try:
         gateways["1 replica"] = GatewayProcess(tritons[0].grpc_url, ["minilm"], work / "g1.log").wait_serving()
+        gateways["2, 1 ready"] = GatewayProcess(
+            f"{tritons[0].grpc_url},{tritons[2].grpc_url}", ["minilm"], work / "g3.log"
+        ).wait_serving()
         gateways["2 replicas"] = GatewayProcess(
-            ",".join(t.grpc_url for t in tritons), ["minilm"], work / "g2.log"
+            ",".join(t.grpc_url for t in tritons[:2]), ["minilm"], work / "g2.log"
         ).wait_serving()
         runs: dict[tuple[str, int], list[tuple]] = {}
         for round_ in range(args.rounds):
@@ -55,8 +64,9 @@ def main() -> None:
                 rate, p50, p99, errors = rounds[len(rounds) // 2]
                 base = base or rate
                 print(f"{name:<12}{concurrency:>6}{rate:>9.0f}{p50:>9.2f}{p99:>9.2f}{errors:>8}{rate / base:>13.2f}x")
-        rates = [statistics.median(r[0] for r in runs[("2 replicas", c)]) / statistics.median(r[0] for r in runs[("1 replica", c)]) for c in args.concurrency]
-        print(f"\nbalancing cost (1 - 2 replicas / 1 replica, median over levels): {1 - statistics.median(rates):+.1%}")
+        for name in ("2, 1 ready", "2 replicas"):
+            rates = [statistics.median(r[0] for r in runs[(name, c)]) / statistics.median(r[0] for r in runs[("1 replica", c)]) for c in args.concurrency]
+            print(f"cost of {name!r} vs 1 replica (median over levels): {1 - statistics.median(rates):+.1%}")
     finally:
         for gateway in gateways.values():
             gateway.stop()
