@@ -124,3 +124,19 @@ async def test_each_stream_message_takes_a_bulk_permit(shedding_stack):
     assert sorted(a.id for a in answers) == [str(i) for i in range(8)]
     assert all(a.HasField("response") for a in answers)
     assert backend.lanes.count(BULK) == 8
+
+
+async def test_a_cancelled_stream_leaves_no_work_behind(shedding_stack):
+    backend, stub = shedding_stack
+
+    async def messages():
+        for i in range(20):
+            yield embed_pb2.EmbedStreamRequest(id=str(i), request=embed_pb2.EmbedRequest(inputs=[f"doc {i}"]))
+
+    call = stub.EmbedStream(messages(), timeout=30)
+    await asyncio.sleep(0.3)
+    call.cancel()
+    started = backend.calls
+    await asyncio.sleep(1.0)
+    # Messages waiting for a bulk permit were dropped with the stream, not sent to the model.
+    assert backend.calls <= started + 2 < 20

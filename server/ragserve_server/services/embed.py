@@ -95,6 +95,12 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
                     task.add_done_callback(tasks.discard)
                 if tasks:
                     await asyncio.gather(*tasks)
+            except BaseException:
+                # The caller went away (or the stream failed): work still queued or running for
+                # its messages is cancelled, in Triton too, not computed for nobody.
+                for task in tasks:
+                    task.cancel()
+                raise
             finally:
                 await answers.put(None)
 
