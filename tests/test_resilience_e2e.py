@@ -22,7 +22,8 @@ EMBED = "ragserve.v1.Embed"
 def own_stack(tmp_path):
     """A Triton and gateway of this test's own, so stopping Triton disturbs no other test."""
     triton = start_triton(tmp_path, ["minilm"])
-    gateway = GatewayProcess(triton.grpc_url, triton.models, tmp_path / "gateway.log")
+    # A long drain: the SIGTERM test's big call must finish inside it even on a loaded machine.
+    gateway = GatewayProcess(triton.grpc_url, triton.models, tmp_path / "gateway.log", "--drain-seconds", "60")
     try:
         gateway.wait_serving()
         yield triton, gateway
@@ -60,7 +61,7 @@ def test_sigterm_drains_in_flight_calls(own_stack):
     _, gateway = own_stack
     texts = [f"a long-ish passage number {i} " * 6 for i in range(300)]
     outcome: dict = {}
-    client = ragserve.Client(gateway.address)
+    client = ragserve.Client(gateway.address, retries=0)  # the in-flight call itself must complete
     client.embed(["connect first"], timeout=30)  # so the big call is on the wire at once
 
     def call() -> None:
