@@ -91,7 +91,7 @@ async def run_load(address: str, seconds: float, generate: bool) -> collections.
             await embed.Embed(embed_pb2.EmbedRequest(inputs=[""] if rng.random() < 0.5 else [], dimensions=9999), timeout=5)
 
         async def generate_call(rng):
-            request = generate_pb2.GenerateRequest(messages=[generate_pb2.Message(role="user", content=sentence(rng))], max_tokens=32)
+            request = generate_pb2.GenerateRequest(messages=[generate_pb2.ChatMessage(role="user", content=sentence(rng))], max_tokens=32)
             async for _ in gen.GenerateStream(request, timeout=60):
                 pass
 
