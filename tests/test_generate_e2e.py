@@ -145,7 +145,9 @@ def test_cancelled_stream_frees_its_slot(generation):
         started = time.monotonic()
         assert wait_running(triton, 0, 1.0) == 0
         assert time.monotonic() - started < 1.0
-        assert client.generate(prompt="Still serving?", max_tokens=2).usage.completion_tokens == 2
+        # Still serving (sampled: it may end at once with end of sequence, which is not counted).
+        answer = client.generate(prompt="Still serving?", max_tokens=2)
+        assert answer.finish_reason in ("length", "stop") and answer.usage.completion_tokens <= 2
 
 
 def test_deadline_cancels_generation(generation):
