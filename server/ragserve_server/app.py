@@ -111,7 +111,10 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         for m in catalog.by_kind(EMBEDDING) + catalog.by_kind(CROSS_ENCODER)
     }
     encoder = EncoderRunner(backend)
-    embed = EmbedService(catalog, tokenizers, encoder, executor, settings.max_inputs_per_call, admission)
+    embed = EmbedService(
+        catalog, tokenizers, encoder, executor, settings.max_inputs_per_call, admission,
+        inline_tokenize_chars=settings.inline_tokenize_chars,
+    )
     embed_pb2_grpc.add_EmbedServicer_to_server(embed, server)
     models = ModelsService(catalog)
     models_pb2_grpc.add_ModelsServicer_to_server(models, server)

@@ -42,6 +42,11 @@ MANIFEST = "ragserve.json"  # an exported model's registry entry, next to its co
 # by `make models` (scripts/calibrate_embeddings.py); an exported model keeps it in its manifest.
 CALIBRATION_FILE = "calibration.json"
 RENDERED = "(rendered)"  # an artifact that rendering the repository writes
+FUSED_ONNX = "model_fused.onnx"  # ONNX Runtime's fused encoder graph (scripts/fuse_onnx.py)
+# ONNX Runtime's intra-op threads spin on a core while they wait for work, to start the next
+# kernel sooner. Here the model shares 2 cores with the gateway and Triton, and the spinning
+# thread takes the core they need: measured off (bench/embed_bench.py, README "Performance").
+ORT_ALLOW_SPINNING = "0"
 
 # The token tensors every encoder takes: the gateway tokenizes and pads to length buckets.
 TOKEN_INPUTS = (
@@ -179,11 +184,19 @@ def encoder_spec(
     bi_encoder: bool = False,
     weights_dir: Path | None = None,
     onnx_built_by: str = "make models",
+    fused_onnx_built_by: str = "",
     intra_op_threads: int = 2,
     description: str = "",
 ) -> ModelSpec:
-    """An ONNX encoder (embedding model or cross-encoder) with its three variants."""
+    """An ONNX encoder (embedding model or cross-encoder) with its three variants.
+
+    With `fused_onnx_built_by`, ONNX Runtime runs the fused graph (scripts/fuse_onnx.py:
+    model_fused.onnx) and TensorRT still builds from the plain model.onnx.
+    """
     head = "mean_pool" if kind == EMBEDDING else "logits"
+    ort_files = {"model.onnx": onnx_built_by, "model.py": "a copy of scripts/templates/ort_model.py"}
+    if fused_onnx_built_by:
+        ort_files[FUSED_ONNX] = fused_onnx_built_by
     return ModelSpec(
         name=name,
         kind=kind,
@@ -197,12 +210,16 @@ def encoder_spec(
         prefixes=dict(prefixes or {}),
         bi_encoder=bi_encoder,
         artifacts={
-            ONNXRUNTIME: {"model.onnx": onnx_built_by, "model.py": "a copy of scripts/templates/ort_model.py"},
+            ONNXRUNTIME: ort_files,
             TORCH_CUDA: {"model.py": f"a copy of scripts/templates/torch_encoder_model.py {RENDERED}"},
             TENSORRT: {"model.plan": "make engines (a GPU with TensorRT)"},
         },
         parameters={
-            ONNXRUNTIME: {"onnx_file": "model.onnx", "intra_op_threads": str(intra_op_threads)},
+            ONNXRUNTIME: {
+                "onnx_file": FUSED_ONNX if fused_onnx_built_by else "model.onnx",
+                "intra_op_threads": str(intra_op_threads),
+                "allow_spinning": ORT_ALLOW_SPINNING,
+            },
             TORCH_CUDA: {"head": head, "dtype": "float16"},  # hf_dir: the weights folder, set when rendered
             TENSORRT: {},
         },
@@ -260,6 +277,7 @@ def minilm_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
         prefixes={k: v for k, v in prompts.items() if k in ("query", "passage") and v},
         bi_encoder=True,
         onnx_built_by="make models (scripts/export_minilm.py)",
+        fused_onnx_built_by="make models (scripts/fuse_onnx.py --builtin minilm)",
         description="all-MiniLM-L6-v2 sentence encoder: token tensors in, mean-pooled embedding out",
     )
     calibration = _read_json(Path(repository) / spec.triton_model / "1" / CALIBRATION_FILE) or None

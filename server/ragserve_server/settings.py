@@ -76,6 +76,10 @@ class Settings:
         metadata={"help": "largest request message the gateway reads, in bytes; a larger one is answered RESOURCE_EXHAUSTED"},
     )
     tokenizer_threads: int = field(default=1, metadata={"help": "threads that tokenize off the event loop"})
+    inline_tokenize_chars: int = field(
+        default=512,
+        metadata={"help": "an Embed call whose texts total at most this many characters is tokenized on the event loop: for a query the hop to a tokenizer thread costs more than the work (bench/embed_bench.py); 0 = always on a thread"},
+    )
     triton_ready_timeout: float = field(default=180.0, metadata={"help": "seconds to wait for the bundled Triton to be ready"})
     triton_restart_attempts: int = field(
         default=5, metadata={"help": "restarts in a row of a dead or stuck bundled Triton before the gateway exits non-zero"}

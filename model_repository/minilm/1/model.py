@@ -26,6 +26,11 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "2"))
         options.inter_op_num_threads = 1
+        # "0": idle intra-op threads sleep instead of spinning on a core the gateway and
+        # Triton share (registry.ORT_ALLOW_SPINNING says why; measured by bench/embed_bench.py).
+        spinning = params.get("allow_spinning", "1")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         # An exporter may drop an input the graph never reads (token_type_ids of XLM-R): skip it.
         graph_inputs = {i.name for i in self.session.get_inputs()}

@@ -51,7 +51,10 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
         executor: Executor,
         max_inputs_per_call: int,
         admission: Admission,
+        *,
+        inline_tokenize_chars: int = 0,
     ) -> None:
+        self.inline_tokenize_chars = inline_tokenize_chars
         self.admission = admission
         self.catalog = catalog
         self.tokenizers = tokenizers
@@ -142,7 +145,8 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
         if prefix:
             texts = [prefix + t for t in texts]
         tokenizer = self.tokenizers[model.name]
-        sequences = await off_loop(self.executor, tokenizer.encode, texts, truncate)
+        inline = sum(map(len, texts)) <= self.inline_tokenize_chars
+        sequences = await off_loop(self.executor, tokenizer.encode, texts, truncate, inline=inline)
         prompt_tokens = sum(len(s) for s in sequences)
         request_record.add_tokens(prompt=prompt_tokens)
 

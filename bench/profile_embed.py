@@ -1,0 +1,187 @@
+"""Where the CPU of a single-sentence Embed call goes, at concurrency 64 (issue 13's profile).
+
+Starts Triton (minilm) and the gateway on loopback, drives single-sentence Embed calls from
+a separate load process, and over the measured window:
+
+* reads every process's and thread's CPU time from /proc (gateway, tritonserver, the
+  model's python-backend stub, the load generator) and divides by the calls served;
+* samples the gateway and the stub with py-spy (`--native`, so C frames of gRPC, protobuf
+  and ONNX Runtime show) and sorts every sample into a part of the call by its frames.
+
+The table it prints is CPU milliseconds per call by part, so parts add up to what one call
+costs the machine. Samples are taken of threads that are running (py-spy without --idle).
+
+    .venv/bin/python bench/profile_embed.py [--seconds 20] [--concurrency 64] [--repository model_repository]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from support import GatewayProcess, start_triton  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+# Parts of a call, matched against a sample's frames from the innermost outwards: the first
+# rule any frame matches names the part (so "tokenize" wins over the executor that runs it).
+GATEWAY_PARTS = [
+    ("logging and metrics", ("structlog", "logging/__init__", "prometheus_client", "metrics.py", "request_record.py", "logging_setup")),
+    ("tokenization", ("tokenizers", "tokenization.py")),
+    ("request building (pad, KServe request)", ("encoder.py:rows", "_infer_request", "tokenization.py:pad", "encoder.py:run")),
+    ("response building (normalise, EmbedResponse)", ("finish_embeddings", "services/embed.py", "_outputs")),
+    ("interceptor, admission, auth", ("interceptor.py", "call_scope.py", "admission.py", "auth.py", "tracing.py")),
+    ("Triton client (grpc.aio client call)", ("aio/_call.py", "aio/_channel.py", "_interceptor.py", "triton.py", "replicas.py")),
+    ("gRPC server (receive, send, C-core)", ("aio/_server", "cygrpc", "libgrpc", "grpc/_", "_cython")),
+    ("event loop, thread hop", ("asyncio", "selectors", "concurrent/futures", "threading.py", "queue.py")),
+]
+STUB_PARTS = [
+    ("ONNX Runtime", ("onnxruntime", "libonnxruntime", "session.run", "_run", "MlasGemm", "Mlas")),
+    ("python backend IPC (get/put tensors, responses)", ("pb_utils", "triton_python_backend_utils", "InferenceResponse", "get_input_tensor", "Tensor", "Stub", "SharedMemory", "shm", "boost", "ipc", "pb_")),
+    ("model.py (concatenate, pad, split)", ("model.py",)),
+]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (threads of one name summed)."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[_thread_family(name)] += (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+def _thread_family(name: str) -> str:
+    return name.rstrip("0123456789-_:") or name
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+def classify(stack: str, rules) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):
+        for part, needles in rules:
+            if any(n in frame for n in needles):
+                return part
+    return "other"
+
+
+def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(seconds)),
+         "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def samples(path: Path, rules) -> dict[str, int]:
+    counts: dict[str, int] = collections.Counter()
+    if not path.exists():
+        return counts
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if count.isdigit():
+            counts[classify(stack, rules)] += int(count)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--gateway-args", default="", help="extra gateway flags, space-separated")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="ragserve-profile-") as tmp:
+        work = Path(tmp)
+        triton = start_triton(work, ["minilm"], args.repository)
+        gateway = GatewayProcess(triton.grpc_url, ["minilm"], work / "gateway.log", *args.gateway_args.split()).wait_serving()
+        try:
+            stubs = [p for p in children(triton.process.pid) if Path(f"/proc/{p}/comm").read_text().startswith("triton_python")]
+            # The load generator is its own process, so its CPU is counted apart from ours.
+            load = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "embed_load.py"), gateway.address, str(args.concurrency), str(args.seconds + 6)],
+                stdout=subprocess.PIPE, text=True,
+            )
+            time.sleep(3)  # warm: the window starts once the load is steady
+            pids = {"gateway": gateway.process.pid, "tritonserver": triton.process.pid, "load generator": load.pid}
+            pids.update({f"python stub {i}": pid for i, pid in enumerate(stubs)})
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            threads_before = {name: thread_cpu(pid) for name, pid in pids.items()}
+            spies = {"gateway": py_spy(gateway.process.pid, args.seconds, work / "gateway.spy")}
+            spies.update({f"stub{i}": py_spy(pid, args.seconds, work / f"stub{i}.spy") for i, pid in enumerate(stubs)})
+            start = time.monotonic()
+            time.sleep(args.seconds)
+            elapsed = time.monotonic() - start
+            after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            threads_after = {name: thread_cpu(pid) for name, pid in pids.items()}
+            for spy in spies.values():
+                spy.wait(timeout=60)
+            finished, _ = load.communicate(timeout=60)
+            calls = sum(1 for t in json.loads(finished) if start <= t <= start + elapsed)
+        finally:
+            gateway.stop()
+            triton.stop()
+
+        print(f"\nsingle-sentence Embed at concurrency {args.concurrency}: {calls} calls in {elapsed:.1f} s = {calls / elapsed:.0f} calls/s")
+        print(f"\n{'process / thread':52} {'CPU ms/call':>11} {'CPU %':>6}")
+        total = 0.0
+        for name in pids:
+            used = after[name] - before[name]
+            total += used
+            print(f"{name:52} {used * 1000 / calls:11.3f} {used / elapsed:6.0%}")
+            for thread, seconds in sorted(threads_after[name].items(), key=lambda kv: -kv[1]):
+                spent = seconds - threads_before[name].get(thread, 0.0)
+                if spent * 1000 / calls >= 0.01:
+                    print(f"  thread {thread:43} {spent * 1000 / calls:11.3f} {spent / elapsed:6.0%}")
+        print(f"{'all':52} {total * 1000 / calls:11.3f} {total / elapsed:6.0%}")
+
+        for label, spy_names, rules, process in (
+            ("gateway", ["gateway"], GATEWAY_PARTS, "gateway"),
+            ("python stub", [s for s in spies if s.startswith("stub")], STUB_PARTS, "python stub 0"),
+        ):
+            counts: dict[str, int] = collections.Counter()
+            for spy in spy_names:
+                counts.update(samples(work / f"{spy}.spy", rules))
+            n = sum(counts.values())
+            if not n or process not in after:
+                continue
+            sampled_ms = sum(after[p] - before[p] for p in after if p.startswith(process.rsplit(" ", 1)[0])) * 1000 / calls
+            print(f"\n{label}: py-spy samples of its Python threads by part (share of samples; ms/call = share x the process's CPU ms/call)")
+            for part, count in counts.most_common():
+                print(f"  {part:50} {count / n:6.0%} {count / n * sampled_ms:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
