@@ -96,10 +96,13 @@ def classify(stack: str, rules) -> str:
     return "other"
 
 
-def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
+def py_spy(pid: int, seconds: float, out: Path, native: bool = False) -> subprocess.Popen:
+    # --native shows C frames (gRPC's C-core, protobuf) but must pause the process per sample:
+    # use it for attribution only, never with the CPU figures of the same run.
+    mode = ["--native", "--rate", "100"] if native else ["--nonblocking", "--rate", "200"]
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-         "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(out)],
+         "--format", "raw", *mode, "--output", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
@@ -121,6 +124,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--gateway-args", default="", help="extra gateway flags, space-separated")
+    parser.add_argument("--native", type=Path, help="also write the gateway's native (C frames) samples here, as raw collapsed stacks")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ragserve-profile-") as tmp:
@@ -139,7 +143,10 @@ def main() -> None:
             pids.update({f"python stub {i}": pid for i, pid in enumerate(stubs)})
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             threads_before = {name: thread_cpu(pid) for name, pid in pids.items()}
-            spies = {"gateway": py_spy(gateway.process.pid, args.seconds, work / "gateway.spy")}
+            if args.native:
+                spies = {"native": py_spy(gateway.process.pid, args.seconds, args.native, native=True)}
+            else:
+                spies = {"gateway": py_spy(gateway.process.pid, args.seconds, work / "gateway.spy")}
             spies.update({f"stub{i}": py_spy(pid, args.seconds, work / f"stub{i}.spy") for i, pid in enumerate(stubs)})
             start = time.monotonic()
             time.sleep(args.seconds)

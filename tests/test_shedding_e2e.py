@@ -57,11 +57,14 @@ async def test_requests_expired_or_cancelled_in_the_queue_are_not_computed(gatew
     computed = after["compute_infer"] - before["compute_infer"]
     succeeded = after["success"] - before["success"]
     # Only the busy work was computed: every expired or cancelled request left the queue
-    # without reaching the model.
+    # without reaching the model. The first calls of a shape go to Triton's queue and fail
+    # there; the gateway's coalescer holds the rest (two requests per shape are in flight)
+    # and drops them itself, so they never reach Triton at all.
     assert expired == short  # all 10 expired
     assert computed == succeeded == 2
-    assert after["fail"] - before["fail"] >= len(expired) + len(abandoned)
-    print(f"[expired work] {len(expired)} expired and {len(abandoned)} cancelled in the queue; Triton: {after['fail'] - before['fail']} failed, {computed} computed, {succeeded} succeeded")
+    failed_in_triton = after["fail"] - before["fail"]
+    assert failed_in_triton >= 2
+    print(f"[expired work] {len(expired)} expired and {len(abandoned)} cancelled; Triton: {failed_in_triton} failed in its queue, {computed} computed, {succeeded} succeeded")
 
 
 async def test_overload_at_four_times_capacity_never_hangs_and_hints_every_rejection(triton, tmp_path):

@@ -110,7 +110,7 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         m.name: EncoderTokenizer(m.model_dir / "tokenizer.json", m.max_input_tokens)
         for m in catalog.by_kind(EMBEDDING) + catalog.by_kind(CROSS_ENCODER)
     }
-    encoder = EncoderRunner(backend)
+    encoder = EncoderRunner(backend, coalesce_in_flight=settings.coalesce_in_flight)
     embed = EmbedService(
         catalog, tokenizers, encoder, executor, settings.max_inputs_per_call, admission,
         inline_tokenize_chars=settings.inline_tokenize_chars,

@@ -16,13 +16,17 @@ import numpy as np
 
 from ragserve_server import request_record
 from ragserve_server.catalog import ServedModel
+from ragserve_server.coalescer import Coalescer
 from ragserve_server.tokenization import EncoderTokenizer, bucket_length
 from ragserve_server.triton import InferenceBackend
 
 
 class EncoderRunner:
-    def __init__(self, backend: InferenceBackend) -> None:
+    def __init__(self, backend: InferenceBackend, *, coalesce_in_flight: int = 0) -> None:
+        """`coalesce_in_flight` > 0: small concurrent requests of one shape are joined in the
+        gateway once that many are with Triton (coalescer.py); 0: each is its own request."""
         self.backend = backend
+        self.coalescer = Coalescer(backend, coalesce_in_flight) if coalesce_in_flight > 0 else None
 
     async def pooled(
         self,
@@ -67,7 +71,12 @@ class EncoderRunner:
             inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
             if type_ids is not None:
                 inputs["token_type_ids"] = batch.token_type_ids
-            out = await self.backend.infer(model.triton_model, inputs, [output], timeout=timeout)
+            if self.coalescer is not None:
+                out = await self.coalescer.infer(
+                    model.triton_model, inputs, [output], max_rows=model.rows_per_request, timeout=timeout
+                )
+            else:
+                out = await self.backend.infer(model.triton_model, inputs, [output], timeout=timeout)
             return rows, out[output]
 
         with request_record.stage("triton"):

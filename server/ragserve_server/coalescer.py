@@ -1,0 +1,156 @@
+"""Joins concurrent encoder requests of one shape into one Triton request, in the gateway.
+
+Why, when Triton has a dynamic batcher: each Triton request costs the gateway a client RPC,
+Triton a request (queueing, its scheduler, its gRPC front) and the python backend a round
+trip through shared memory, and every one of those is paid before Triton's batcher sees the
+request. For a single-sentence call that overhead is as large as the sentence's share of a
+batched model run (bench/profile_embed.py), and on a CPU machine it is taken from the model.
+
+How: at most `max_in_flight` requests per (model, width, lane) are with Triton at a time.
+While they are, callers of the same shape wait here and leave together, up to the model's
+max rows, as soon as one in-flight request returns. So an idle gateway sends a call at once
+(no added delay), and a busy one sends what gathered during one model run as one request,
+which is the batch Triton's batcher would have formed anyway. Triton still batches across
+gateways and replicas. A caller whose deadline passes or who is cancelled while waiting is
+dropped before anything is sent for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ragserve_server.admission import CURRENT_LANE
+from ragserve_server.errors import DeadlineExceeded
+from ragserve_server.triton import InferenceBackend
+
+
+@dataclass
+class _Waiter:
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    deadline: float | None  # time.monotonic(); None = no deadline
+    result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    batch: list["_Waiter"] | None = None  # the callers it was sent with, once sent
+    request: asyncio.Task | None = None  # the task of that request
+
+
+@dataclass
+class _Shape:
+    max_rows: int
+    in_flight: int = 0
+    waiting: deque[_Waiter] = field(default_factory=deque)
+
+
+class Coalescer:
+    """`infer` like InferenceBackend's, for row-batched encoder models (outputs: one row per input row)."""
+
+    def __init__(self, backend: InferenceBackend, max_in_flight: int) -> None:
+        self.backend = backend
+        self.max_in_flight = max_in_flight
+        # One entry per (model, outputs, input shapes, lane): a few dozen at most, kept.
+        self._shapes: dict[tuple, _Shape] = {}
+        self.calls = 0  # calls in, Triton requests out: their ratio is the coalescing
+        self.requests = 0
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *, max_rows: int, timeout: float | None
+    ) -> dict[str, np.ndarray]:
+        """The model's `outputs` for `inputs` (rows along axis 0), at most `max_rows` rows per request."""
+        self.calls += 1
+        rows = next(iter(inputs.values())).shape[0]
+        lane = CURRENT_LANE.get()
+        key = (model, tuple(outputs), tuple((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()), lane)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = _Shape(max_rows)
+        if (shape.in_flight < self.max_in_flight and not shape.waiting) or rows >= max_rows:
+            # A free slot (or a request that is a full batch by itself): straight to Triton.
+            shape.in_flight += 1
+            try:
+                return await self._request(key, [inputs], timeout)
+            finally:
+                self._done(key, shape)
+        waiter = _Waiter(inputs, rows, None if timeout is None else time.monotonic() + timeout)
+        shape.waiting.append(waiter)
+        try:
+            return await waiter.result
+        except asyncio.CancelledError:
+            # Cancelling the caller cancelled `result` too: still waiting, it is skipped by
+            # _release; sent, the request is cancelled (in Triton too) once all its callers left.
+            if waiter.request is not None and all(w.result.cancelled() for w in waiter.batch):
+                waiter.request.cancel()
+            raise
+
+    async def _request(self, key: tuple, parts: list[Mapping[str, np.ndarray]], timeout: float | None) -> dict[str, np.ndarray]:
+        self.requests += 1
+        inputs = parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        return await self.backend.infer(key[0], inputs, key[1], timeout=timeout)
+
+    def _done(self, key: tuple, shape: _Shape) -> None:
+        shape.in_flight -= 1
+        self._release(key, shape)
+
+    def _release(self, key: tuple, shape: _Shape) -> None:
+        """Sends what waits for `key` as one request, now that a request slot is free."""
+        if shape.in_flight >= self.max_in_flight:
+            return
+        now = time.monotonic()
+        batch: list[_Waiter] = []
+        rows = 0
+        while shape.waiting:
+            waiter = shape.waiting[0]
+            if waiter.result.done():  # its caller was cancelled while it waited
+                shape.waiting.popleft()
+                continue
+            if waiter.deadline is not None and waiter.deadline <= now:
+                shape.waiting.popleft()
+                waiter.result.set_exception(DeadlineExceeded("deadline exceeded while waiting to be sent to the model"))
+                continue
+            if batch and rows + waiter.rows > shape.max_rows:
+                break
+            shape.waiting.popleft()
+            batch.append(waiter)
+            rows += waiter.rows
+        if batch:
+            shape.in_flight += 1
+            # A fresh context: the batch belongs to no one caller's trace or request record.
+            task = asyncio.get_running_loop().create_task(self._send_batch(key, shape, batch), context=contextvars.Context())
+            task.add_done_callback(_retrieve)
+            for waiter in batch:
+                waiter.batch, waiter.request = batch, task
+
+    async def _send_batch(self, key: tuple, shape: _Shape, batch: list[_Waiter]) -> None:
+        CURRENT_LANE.set(key[3])  # the request's Triton priority is its lane's
+        deadlines = [w.deadline for w in batch]
+        # The latest deadline of the batch: an earlier caller's own deadline ends its wait.
+        timeout = None if None in deadlines else max(deadlines) - time.monotonic()
+        try:
+            result = await self._request(key, [w.inputs for w in batch], timeout)
+        except Exception as exc:  # each caller gets the request's typed error, mapped by the caller
+            for waiter in batch:
+                if not waiter.result.done():
+                    waiter.result.set_exception(exc)
+        except BaseException:  # the gateway is stopping: no caller is left waiting
+            for waiter in batch:
+                waiter.result.cancel()
+            raise
+        else:
+            start = 0
+            for waiter in batch:
+                if not waiter.result.done():
+                    waiter.result.set_result({name: value[start : start + waiter.rows] for name, value in result.items()})
+                start += waiter.rows
+        finally:
+            self._done(key, shape)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # errors went to the callers; this only marks the task's own as seen

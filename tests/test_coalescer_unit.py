@@ -1,0 +1,135 @@
+"""The gateway's coalescer (coalescer.py) over the fake backend: who is joined, who is not."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from fakes import FakeBackend
+from ragserve_server.admission import BULK, CURRENT_LANE, INTERACTIVE
+from ragserve_server.coalescer import Coalescer
+from ragserve_server.errors import BackendUnavailable, DeadlineExceeded
+
+
+def tokens(*values: int, width: int = 16) -> dict[str, np.ndarray]:
+    """One row per value: input_ids all `value` (the fake's embedding[:, 0] is the row's sum)."""
+    ids = np.array([[v] * width for v in values], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+async def call(coalescer: Coalescer, *values: int, width: int = 16, lane: str = INTERACTIVE, timeout: float | None = 10.0):
+    CURRENT_LANE.set(lane)  # each call runs as its own task: its own context
+    out = await coalescer.infer("minilm", tokens(*values, width=width), ["embedding"], max_rows=4, timeout=timeout)
+    return [float(v) for v in out["embedding"][:, 0] / width]
+
+
+async def test_an_idle_call_goes_straight_to_the_model():
+    backend = FakeBackend()
+    coalescer = Coalescer(backend, max_in_flight=2)
+    assert await call(coalescer, 7) == [7.0]
+    assert backend.calls == 1 and backend.timeouts == [10.0]
+
+
+async def test_calls_that_arrive_while_the_slots_are_busy_leave_together_with_their_own_rows():
+    backend = FakeBackend(delay=0.05)
+    coalescer = Coalescer(backend, max_in_flight=2)
+    results = await asyncio.gather(*(call(coalescer, v) for v in range(1, 7)))
+    # Each caller gets its own rows back, in order.
+    assert results == [[float(v)] for v in range(1, 7)]
+    # Two went at once; the four that waited left as one request (max_rows 4).
+    assert [r["input_ids"].shape[0] for r in backend.requests] == [1, 1, 4]
+    assert coalescer.calls == 6 and coalescer.requests == 3
+
+
+async def test_a_batch_never_exceeds_max_rows_and_multi_row_calls_stay_whole():
+    backend = FakeBackend(delay=0.02)
+    coalescer = Coalescer(backend, max_in_flight=1)
+    calls = [call(coalescer, 1), call(coalescer, 2, 3), call(coalescer, 4, 5), call(coalescer, 6), call(coalescer, 7, 8, 9, 10)]
+    results = await asyncio.gather(*calls)
+    assert results == [[1.0], [2.0, 3.0], [4.0, 5.0], [6.0], [7.0, 8.0, 9.0, 10.0]]
+    sizes = [r["input_ids"].shape[0] for r in backend.requests]
+    assert max(sizes) <= 4 and sum(sizes) == 10
+    # A call that is a full batch by itself is not held back behind the others.
+    assert 4 in sizes
+
+
+async def test_shapes_and_lanes_are_never_mixed():
+    backend = FakeBackend(delay=0.05)
+    coalescer = Coalescer(backend, max_in_flight=1)
+    calls = [call(coalescer, 1)]
+    calls += [call(coalescer, v, width=32) for v in (2, 3)]
+    calls += [call(coalescer, v, lane=BULK) for v in (4, 5, 6)]
+    calls += [call(coalescer, v) for v in (7, 8)]
+    results = await asyncio.gather(*calls)
+    assert [r[0] for r in results] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    for request, lane in zip(backend.requests, backend.lanes):
+        ids = request["input_ids"]
+        assert len({ids.shape[1]}) == 1
+        values = set(ids[:, 0].tolist())
+        # Every request holds one lane's rows, and carries that lane's priority.
+        assert values <= {4, 5, 6} if lane == BULK else not values & {4, 5, 6}
+
+
+async def test_a_cancelled_or_expired_waiter_is_never_sent():
+    backend = FakeBackend(delay=0.1)
+    coalescer = Coalescer(backend, max_in_flight=1)
+    first = asyncio.create_task(call(coalescer, 1))
+    await asyncio.sleep(0.01)
+    cancelled = asyncio.create_task(call(coalescer, 2))
+    expired = asyncio.create_task(call(coalescer, 3, timeout=0.02))
+    kept = asyncio.create_task(call(coalescer, 4))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    assert await first == [1.0] and await kept == [4.0]
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    with pytest.raises(DeadlineExceeded):
+        await expired
+    sent = [v for r in backend.requests for v in r["input_ids"][:, 0].tolist()]
+    assert sent == [1, 4]
+
+
+async def test_a_failed_request_fails_each_of_its_callers_and_the_next_calls_go_on():
+    backend = FakeBackend(delay=0.05)
+    coalescer = Coalescer(backend, max_in_flight=1)
+    first = asyncio.create_task(call(coalescer, 1))
+    await asyncio.sleep(0.01)
+    waiting = [asyncio.create_task(call(coalescer, v)) for v in (2, 3)]
+    await asyncio.sleep(0.01)
+    backend.fail = BackendUnavailable("model server unavailable: test")
+    assert await first == [1.0]  # already with the model when the failure started
+    for task in waiting:
+        with pytest.raises(BackendUnavailable):
+            await task
+    backend.fail = None
+    assert await call(coalescer, 5) == [5.0]
+
+
+async def test_the_batch_gets_the_latest_deadline_of_its_callers():
+    backend = FakeBackend(delay=0.05)
+    coalescer = Coalescer(backend, max_in_flight=1)
+    first = asyncio.create_task(call(coalescer, 1, timeout=5.0))
+    await asyncio.sleep(0.01)
+    others = [asyncio.create_task(call(coalescer, 2, timeout=3.0)), asyncio.create_task(call(coalescer, 3, timeout=8.0))]
+    await asyncio.gather(first, *others)
+    assert backend.timeouts[0] == 5.0
+    assert 7.5 < backend.timeouts[1] <= 8.0
+
+
+async def test_a_sent_request_whose_callers_all_left_is_cancelled():
+    backend = FakeBackend(delay=0.2)
+    coalescer = Coalescer(backend, max_in_flight=1)
+    first = asyncio.create_task(call(coalescer, 1))
+    await asyncio.sleep(0.01)
+    waiting = [asyncio.create_task(call(coalescer, v)) for v in (2, 3)]
+    await asyncio.sleep(0.25)  # the first is back: the two were sent together
+    assert await first == [1.0] and len(backend.requests) == 2
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    await asyncio.sleep(0)
+    # The shape's slot is free again at once (the request was cancelled, not left to finish).
+    backend.delay = 0.0
+    assert await asyncio.wait_for(call(coalescer, 4), 0.1) == [4.0]
