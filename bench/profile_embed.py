@@ -118,12 +118,32 @@ def samples(path: Path, rules) -> dict[str, int]:
     return counts
 
 
+def _own_frames(paths: list[Path]) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for path in paths:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                if count.isdigit():
+                    counts[stack.rsplit(";", 1)[-1]] += int(count)
+    return counts
+
+
+def _executions(triton) -> tuple[int, int, int]:
+    """minilm's (rows computed, model executions, requests) so far, from Triton's statistics."""
+    import tritonclient.grpc as triton_grpc
+
+    stats = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics("minilm", as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)), int(stats["inference_stats"].get("success", {}).get("count", 0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--gateway-args", default="", help="extra gateway flags, space-separated")
+    parser.add_argument("--top", type=int, default=12, help="functions to list by their own samples, per process")
     parser.add_argument("--native", type=Path, help="also write the gateway's native (C frames) samples here, as raw collapsed stacks")
     args = parser.parse_args()
 
@@ -141,6 +161,7 @@ def main() -> None:
             time.sleep(3)  # warm: the window starts once the load is steady
             pids = {"gateway": gateway.process.pid, "tritonserver": triton.process.pid, "load generator": load.pid}
             pids.update({f"python stub {i}": pid for i, pid in enumerate(stubs)})
+            batches_before = _executions(triton)
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             threads_before = {name: thread_cpu(pid) for name, pid in pids.items()}
             if args.native:
@@ -153,6 +174,7 @@ def main() -> None:
             elapsed = time.monotonic() - start
             after = {name: cpu_seconds(pid) for name, pid in pids.items()}
             threads_after = {name: thread_cpu(pid) for name, pid in pids.items()}
+            batches_after = _executions(triton)
             for spy in spies.values():
                 spy.wait(timeout=60)
             finished, _ = load.communicate(timeout=60)
@@ -162,6 +184,8 @@ def main() -> None:
             triton.stop()
 
         print(f"\nsingle-sentence Embed at concurrency {args.concurrency}: {calls} calls in {elapsed:.1f} s = {calls / elapsed:.0f} calls/s")
+        rows, runs, requests = (a - b for a, b in zip(batches_after, batches_before))
+        print(f"Triton: {requests} requests ({calls / max(requests, 1):.1f} calls each), {runs} model executions of {rows / max(runs, 1):.1f} rows on average")
         print(f"\n{'process / thread':52} {'CPU ms/call':>11} {'CPU %':>6}")
         total = 0.0
         for name in pids:
@@ -188,6 +212,9 @@ def main() -> None:
             print(f"\n{label}: py-spy samples of its Python threads by part (share of samples; ms/call = share x the process's CPU ms/call)")
             for part, count in counts.most_common():
                 print(f"  {part:50} {count / n:6.0%} {count / n * sampled_ms:8.3f}")
+            print(f"  the functions its samples were in most (own time):")
+            for frame, count in _own_frames([work / f"{spy}.spy" for spy in spy_names]).most_common(args.top):
+                print(f"    {count / n:6.1%}  {frame[:110]}")
 
 
 if __name__ == "__main__":
