@@ -78,10 +78,11 @@ bench: setup models
 clean:
 	rm -rf $(VENV) build reports $(MINILM_ONNX) $(MINILM_FUSED) $(MINILM_CALIBRATION) model_repository/smollm2/1/hf
 
-# Generate: in-flight batching at 1/4/16 streams vs sequential transformers generate.
+# Generate: in-flight batching at 1/4/16 streams vs sequential transformers generate; then the
+# ITL of 8 streams while a 1,500-token prompt arrives, chunked prefill on vs off.
 .PHONY: bench-generate
 bench-generate: setup models
-	$(PY) bench/generate_bench.py
+	$(PY) bench/generate_bench.py --long-prompt
 
 # Balancing cost: one gateway over 1 Triton replica vs over 2, side by side.
 .PHONY: bench-replicas

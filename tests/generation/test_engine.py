@@ -376,3 +376,147 @@ def test_new_sampling_range_checks():
                             (dict(presence_penalty=float("nan")), "presence_penalty")]:
         with pytest.raises(eng.RequestError, match=message):
             eng.SamplingParams(**params).validate()
+
+
+# ---------------------------------------------------------------- chunked prefill
+CHUNK = 64  # small, so that the long prompt below is prefilled in ~10 chunks
+
+
+@pytest.fixture(scope="module")
+def long_prompt(tokenizer):
+    """A chat prompt of ~600 tokens, far over CHUNK."""
+    notes = " ".join(f"Note {i}: the {w} in room {i * 7 % 23} was checked on day {i % 9} and found fine."
+                     for i, w in enumerate(["pump", "valve", "fan", "lamp", "door", "boiler"] * 4 + ["lamp"]))
+    ids = chat(tokenizer, notes + " Which room was the last lamp in? Answer in one sentence.")
+    assert 500 < len(ids) < 700, len(ids)
+    return ids
+
+
+def greedy_reference(hf_model, prompt, max_tokens):
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def record_prefills(engine):
+    """Wraps the engine's model.prefill: a list of (step, sequence, start, tokens) per call."""
+    calls = []
+    prefill = engine.model.prefill
+
+    def recorded(tokens, k, v, slot, start=0):
+        calls.append((engine.steps, engine.prefilling, start, len(tokens)))
+        return prefill(tokens, k, v, slot, start)
+
+    engine.model.prefill = recorded
+    return calls
+
+
+class StepCollector(Collector):
+    """Also records the engine step each token came from (callbacks run inside the step)."""
+
+    def __init__(self, engine, **kw):
+        super().__init__(**kw)
+        self.engine, self.steps = engine, []
+
+    def on_token(self, token, reason):
+        self.steps.append(self.engine.steps)
+        super().on_token(token, reason)
+
+
+def submit_recorded(engine, prompt, max_tokens, **params):
+    c = StepCollector(engine)
+    c.seq = eng.Sequence(list(prompt), max_tokens, eng.SamplingParams(**params), c.on_token, c.on_abort)
+    engine.submit(c.seq)
+    return c
+
+
+def test_chunked_prefill_config():
+    assert DEPLOYED.chunked_prefill == 1  # the deployment chunks
+    with pytest.raises(ValueError, match="chunked_prefill must be 0 or 1"):
+        config(chunked_prefill=2)
+
+
+def test_long_prompt_in_chunks_matches_transformers_and_unchunked(long_prompt, hf_model):
+    ref = greedy_reference(hf_model, long_prompt, 8)
+    out = {}
+    for chunked in (1, 0):
+        e = eng.Engine(HF_DIR, config(max_running_sequences=2, prefill_tokens_per_step=CHUNK, chunked_prefill=chunked))
+        calls = record_prefills(e)
+        e.start()
+        try:
+            out[chunked] = submit(e, long_prompt, 8, temperature=0.0).wait().tokens
+        finally:
+            e.stop()
+        if chunked:  # one chunk per step, in order, CHUNK tokens each but the last
+            assert [(start, n) for _, _, start, n in calls] == [
+                (s, min(CHUNK, len(long_prompt) - s)) for s in range(0, len(long_prompt), CHUNK)]
+            steps = [step for step, _, _, _ in calls]
+            assert steps == list(range(steps[0], steps[0] + len(steps)))
+        else:
+            assert [(start, n) for _, _, start, n in calls] == [(0, len(long_prompt))]
+    assert out[1] == ref
+    assert out[0] == ref
+
+
+def test_running_sequences_decode_between_the_chunks_of_a_long_prompt(tokenizer, long_prompt, hf_model):
+    """Three sequences run while a long prompt is prefilled in chunks: they get a token at every
+    step of its prefill; one of them finishes meanwhile, so the long one's K/V moves down a slot
+    when it joins the batch. Every result equals transformers'."""
+    shorts = [chat(tokenizer, q) for q in OTHERS]
+    short_ref = [greedy_reference(hf_model, p, 30) for p in shorts]
+    long_ref = greedy_reference(hf_model, long_prompt, 8)
+    e = eng.Engine(HF_DIR, config(max_running_sequences=8, prefill_tokens_per_step=CHUNK))
+    calls = record_prefills(e)
+    seen = []
+    e.on_stats = lambda s: seen.append(s)
+    # Everything queued before the engine starts: the schedule does not depend on timing.
+    cs = [submit_recorded(e, p, n, temperature=0.0) for p, n in zip(shorts, (30, 30, 4))]
+    lc = submit_recorded(e, long_prompt, 8, temperature=0.0)
+    e.start()
+    try:
+        for c, ref, n in zip(cs, short_ref, (30, 30, 4)):
+            assert c.wait().tokens == ref[:n]
+        assert lc.wait().tokens == long_ref
+    finally:
+        e.stop()
+    chunk_steps = [step for step, seq, _, _ in calls if seq is lc.seq]
+    assert len(chunk_steps) >= len(long_prompt) // CHUNK  # in chunks, one per step
+    assert chunk_steps == list(range(chunk_steps[0], chunk_steps[-1] + 1))
+    assert lc.steps[0] == chunk_steps[-1]  # its first token comes from its last chunk
+    for c in cs[:2]:  # still running after the long prompt: a token at every step of its prefill
+        assert c.steps[-1] > chunk_steps[-1]
+        assert set(range(chunk_steps[0], chunk_steps[-1] + 1)) <= set(c.steps)
+    assert chunk_steps[0] < cs[2].steps[-1] < chunk_steps[-1]  # left while the long one prefilled
+    assert any(s.prefilling == 1 and s.running == 3 for s in seen)
+    assert max(s.running + s.prefilling for s in seen) == 4
+
+
+def test_cancel_mid_prefill_frees_slot_and_reservation(prompts, reference, long_prompt):
+    e = eng.Engine(HF_DIR, config(max_running_sequences=2, prefill_tokens_per_step=CHUNK))
+    calls = record_prefills(e)
+    keeper = submit(e, prompts[0], 20, temperature=0.0)
+    doomed = submit(e, long_prompt, 8, temperature=0.0)
+    # Cancelled during its third chunk: the engine drops it at the start of the next step.
+    prefill = e.model.prefill
+
+    def cancelling(tokens, k, v, slot, start=0):
+        if sum(seq is doomed.seq for _, seq, _, _ in calls) == 2:  # recorded after this hook
+            doomed.seq.cancel()
+        return prefill(tokens, k, v, slot, start)
+
+    e.model.prefill = cancelling
+    e.start()
+    try:
+        doomed.wait()
+        assert doomed.abort is not None and doomed.abort[0] == "cancelled" and doomed.tokens == []
+        assert len([start for _, seq, start, _ in calls if seq is doomed.seq]) == 3
+        assert doomed.seq.slot == -1 and e.prefilling is None
+        assert keeper.wait().tokens == reference[0]
+        # Its slot and reservation are free again: both slots can be used, results unchanged.
+        again = [submit(e, prompts[0], 20, temperature=0.0) for _ in range(2)]
+        assert [c.wait().tokens for c in again] == [reference[0]] * 2
+        stats = e.stats()
+        assert (stats.running, stats.prefilling, stats.waiting, stats.kv_tokens_reserved) == (0, 0, 0, 0)
+    finally:
+        e.stop()
