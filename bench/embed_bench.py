@@ -56,7 +56,6 @@ CHANGES = {
     "plain graph": ({"onnx_file": "model.onnx"}, []),
     "ORT threads spin": ({"allow_spinning": "1"}, []),
     "tokenize on a thread": ({}, ["--inline-tokenize-chars", "0"]),
-    "asyncio event loop": ({}, ["--event-loop", "asyncio"]),
     "no coalescing in the gateway": ({}, ["--coalesce-in-flight", "0"]),
 }
 

@@ -265,15 +265,7 @@ def _health_follows(backend: ReplicaSet, gateway):
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
     configure_logging(settings.log_format, settings.log_level)
-    if settings.event_loop == "uvloop":
-        # grpc.aio runs on any asyncio loop; libuv's spends less of the CPU the model needs.
-        import uvloop
-
-        uvloop.run(serve(settings))
-    elif settings.event_loop == "asyncio":
-        asyncio.run(serve(settings))
-    else:
-        raise StartupError(f"--event-loop {settings.event_loop!r}: use uvloop or asyncio")
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

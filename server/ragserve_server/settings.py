@@ -79,10 +79,6 @@ class Settings:
         default=2,
         metadata={"help": "Triton requests in flight per encoder model and shape before the gateway joins further calls of that shape into one request (coalescer.py); 0 = off, every call is its own request"},
     )
-    event_loop: str = field(
-        default="uvloop",
-        metadata={"help": "uvloop (libuv: less CPU per call, measured by bench/embed_bench.py) or asyncio (the standard library's loop)"},
-    )
     tokenizer_threads: int = field(default=1, metadata={"help": "threads that tokenize off the event loop"})
     inline_tokenize_chars: int = field(
         default=512,
