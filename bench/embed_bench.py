@@ -58,6 +58,14 @@ CHANGES = {
     "tokenize on a thread": ({}, ["--inline-tokenize-chars", "0"]),
     "no coalescing in the gateway": ({}, ["--coalesce-in-flight", "0"]),
 }
+# Settings tried while tuning (--candidate NAME): config parameters, gateway flags, and
+# the model's instance count in Triton.
+CANDIDATES = {
+    "2 instances x 1 thread": ({"intra_op_threads": "1"}, [], 2),
+    "coalesce 1 in flight": ({}, ["--coalesce-in-flight", "1"], 1),
+    "coalesce 3 in flight": ({}, ["--coalesce-in-flight", "3"], 1),
+    "1 ORT thread": ({"intra_op_threads": "1"}, [], 1),
+}
 
 
 def sentences(n: int) -> list[str]:
@@ -152,7 +160,8 @@ def ragserve_stack(work: Path, repository: Path, gateway_args: list[str] = ()) -
 
 
 def variant_repository(
-    work: Path, name: str, *, dynamic_batching: str | None = None, parameters: dict[str, str] | None = None
+    work: Path, name: str, *, dynamic_batching: str | None = None, parameters: dict[str, str] | None = None,
+    instances: int = 0,
 ) -> Path:
     """A copy of the model repository whose minilm model has another dynamic_batching block
     ("" = none: every request executes alone) and/or other parameters."""
@@ -166,6 +175,8 @@ def variant_repository(
         if dynamic_batching:
             text_format.Merge(dynamic_batching, config)
     model_config.set_parameters(config, parameters or {})
+    if instances:
+        config.instance_group[0].count = instances
     model_config.write(target / "config.pbtxt", config)
     for item in (source / "1").iterdir():
         if item.suffix in (".onnx", ".py", ".json"):
@@ -204,6 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests-per-level", type=int, default=1500, help="calls measured per concurrency level")
     parser.add_argument("--skip", default="", help="comma-separated of: before, changes (one setup per change undone), naive, batched")
+    parser.add_argument("--candidate", action="append", default=[], choices=sorted(CANDIDATES), help="also measure this tuning candidate (repeatable)")
     parser.add_argument("--with-nobatch", action="store_true", help="also measure (c): Triton's dynamic batching off")
     parser.add_argument("--rounds", type=int, default=3, help="measurements of every setup, interleaved; medians are shown")
     parser.add_argument(
@@ -222,8 +234,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ragserve-bench-") as tmp, ExitStack() as servers:
         work = Path(tmp)
 
-        def stack(name: str, parameters: dict[str, str] | None = None, gateway_args: list[str] = (), **batching) -> str:
-            repository = variant_repository(work, name, parameters=parameters, **batching) if parameters or batching else ROOT / "model_repository"
+        def stack(name: str, parameters: dict[str, str] | None = None, gateway_args: list[str] = (), **config) -> str:
+            repository = variant_repository(work, name, parameters=parameters, **config) if parameters or config else ROOT / "model_repository"
             return servers.enter_context(ragserve_stack(work / name, repository, list(gateway_args)))
 
         setups = {"(b) ragserve": stack("b")}
@@ -235,6 +247,9 @@ def main() -> None:
         if "changes" not in skip:
             for index, (change, (parameters, gateway_args)) in enumerate(CHANGES.items()):
                 setups[f"(b-) undone: {change}"] = stack(f"undo{index}", parameters, gateway_args)
+        for index, candidate in enumerate(args.candidate):
+            parameters, gateway_args, instances = CANDIDATES[candidate]
+            setups[f"(t) tried: {candidate}"] = stack(f"try{index}", parameters, gateway_args, instances=instances)
         for delay in args.queue_delay_us:
             setups[f"(b) ragserve, queue delay {delay} us"] = stack(
                 f"delay{delay}", dynamic_batching=f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}"

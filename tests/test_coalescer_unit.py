@@ -9,7 +9,7 @@ import pytest
 
 from fakes import FakeBackend
 from ragserve_server.admission import BULK, CURRENT_LANE, INTERACTIVE
-from ragserve_server.coalescer import Coalescer
+from ragserve_server.coalescer import SMALL_ROWS, Coalescer
 from ragserve_server.errors import BackendUnavailable, DeadlineExceeded
 
 
@@ -46,13 +46,26 @@ async def test_calls_that_arrive_while_the_slots_are_busy_leave_together_with_th
 async def test_a_batch_never_exceeds_max_rows_and_multi_row_calls_stay_whole():
     backend = FakeBackend(delay=0.02)
     coalescer = Coalescer(backend, max_in_flight=1)
-    calls = [call(coalescer, 1), call(coalescer, 2, 3), call(coalescer, 4, 5), call(coalescer, 6), call(coalescer, 7, 8, 9, 10)]
+    calls = [call(coalescer, 1), call(coalescer, 2, 3), call(coalescer, 4, 5), call(coalescer, 6), call(coalescer, 7, 8, 9)]
     results = await asyncio.gather(*calls)
-    assert results == [[1.0], [2.0, 3.0], [4.0, 5.0], [6.0], [7.0, 8.0, 9.0, 10.0]]
+    assert results == [[1.0], [2.0, 3.0], [4.0, 5.0], [6.0], [7.0, 8.0, 9.0]]
     sizes = [r["input_ids"].shape[0] for r in backend.requests]
-    assert max(sizes) <= 4 and sum(sizes) == 10
-    # A call that is a full batch by itself is not held back behind the others.
-    assert 4 in sizes
+    assert sizes == [1, 4, 4]  # 1; then (2, 3) + (4, 5); then 6 + (7, 8, 9)
+    assert max(sizes) <= 4 and sum(sizes) == 9
+
+
+async def test_a_big_call_goes_straight_to_the_model_even_when_the_slots_are_busy():
+    backend = FakeBackend(delay=0.05)
+    coalescer = Coalescer(backend, max_in_flight=1)
+    small = asyncio.create_task(call(coalescer, 1))
+    await asyncio.sleep(0.01)
+    rows = list(range(10, 10 + SMALL_ROWS + 1))
+    big = await coalescer.infer("minilm", tokens(*rows), ["embedding"], max_rows=64, timeout=10.0)
+    assert [float(v) for v in big["embedding"][:, 0] / 16] == [float(v) for v in rows]
+    assert await small == [1.0]
+    # It was sent while the small call was still with the model, not after it.
+    assert [r["input_ids"].shape[0] for r in backend.requests] == [1, SMALL_ROWS + 1]
+    assert backend.calls == 2
 
 
 async def test_shapes_and_lanes_are_never_mixed():

@@ -31,6 +31,10 @@ from ragserve_server.errors import DeadlineExceeded
 from ragserve_server.triton import InferenceBackend
 
 
+# Requests of at most this many rows are joined here; larger ones always go straight to Triton.
+SMALL_ROWS = 8
+
+
 @dataclass
 class _Waiter:
     inputs: Mapping[str, np.ndarray]
@@ -70,8 +74,10 @@ class Coalescer:
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = _Shape(max_rows)
-        if (shape.in_flight < self.max_in_flight and not shape.waiting) or rows >= max_rows:
-            # A free slot (or a request that is a full batch by itself): straight to Triton.
+        if (shape.in_flight < self.max_in_flight and not shape.waiting) or rows > SMALL_ROWS:
+            # A free slot, or a request big enough that its overhead is small beside its
+            # compute: straight to Triton, whose batcher still joins it with others. Holding
+            # big requests here would leave the model idle between their batches.
             shape.in_flight += 1
             try:
                 return await self._request(key, [inputs], timeout)
