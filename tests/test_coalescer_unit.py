@@ -40,7 +40,7 @@ async def test_calls_that_arrive_while_the_slots_are_busy_leave_together_with_th
     assert results == [[float(v)] for v in range(1, 7)]
     # Two went at once; the four that waited left as one request (max_rows 4).
     assert [r["input_ids"].shape[0] for r in backend.requests] == [1, 1, 4]
-    assert coalescer.calls == 6 and coalescer.requests == 3
+    assert coalescer.counts == {"minilm": [6, 3]}
 
 
 async def test_a_batch_never_exceeds_max_rows_and_multi_row_calls_stay_whole():

@@ -12,6 +12,7 @@ import tritonclient.grpc as triton_grpc
 import ragserve
 from ragserve.v1 import embed_pb2, embed_pb2_grpc
 from reference import cosine_rows, minilm_embeddings
+from support import GatewayProcess
 
 pytestmark = pytest.mark.integration
 
@@ -85,21 +86,38 @@ def test_input_order_kept_across_buckets(client):
     assert_close(result.embeddings, minilm_embeddings(texts))
 
 
-async def test_concurrent_single_calls_are_batched_by_triton(gateway, triton):
-    stats = triton_grpc.InferenceServerClient(triton.grpc_url)
+def minilm_counts(triton) -> tuple[int, int, int]:
+    """minilm's (requests, executions, rows computed) so far, from Triton's statistics."""
+    entry = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics("minilm", as_json=True)["model_stats"][0]
+    return int(entry["inference_stats"]["success"]["count"]), int(entry["execution_count"]), int(entry["inference_count"])
 
-    def counts():
-        entry = stats.get_inference_statistics("minilm", as_json=True)["model_stats"][0]
-        return int(entry["inference_stats"]["success"]["count"]), int(entry["execution_count"])
 
-    requests_before, executions_before = counts()
-    async with ragserve.AsyncClient(gateway.address, timeout=60) as client:
+async def concurrent_single_calls(address: str, triton) -> tuple[int, int, int]:
+    """64 single-sentence calls at once, each checked against the reference; Triton's
+    (requests, executions, rows) for them."""
+    before = minilm_counts(triton)
+    async with ragserve.AsyncClient(address, timeout=60) as client:
         texts = [f"sentence number {i} about batching" for i in range(64)]
         results = await asyncio.gather(*(client.embed([t]) for t in texts))
     assert_close(np.concatenate([r.embeddings for r in results]), minilm_embeddings(texts))
-    requests_after, executions_after = counts()
-    requests, executions = requests_after - requests_before, executions_after - executions_before
-    assert requests == 64
+    return tuple(a - b for a, b in zip(minilm_counts(triton), before))
+
+
+async def test_concurrent_single_calls_are_joined_by_the_gateway_and_batched_by_triton(gateway, triton):
+    requests, executions, rows = await concurrent_single_calls(gateway.address, triton)
+    assert rows == 64
+    # The gateway's coalescer joined calls that came while Triton was busy with their shape.
+    assert requests < 64, f"{requests} Triton requests for 64 calls: nothing was joined"
+    assert executions <= requests
+
+
+async def test_without_coalescing_every_call_is_a_request_and_triton_batches_them(triton, tmp_path):
+    gateway = GatewayProcess(triton.grpc_url, triton.models, tmp_path / "gateway.log", "--coalesce-in-flight", "0").wait_serving()
+    try:
+        requests, executions, rows = await concurrent_single_calls(gateway.address, triton)
+    finally:
+        gateway.stop()
+    assert requests == rows == 64
     assert executions < requests, f"{executions} executions for {requests} requests: no dynamic batching"
 
 

@@ -197,3 +197,17 @@ async def test_spent_deadline_is_a_deadline_rejection_and_a_cancel_is_none(stack
     assert value(scrape, "ragserve_requests_total", service="Embed", method="Embed", code="CANCELLED") == 1
     assert value(scrape, "ragserve_rejections_total", service="Embed", reason="deadline") == 1
     assert not any(name == "ragserve_rejections_total" and ("reason", "cancelled") in labels for name, labels in scrape)
+
+
+async def test_coalescer_counts_calls_in_and_triton_requests_out(stack):
+    backend, _, gateway = stack
+    backend.delay = 0.05  # the model is busy: calls that arrive meanwhile are joined
+    async with ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", retries=0) as client:
+        # Two at a time (max_concurrent_requests=2 in this stack), four times over.
+        for _ in range(4):
+            await asyncio.gather(client.embed(["one query"]), client.embed(["another query"]))
+    scrape = samples(gateway.metrics.registry)
+    calls = value(scrape, "ragserve_coalescer_calls_total", model="minilm")
+    requests = value(scrape, "ragserve_coalescer_triton_requests_total", model="minilm")
+    assert calls == 8 and requests == backend.calls
+    assert 0 < requests <= calls

@@ -111,6 +111,7 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         for m in catalog.by_kind(EMBEDDING) + catalog.by_kind(CROSS_ENCODER)
     }
     encoder = EncoderRunner(backend, coalesce_in_flight=settings.coalesce_in_flight)
+    metrics.coalescing.source = encoder.coalescer
     embed = EmbedService(
         catalog, tokenizers, encoder, executor, settings.max_inputs_per_call, admission,
         inline_tokenize_chars=settings.inline_tokenize_chars,

@@ -60,14 +60,14 @@ class Coalescer:
         self.max_in_flight = max_in_flight
         # One entry per (model, outputs, input shapes, lane): a few dozen at most, kept.
         self._shapes: dict[tuple, _Shape] = {}
-        self.calls = 0  # calls in, Triton requests out: their ratio is the coalescing
-        self.requests = 0
+        # Per model: [encoder requests in, Triton requests out] (their ratio is the coalescing).
+        self.counts: dict[str, list[int]] = {}
 
     async def infer(
         self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *, max_rows: int, timeout: float | None
     ) -> dict[str, np.ndarray]:
         """The model's `outputs` for `inputs` (rows along axis 0), at most `max_rows` rows per request."""
-        self.calls += 1
+        self.counts.setdefault(model, [0, 0])[0] += 1
         rows = next(iter(inputs.values())).shape[0]
         lane = CURRENT_LANE.get()
         key = (model, tuple(outputs), tuple((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()), lane)
@@ -95,7 +95,7 @@ class Coalescer:
             raise
 
     async def _request(self, key: tuple, parts: list[Mapping[str, np.ndarray]], timeout: float | None) -> dict[str, np.ndarray]:
-        self.requests += 1
+        self.counts[key[0]][1] += 1
         inputs = parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         return await self.backend.infer(key[0], inputs, key[1], timeout=timeout)
 

@@ -21,6 +21,8 @@ Metrics scraped from the gateway (`--metrics-port`, default 9000):
     ragserve_triton_replica_calls_total{replica}            Triton calls sent to that replica
     ragserve_triton_replica_failures_total{replica}         of those, failed (retried or not)
     ragserve_triton_retries_total                           calls retried on another replica
+    ragserve_coalescer_calls_total{model}                   encoder requests into the gateway's coalescer
+    ragserve_coalescer_triton_requests_total{model}         Triton requests out of it (joined: fewer)
     ragserve_time_to_first_token_seconds{service,method}    Generate
     ragserve_inter_token_latency_seconds{service,method}    Generate
 
@@ -119,6 +121,8 @@ class GatewayMetrics:
         r.register(self.triton_batches)
         self.replicas = ReplicaCollector()
         r.register(self.replicas)
+        self.coalescing = CoalescerCollector()
+        r.register(self.coalescing)
         self._http = None
 
     def call_started(self, record: RequestRecord) -> None:
@@ -191,6 +195,27 @@ class ReplicaCollector(Collector):
         retries = CounterMetricFamily("ragserve_triton_retries", "Calls retried once on another Triton replica.")
         retries.add_metric([], self.source.retries)
         yield from (up, ready, calls, failures, retries)
+
+
+class CoalescerCollector(Collector):
+    """Encoder requests in and Triton requests out of the gateway's coalescer (coalescer.py)."""
+
+    def __init__(self) -> None:
+        self.source = None  # the Coalescer, when coalescing is on
+
+    def collect(self):
+        if self.source is None:
+            return
+        calls = CounterMetricFamily(
+            "ragserve_coalescer_calls", "Encoder requests the services made (a call makes one per length bucket).", labels=["model"]
+        )
+        requests = CounterMetricFamily(
+            "ragserve_coalescer_triton_requests", "Triton requests those became (fewer: joined while Triton was busy).", labels=["model"]
+        )
+        for model, (made, sent) in sorted(self.source.counts.items()):
+            calls.add_metric([model], made)
+            requests.add_metric([model], sent)
+        yield from (calls, requests)
 
 
 class TritonBatchCollector(Collector):
