@@ -8,6 +8,8 @@ concurrency 4, side by side in one run.
         them undone ("before"): so the gain of each change shows in the same run
     (c) ragserve with Triton's dynamic batching off (--with-nobatch)
     (d) a naive gRPC server running the model once per request (bench/naive_server.py)
+    (e) the gRPC floor: a grpc.aio server that answers without any model (bench/echo_server.py):
+        what the load generator and loopback gRPC alone cost here
 
 Every server runs on loopback, started by this script before any measurement; then every
 setup is measured in turn, round after round (`--rounds`), so that the machine's noise falls
@@ -15,7 +17,7 @@ on all of them alike, and the median round is shown. The same load generator (gr
 call in flight per simulated client) drives (b), (c) and (d).
 
     .venv/bin/python bench/embed_bench.py [--requests-per-level 1500] [--rounds 3] [--queue-delay-us 2000]
-        [--skip before,changes,naive,batched] [--with-nobatch]
+        [--skip before,changes,naive,echo,batched] [--with-nobatch] [--candidate NAME]
 """
 
 from __future__ import annotations
@@ -185,9 +187,9 @@ def variant_repository(
 
 
 @contextmanager
-def naive_stack() -> Iterator[str]:
+def naive_stack(script: str = "naive_server.py") -> Iterator[str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "naive_server.py"), "--port", str(port)])
+    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / script), "--port", str(port)])
     try:
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -214,7 +216,7 @@ def median_by_rate(runs: list[tuple]) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests-per-level", type=int, default=1500, help="calls measured per concurrency level")
-    parser.add_argument("--skip", default="", help="comma-separated of: before, changes (one setup per change undone), naive, batched")
+    parser.add_argument("--skip", default="", help="comma-separated of: before, changes (one setup per change undone), naive, echo, batched")
     parser.add_argument("--candidate", action="append", default=[], choices=sorted(CANDIDATES), help="also measure this tuning candidate (repeatable)")
     parser.add_argument("--with-nobatch", action="store_true", help="also measure (c): Triton's dynamic batching off")
     parser.add_argument("--rounds", type=int, default=3, help="measurements of every setup, interleaved; medians are shown")
@@ -258,6 +260,8 @@ def main() -> None:
             setups["(c) ragserve, no dynamic batching"] = stack("nobatch", dynamic_batching="")
         if "naive" not in skip:
             setups["(d) naive gRPC server"] = servers.enter_context(naive_stack())
+        if "echo" not in skip:
+            setups["(e) gRPC floor: echo, no model"] = servers.enter_context(naive_stack("echo_server.py"))
         levels = [(c, 1) for c in CONCURRENCY] + ([] if "batched" in skip else [BATCHED[::-1]])
         for _ in range(args.rounds):
             for graph, file in graphs.items():
@@ -298,7 +302,11 @@ def main() -> None:
         print(f"; 32-sentence calls >= 95%: {b[(4, 32)][0] / ceiling:.0%}", end="")
     if naive:
         print(f"; >= 3x (d) at 64: {b[(64, 1)][0] / naive[(64, 1)][0]:.2f}x", end="")
-    print(f"; p50 at 1 within 2 ms of the fused graph's batch-1 time: {b[(1, 1)][1] - raw_batch1[1]:+.2f} ms")
+    print(f"; p50 at 1 within 2 ms of the fused graph's batch-1 time: {b[(1, 1)][1] - raw_batch1[1]:+.2f} ms", end="")
+    echo = rows.get("(e) gRPC floor: echo, no model")
+    if echo:
+        print(f" (of which the gRPC floor's own p50: {echo[(1, 1)][1]:.2f} ms)", end="")
+    print()
 
 
 if __name__ == "__main__":

@@ -129,12 +129,20 @@ def _own_frames(paths: list[Path]) -> collections.Counter:
     return counts
 
 
-def _executions(triton) -> tuple[int, int, int]:
-    """minilm's (rows computed, model executions, requests) so far, from Triton's statistics."""
+TRITON_PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def _executions(triton) -> tuple[int, ...]:
+    """minilm's rows computed, model executions, requests, then the ns spent in each of
+    TRITON_PHASES so far (summed over requests), from Triton's statistics."""
     import tritonclient.grpc as triton_grpc
 
     stats = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics("minilm", as_json=True)["model_stats"][0]
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)), int(stats["inference_stats"].get("success", {}).get("count", 0))
+    phases = stats["inference_stats"]
+    return (
+        int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)), int(phases.get("success", {}).get("count", 0)),
+        *(int(phases.get(phase, {}).get("ns", 0)) for phase in TRITON_PHASES),
+    )
 
 
 def main() -> None:
@@ -184,8 +192,11 @@ def main() -> None:
             triton.stop()
 
         print(f"\nsingle-sentence Embed at concurrency {args.concurrency}: {calls} calls in {elapsed:.1f} s = {calls / elapsed:.0f} calls/s")
-        rows, runs, requests = (a - b for a, b in zip(batches_after, batches_before))
+        rows, runs, requests, *phase_ns = (a - b for a, b in zip(batches_after, batches_before))
         print(f"Triton: {requests} requests ({calls / max(requests, 1):.1f} calls each), {runs} model executions of {rows / max(runs, 1):.1f} rows on average")
+        # Wall time per request inside Triton: "success" is the whole request, the rest its parts.
+        phases = ", ".join(f"{name} {ns / max(requests, 1) / 1e6:.2f}" for name, ns in zip(TRITON_PHASES, phase_ns))
+        print(f"Triton, ms per request (wall): {phases.replace('success', 'total')}")
         print(f"\n{'process / thread':52} {'CPU ms/call':>11} {'CPU %':>6}")
         total = 0.0
         for name in pids:
