@@ -78,6 +78,11 @@ bench: setup models
 clean:
 	rm -rf $(VENV) build reports $(MINILM_ONNX) $(MINILM_FUSED) $(MINILM_CALIBRATION) model_repository/smollm2/1/hf
 
+# Where an Embed call's CPU goes at concurrency 64: per process and thread, and py-spy samples by part.
+.PHONY: profile
+profile: setup models
+	$(PY) bench/profile_embed.py
+
 # Generate: in-flight batching at 1/4/16 streams vs sequential transformers generate; then the
 # ITL of 8 streams while a 1,500-token prompt arrives, chunked prefill on vs off.
 .PHONY: bench-generate
