@@ -103,12 +103,14 @@ ENGINE_PARAMETERS: dict[str, str] = {
     "max_waiting": "64",
     # SmolLM2 was trained at 2048 tokens (its config says 8192); "" = the HF config value.
     "context_length": "2048",
-    # Prompt tokens prefilled per engine step before the running batch decodes again. 128,
-    # measured on a 2-CPU machine (8 streams decoding, ~200 ms a step, and a 1,500-token prompt
-    # arriving, in-process): the streams' ITL p99 during that prefill is 5.4x their steady p99
-    # (unchunked: 25x) for +70% on that prompt's first token; 64: 3.9x for +150%; 256: 8.4x
-    # for +27%. Smaller chunks re-read every weight more often for the same prompt.
-    "prefill_tokens_per_step": "128",
+    # Prompt tokens prefilled per engine step; with a running batch, that chunk and the batch's
+    # decode are one forward pass (engine.py, mixed step). 32, measured on a 2-CPU machine
+    # (bench/generate_bench.py --long-prompt: 8 streams decoding, ~180 ms a step, then a
+    # 1,514-token prompt arrives, through Triton and the gateway): the streams' ITL p99 during
+    # that prefill is 1.9x their steady p99 (median of 2 rounds; unchunked 22x) for a first
+    # token of that prompt at 13.7 s (unchunked 4.7 s); single rounds: 48: 2.3x, 10.7 s;
+    # 64: 2.3x, 10.5 s; 128: 2.6x, 5.8 s (128 before the mixed pass: 4.0x).
+    "prefill_tokens_per_step": "32",
     # "1": a longer prompt is prefilled in chunks of the above, one per step, between the
     # running batch's decode steps; "0": whole prompts (a long one stalls the batch meanwhile).
     "chunked_prefill": "1",

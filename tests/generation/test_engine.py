@@ -399,16 +399,27 @@ def greedy_reference(hf_model, prompt, max_tokens):
     return out[0, len(prompt):].tolist()
 
 
-def record_prefills(engine):
-    """Wraps the engine's model.prefill: a list of (step, sequence, start, tokens) per call."""
+def record_prefills(engine, then=None):
+    """Wraps the engine's model.prefill and model.step (the mixed pass): a list of (step,
+    sequence, start, tokens, mixed) per prompt chunk run; ``then(calls)`` after each record,
+    before the chunk runs."""
     calls = []
-    prefill = engine.model.prefill
+    prefill, step = engine.model.prefill, engine.model.step
 
-    def recorded(tokens, k, v, slot, start=0):
-        calls.append((engine.steps, engine.prefilling, start, len(tokens)))
+    def record(start, n, mixed):
+        calls.append((engine.steps, engine.prefilling, start, n, mixed))
+        if then is not None:
+            then(calls)
+
+    def recorded_prefill(tokens, k, v, slot, start=0):
+        record(start, len(tokens), False)
         return prefill(tokens, k, v, slot, start)
 
-    engine.model.prefill = recorded
+    def recorded_step(decode_tokens, positions, chunk_tokens, slot, start, k, v, **kw):
+        record(start, len(chunk_tokens), True)
+        return step(decode_tokens, positions, chunk_tokens, slot, start, k, v, **kw)
+
+    engine.model.prefill, engine.model.step = recorded_prefill, recorded_step
     return calls
 
 
@@ -449,20 +460,22 @@ def test_long_prompt_in_chunks_matches_transformers_and_unchunked(long_prompt, h
         finally:
             e.stop()
         if chunked:  # one chunk per step, in order, CHUNK tokens each but the last
-            assert [(start, n) for _, _, start, n in calls] == [
+            assert [(start, n) for _, _, start, n, _ in calls] == [
                 (s, min(CHUNK, len(long_prompt) - s)) for s in range(0, len(long_prompt), CHUNK)]
-            steps = [step for step, _, _, _ in calls]
+            steps = [step for step, _, _, _, _ in calls]
             assert steps == list(range(steps[0], steps[0] + len(steps)))
+            assert e.mixed_steps == 0  # nothing else ran: no mixed pass
         else:
-            assert [(start, n) for _, _, start, n in calls] == [(0, len(long_prompt))]
+            assert [(start, n) for _, _, start, n, _ in calls] == [(0, len(long_prompt))]
     assert out[1] == ref
     assert out[0] == ref
 
 
 def test_running_sequences_decode_between_the_chunks_of_a_long_prompt(tokenizer, long_prompt, hf_model):
     """Three sequences run while a long prompt is prefilled in chunks: they get a token at every
-    step of its prefill; one of them finishes meanwhile, so the long one's K/V moves down a slot
-    when it joins the batch. Every result equals transformers'."""
+    step of its prefill, each chunk and their decode in one mixed pass; one of them finishes
+    meanwhile, so the long one's K/V moves down a slot when it joins the batch. Every result
+    equals transformers'."""
     shorts = [chat(tokenizer, q) for q in OTHERS]
     short_ref = [greedy_reference(hf_model, p, 30) for p in shorts]
     long_ref = greedy_reference(hf_model, long_prompt, 8)
@@ -480,8 +493,11 @@ def test_running_sequences_decode_between_the_chunks_of_a_long_prompt(tokenizer,
         assert lc.wait().tokens == long_ref
     finally:
         e.stop()
-    chunk_steps = [step for step, seq, _, _ in calls if seq is lc.seq]
+    chunk_steps = [step for step, seq, _, _, _ in calls if seq is lc.seq]
     assert len(chunk_steps) >= len(long_prompt) // CHUNK  # in chunks, one per step
+    # Each chunk ran with the batch's decode in one forward pass (the others ran throughout).
+    assert all(mixed for _, seq, _, _, mixed in calls if seq is lc.seq)
+    assert e.mixed_steps >= len(chunk_steps)
     assert chunk_steps == list(range(chunk_steps[0], chunk_steps[-1] + 1))
     assert lc.steps[0] == chunk_steps[-1]  # its first token comes from its last chunk
     for c in cs[:2]:  # still running after the long prompt: a token at every step of its prefill
@@ -494,23 +510,21 @@ def test_running_sequences_decode_between_the_chunks_of_a_long_prompt(tokenizer,
 
 def test_cancel_mid_prefill_frees_slot_and_reservation(prompts, reference, long_prompt):
     e = eng.Engine(HF_DIR, config(max_running_sequences=2, prefill_tokens_per_step=CHUNK))
-    calls = record_prefills(e)
     keeper = submit(e, prompts[0], 20, temperature=0.0)
     doomed = submit(e, long_prompt, 8, temperature=0.0)
-    # Cancelled during its third chunk: the engine drops it at the start of the next step.
-    prefill = e.model.prefill
 
-    def cancelling(tokens, k, v, slot, start=0):
-        if sum(seq is doomed.seq for _, seq, _, _ in calls) == 2:  # recorded after this hook
+    def cancel_in_third_chunk(calls):
+        # Cancelled during its third chunk: the engine drops it at the start of the next step.
+        if sum(seq is doomed.seq for _, seq, _, _, _ in calls) == 3:
             doomed.seq.cancel()
-        return prefill(tokens, k, v, slot, start)
 
-    e.model.prefill = cancelling
+    calls = record_prefills(e, then=cancel_in_third_chunk)
     e.start()
     try:
         doomed.wait()
         assert doomed.abort is not None and doomed.abort[0] == "cancelled" and doomed.tokens == []
-        assert len([start for _, seq, start, _ in calls if seq is doomed.seq]) == 3
+        assert len([start for _, seq, start, _, _ in calls if seq is doomed.seq]) == 3
+        assert any(mixed for _, seq, _, _, mixed in calls if seq is doomed.seq)  # beside the keeper
         assert doomed.seq.slot == -1 and e.prefilling is None
         assert keeper.wait().tokens == reference[0]
         # Its slot and reservation are free again: both slots can be used, results unchanged.
@@ -520,3 +534,40 @@ def test_cancel_mid_prefill_frees_slot_and_reservation(prompts, reference, long_
         assert (stats.running, stats.prefilling, stats.waiting, stats.kv_tokens_reserved) == (0, 0, 0, 0)
     finally:
         e.stop()
+
+
+@pytest.mark.parametrize("chunk_start", [0, 100])
+def test_mixed_step_equals_prefill_then_decode(prompts, long_prompt, chunk_start):
+    """Llama.step (one pass: decode of slots 0..2 + a prompt chunk in slot 4, slot 3 left free as
+    when a running sequence leaves) gives the logits and K/V of prefill(chunk) then decode."""
+    import llama
+
+    model = llama.Llama(HF_DIR, context_length=1024, device=torch.device("cpu"), dtype=torch.float32)
+    slot, chunk = 4, long_prompt[chunk_start:chunk_start + CHUNK]
+    caches = [model.new_cache(5, 1024) for _ in range(2)]
+    with torch.inference_mode():
+        for k, v in caches:  # the same history in both caches
+            firsts = [int(model.prefill(p, k, v, i).argmax()) for i, p in enumerate(prompts)]
+            if chunk_start:
+                model.prefill(long_prompt[:chunk_start], k, v, slot)
+        tokens = torch.tensor(firsts)
+        positions = torch.tensor([len(p) for p in prompts])
+        (k1, v1), (k2, v2) = caches
+        want_last = model.prefill(chunk, k1, v1, slot, chunk_start)
+        want = model.decode(tokens, positions, k1, v1)
+        got, got_last = model.step(tokens, positions, chunk, slot, chunk_start, k2, v2)
+        assert got.dtype == got_last.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(got_last, want_last, atol=1e-4, rtol=1e-5)
+        assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+        for i, p in enumerate(prompts):
+            for a, b in ((k1, k2), (v1, v2)):
+                torch.testing.assert_close(b[:, i, :, :len(p) + 1], a[:, i, :, :len(p) + 1], atol=1e-4, rtol=1e-5)
+        for a, b in ((k1, k2), (v1, v2)):
+            torch.testing.assert_close(b[:, slot, :, :chunk_start + CHUNK], a[:, slot, :, :chunk_start + CHUNK],
+                                       atol=1e-4, rtol=1e-5)
+            assert not b[:, 3].any()  # the free slot is untouched
+        # A chunk that does not end its prompt: no lm_head row for it, same decode logits.
+        again, none = model.step(tokens, positions, chunk, slot, chunk_start, k2, v2, chunk_logits=False)
+        assert none is None
+        torch.testing.assert_close(again, got, atol=1e-4, rtol=1e-5)

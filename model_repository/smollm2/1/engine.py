@@ -6,7 +6,8 @@ The folder is self-contained (NVIDIA's Triton container has no ragserve package)
 
 * ``engine.py`` (this file): settings (``EngineConfig``), the scheduler, the KV slots and
   the engine's stats (``EngineStats``);
-* ``llama.py``: the forward pass (prefill one sequence, decode the running batch);
+* ``llama.py``: the forward pass (prefill one sequence, decode the running batch, or both in
+  one mixed pass);
 * ``sampler.py``: per-sequence sampling, its defaults and range checks (``SamplingParams``).
 
 Scheduler
@@ -15,16 +16,27 @@ Scheduler
   run one decode step for every running sequence, emit tokens, retire the finished ones. A
   new request therefore joins at the next step and a finished/cancelled one frees its slot
   and KV reservation at once.
-* Prefill: each step prefills at most ``prefill_tokens_per_step`` prompt tokens before the
-  batch decodes, so running sequences keep their pace while new prompts come in. With
-  ``chunked_prefill`` a longer prompt is prefilled in chunks, one per step (attending to its
-  chunks already in the cache), interleaved with the batch's decode steps; at most one
-  sequence is part-way through its prompt (``prefilling``): it holds a slot and its KV
-  reservation but is not in the decode batch, and no other sequence is admitted before its
-  prompt is done (FIFO). A sequence's first token comes from its prompt's last position;
-  then it joins the decode batch. Without ``chunked_prefill`` prompts are prefilled whole,
-  and the budget only bounds how many whole prompts join in one step (the first always
-  does, so one long prompt stalls the batch for its whole prefill).
+* Prefill: each step prefills at most ``prefill_tokens_per_step`` prompt tokens, so running
+  sequences keep their pace while new prompts come in. With ``chunked_prefill`` a longer
+  prompt is prefilled in chunks, one per step (attending to its chunks already in the
+  cache), interleaved with the batch's decode steps; at most one sequence is part-way
+  through its prompt (``prefilling``): it holds a slot and its KV reservation but is not in
+  the decode batch, and no other sequence is admitted before its prompt is done (FIFO). A
+  sequence's first token comes from its prompt's last position; then it joins the decode
+  batch. Without ``chunked_prefill`` prompts are prefilled whole, and the budget only
+  bounds how many whole prompts join in one step (the first always does, so one long
+  prompt stalls the batch for its whole prefill).
+* Mixed step (``chunked_prefill`` with a running batch): the step's LAST prefill chunk and
+  the batch's decode run as ONE forward pass (``Llama.step``: the dense layers once over the
+  n decode rows + the chunk's rows, so every weight is read once per step; attention apart).
+  Prompts the step completes before that chunk (short ones admitted behind a finished one)
+  are prefilled on their own first, join, and decode in the mixed pass like the rest of
+  the batch. After the pass, in this order: every cache length advances; if the chunk ended
+  its prompt, that sequence joins at slot n (its K/V copied down first if running sequences
+  left while it prefilled) and its first token is emitted; then the batch's tokens, in slot
+  order. So a prompt finished by a mixed pass decodes from the next step on (one prefilled
+  on its own, with no batch running or unchunked, still decodes in the same step, the batch
+  then including it). ``mixed_steps`` counts the mixed passes.
 * Admission control: at most ``max_running_sequences`` sequences (running + prefilling), and
   the sum over them of ``prompt + max_tokens`` (their worst-case KV use) stays within
   ``max_kv_tokens``; others wait FIFO in a queue of at most ``max_waiting`` (beyond that:
@@ -252,6 +264,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.mixed_steps = 0  # steps whose decode and prefill chunk ran as one forward pass
         self.tokens_generated = 0
 
     # ---------------------------------------------------------------- public API
@@ -350,9 +363,14 @@ class Engine:
 
     def _step(self) -> int:
         self._drop_cancelled()
-        produced = self._prefill()
-        if self.running:
-            produced += self._decode_step()
+        produced, chunk = self._prefill()
+        if chunk is not None and self.running and self.config.chunked_prefill:
+            produced += self._mixed_step(*chunk)  # one forward pass for the chunk and the batch
+        else:
+            if chunk is not None:
+                produced += self._run_chunk(*chunk)
+            if self.running:
+                produced += self._decode_step()
         self.steps += 1
         self.tokens_generated += produced
         return produced
@@ -368,52 +386,101 @@ class Engine:
         for seq in gone:
             self._safe(seq.on_abort, "cancelled", "CANCELLED: request cancelled")
 
-    def _prefill(self) -> int:
+    def _prefill(self) -> tuple[int, tuple[Sequence, int, int] | None]:
         """This step's prefill work, within ``prefill_tokens_per_step`` prompt tokens: the next
-        chunk of the prefilling sequence if there is one, then waiting sequences FIFO. Returns
-        the tokens produced (first tokens of sequences whose prompt is done)."""
+        chunk of the prefilling sequence if there is one, then waiting sequences FIFO. Every
+        chunk but the step's last is run here (each completes its prompt); the last one is
+        returned as ``(sequence, start, tokens)``, not yet run, for ``_step`` to run (with the
+        batch's decode in one pass when there is a batch). Returns the tokens produced here
+        (first tokens of sequences whose prompt is done) and that last chunk, or None."""
         budget = self.config.prefill_tokens_per_step
         produced = prefilled = 0
+        pending: tuple[Sequence, int, int] | None = None
         while True:
+            if pending is not None:
+                seq, start, todo = pending
+                if start + todo < len(seq.prompt):
+                    break  # budget spent: the rest of its prompt in the next steps
+                if self.config.chunked_prefill and prefilled >= budget:
+                    break
+                with self._cv:
+                    if not self._admissible(budget - prefilled, first=False):
+                        break  # nothing else starts in this step: the pending chunk is the last
+                produced += self._run_chunk(*pending)  # completes its prompt: it joins the batch
+                pending = None
             if self.prefilling is None and not self._admit(budget - prefilled, first=not prefilled):
                 break
             seq = self.prefilling
             todo = len(seq.prompt) - seq.cache_len
             if self.config.chunked_prefill:
                 todo = min(todo, budget - prefilled)
-            start = seq.cache_len
-            logits = self.model.prefill(seq.prompt[start:start + todo], self.kv.k, self.kv.v, seq.slot, start)
-            seq.cache_len += todo
+            pending = (seq, seq.cache_len, todo)
             prefilled += todo
-            if seq.cache_len < len(seq.prompt):
-                break  # budget spent: the rest of its prompt in the next steps
+        return produced, pending
+
+    def _run_chunk(self, seq: Sequence, start: int, todo: int) -> int:
+        """Prefills ``todo`` prompt tokens of the prefilling ``seq`` from ``start`` on its own;
+        when that ends its prompt it joins the batch and its first token is emitted (1)."""
+        logits = self.model.prefill(seq.prompt[start:start + todo], self.kv.k, self.kv.v, seq.slot, start)
+        seq.cache_len += todo
+        if seq.cache_len < len(seq.prompt):
+            return 0
+        self._join(seq)
+        self._emit(seq, self.sampler.choose(logits[None], [seq.sampling])[0])
+        return 1
+
+    def _mixed_step(self, seq: Sequence, start: int, todo: int) -> int:
+        """One forward pass (``Llama.step``) for the running batch's decode (slots 0..n-1) and
+        the prefilling ``seq``'s chunk (its slot, >= n). Then, as ``_run_chunk`` followed by
+        ``_decode_step`` would: if the chunk ends its prompt, ``seq`` joins the batch (K/V
+        copied down to slot n if needed) and its first token is emitted; then the batch's
+        tokens, in slot order. A sequence that joins here decodes from the next step on."""
+        seqs = list(self.running)
+        tokens = torch.tensor([s.generated[-1] for s in seqs], dtype=torch.long, device=self.device)
+        positions = torch.tensor([s.cache_len for s in seqs], dtype=torch.long, device=self.device)
+        done = start + todo == len(seq.prompt)
+        logits, last = self.model.step(tokens, positions, seq.prompt[start:start + todo], seq.slot, start,
+                                       self.kv.k, self.kv.v, chunk_logits=done)
+        self.mixed_steps += 1
+        # Every cache length first: a retirement below moves the last slot's K/V by its length.
+        for s in seqs:
+            s.cache_len += 1
+        seq.cache_len += todo
+        produced = 0
+        if done:
             self._join(seq)
-            token = self.sampler.choose(logits[None], [seq.sampling])[0]
-            produced += 1
-            self._emit(seq, token)
-            if self.config.chunked_prefill and prefilled >= budget:
-                break
-        return produced
+            self._emit(seq, self.sampler.choose(last[None], [seq.sampling])[0])
+            produced = 1
+        for s, token in zip(seqs, self.sampler.choose(logits, [s.sampling for s in seqs])):
+            self._emit(s, token)
+        return produced + len(seqs)
 
     def _admit(self, budget: int, first: bool) -> bool:
         """Makes the head of the queue the prefilling sequence if it may start now, with slot
         ``len(running)`` (free: nothing else is prefilling) and its KV reservation. It is the
         prefilling one from here on, so that a cancel or a failing step frees what it holds."""
         with self._cv:
-            if not self.waiting or self._slots_held() >= self.max_running:
+            if not self._admissible(budget, first):
                 return False
-            seq = self.waiting[0]
-            if self.reserved_tokens + seq.reserved > self.max_kv_tokens:
-                return False  # FIFO: the head waits for room, later ones wait behind it
-            # Unchunked, a prompt is prefilled whole: the budget bounds how long running
-            # sequences stall behind prefills in one step (the first prompt always goes).
-            if not self.config.chunked_prefill and not first and len(seq.prompt) > budget:
-                return False
-            self.waiting.popleft()
+            seq = self.waiting.popleft()
         self.prefilling, seq.slot, seq.cache_len = seq, len(self.running), 0
         self.reserved_tokens += seq.reserved
         self.kv.ensure(seq.reserved)
         seq.sampling = self.sampler.start(seq.params, seq.prompt)
+        return True
+
+    def _admissible(self, budget: int, first: bool) -> bool:
+        """Whether ``_admit`` would start the head of the queue now (called with ``_cv`` held;
+        only this thread takes from the queue, so the answer holds until it does)."""
+        if not self.waiting or self._slots_held() >= self.max_running:
+            return False
+        seq = self.waiting[0]
+        if self.reserved_tokens + seq.reserved > self.max_kv_tokens:
+            return False  # FIFO: the head waits for room, later ones wait behind it
+        # Unchunked, a prompt is prefilled whole: the budget bounds how long running
+        # sequences stall behind prefills in one step (the first prompt always goes).
+        if not self.config.chunked_prefill and not first and len(seq.prompt) > budget:
+            return False
         return True
 
     def _join(self, seq: Sequence) -> None:
