@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from ragserve_server import auth, tracing
 from ragserve_server.admission import BULK, INTERACTIVE, Admission
 from ragserve_server.call_scope import CallFailed, CallGuard
-from ragserve_server.errors import InvalidInput
+from ragserve_server.errors import Cancelled, DeadlineExceeded, InvalidInput
 from ragserve_server.pushback import retry_trailers
 from ragserve_server.request_record import RequestRecord
 
@@ -146,15 +146,22 @@ class _Call:
         extra send on the hot path)."""
         request_id_metadata = (("x-request-id", self.request_id),)
 
-        async def send_request_id() -> None:
-            if streaming:
-                await context.send_initial_metadata(request_id_metadata)
-            else:
-                context.set_trailing_metadata(request_id_metadata)
-
         def deadline_passed() -> bool:
             remaining = context.time_remaining()
             return remaining is not None and remaining <= 0
+
+        async def send_request_id() -> None:
+            if not streaming:
+                context.set_trailing_metadata(request_id_metadata)
+                return
+            try:
+                await context.send_initial_metadata(request_id_metadata)
+            except Exception as exc:
+                # gRPC's ExecuteBatchError (a private class): the call ended before its first
+                # send, its deadline spent or its caller gone. The caller's doing, not INTERNAL.
+                if deadline_passed():
+                    raise DeadlineExceeded("deadline exceeded before the stream started") from exc
+                raise Cancelled("the call ended before the stream started") from exc
 
         try:
             async with self.guard.scope(
