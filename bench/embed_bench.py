@@ -55,7 +55,8 @@ BATCHED = (32, 4)  # 32-sentence calls at concurrency 4: a caller that batches
 # Each change of issue 13, and how a setup undoes it: Triton config parameters of minilm, and
 # gateway flags. "before" undoes them all.
 CHANGES = {
-    "plain graph": ({"onnx_file": "model.onnx"}, []),
+    "plain graph for <= 8 rows": ({"small_batch_onnx_file": ""}, []),
+    "fused graph above 8 rows": ({"small_batch_max_rows": "64"}, []),
     "ORT threads spin": ({"allow_spinning": "1"}, []),
     "tokenize on a thread": ({}, ["--inline-tokenize-chars", "0"]),
     "no coalescing in the gateway": ({}, ["--coalesce-in-flight", "0"]),

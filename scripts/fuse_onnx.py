@@ -84,7 +84,7 @@ def main() -> None:
 
         spec = BUILTIN[args.builtin]()
         folder = DEFAULT_REPOSITORY / spec.triton_model / "1"
-        args.plain, args.out, args.hf_folder = folder / "model.onnx", folder / spec.parameters[ONNXRUNTIME]["onnx_file"], spec.tokenizer_dir
+        args.plain, args.out, args.hf_folder = folder / "model.onnx", folder / spec.parameters[ONNXRUNTIME]["small_batch_onnx_file"], spec.tokenizer_dir
     elif not (args.plain and args.out and args.hf_folder):
         parser.error("give --builtin, or all of --plain, --out and --hf-folder")
     config = json.loads((args.hf_folder / "config.json").read_text())

@@ -47,6 +47,15 @@ def test_mixed_lengths_match_transformers(client):
     assert result.usage.prompt_tokens == sum(len(t) for t in _token_ids(MIXED))
 
 
+def test_small_and_large_executions_match_transformers(client):
+    # Up to registry.FUSED_ONNX_MAX_ROWS rows run the fused graph, more the plain one: both
+    # must equal the reference.
+    one = ["a single query about refunds"]
+    many = [f"passage {i} about shipping, refunds and the returns policy" for i in range(48)]
+    assert_close(client.embed(one).embeddings, minilm_embeddings(one))
+    assert_close(client.embed(many).embeddings, minilm_embeddings(many))
+
+
 def _token_ids(texts):
     from reference import _minilm
 

@@ -15,15 +15,17 @@ from support import MODEL_REPOSITORY, ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 from fuse_onnx import check  # noqa: E402
 
-from ragserve_server.registry import FUSED_ONNX, ONNXRUNTIME, minilm_spec  # noqa: E402
+from ragserve_server.registry import FUSED_ONNX, FUSED_ONNX_MAX_ROWS, ONNXRUNTIME, minilm_spec  # noqa: E402
 
 PLAIN = MODEL_REPOSITORY / "minilm" / "1" / "model.onnx"
 FUSED = MODEL_REPOSITORY / "minilm" / "1" / FUSED_ONNX
 
 
-def test_minilm_runs_the_fused_graph_and_it_is_fused():
+def test_minilm_runs_the_fused_graph_for_small_batches_and_it_is_fused():
+    parameters = minilm_spec().parameters[ONNXRUNTIME]
+    assert parameters["small_batch_onnx_file"] == FUSED_ONNX and parameters["onnx_file"] == "model.onnx"
+    assert parameters["small_batch_max_rows"] == str(FUSED_ONNX_MAX_ROWS)
     spec = minilm_spec()
-    assert spec.parameters[ONNXRUNTIME]["onnx_file"] == FUSED_ONNX
     assert FUSED_ONNX in spec.artifacts[ONNXRUNTIME]  # a missing one stops start-up, naming `make models`
     ops = Counter(node.op_type for node in onnx.load(str(FUSED), load_external_data=False).graph.node)
     assert ops["Attention"] == 6 and ops["EmbedLayerNormalization"] == 1 and ops["SkipLayerNormalization"] == 12

@@ -22,7 +22,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        onnx_path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
+        folder = Path(args["model_repository"]) / args["model_version"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "2"))
         options.inter_op_num_threads = 1
@@ -31,7 +31,12 @@ class TritonPythonModel:
         spinning = params.get("allow_spinning", "1")
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / params.get("onnx_file", "model.onnx")), options, providers=["CPUExecutionProvider"])
+        # Optionally a second graph of the same model for small executions (registry.FUSED_ONNX_MAX_ROWS
+        # says why): "" or absent runs every execution on `onnx_file`.
+        self.small_batch_session, self.small_batch_max_rows = None, int(params.get("small_batch_max_rows", "0"))
+        if params.get("small_batch_onnx_file"):
+            self.small_batch_session = ort.InferenceSession(str(folder / params["small_batch_onnx_file"]), options, providers=["CPUExecutionProvider"])
         # An exporter may drop an input the graph never reads (token_type_ids of XLM-R): skip it.
         graph_inputs = {i.name for i in self.session.get_inputs()}
         self.inputs = [i["name"] for i in config["input"] if i["name"] in graph_inputs]
@@ -42,7 +47,10 @@ class TritonPythonModel:
         sizes = [a.shape[0] for a in arrays[self.inputs[0]]]
         width = max(a.shape[1] for a in arrays[self.inputs[0]])
         feed = {name: np.concatenate([_pad(a, width) for a in parts]) for name, parts in arrays.items()}
-        results = self.session.run(self.outputs, feed)
+        session = self.session
+        if self.small_batch_session is not None and sum(sizes) <= self.small_batch_max_rows:
+            session = self.small_batch_session
+        results = session.run(self.outputs, feed)
         responses, start = [], 0
         for size in sizes:
             tensors = [pb_utils.Tensor(name, value[start : start + size]) for name, value in zip(self.outputs, results)]

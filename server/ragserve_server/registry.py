@@ -47,6 +47,10 @@ FUSED_ONNX = "model_fused.onnx"  # ONNX Runtime's fused encoder graph (scripts/f
 # kernel sooner. Here the model shares 2 cores with the gateway and Triton, and the spinning
 # thread takes the core they need: measured off (bench/embed_bench.py, README "Performance").
 ORT_ALLOW_SPINNING = "0"
+# The fused graph is the faster one for few rows (fewer, larger kernels) and 5-9 % slower for
+# many (measured on 2 cores with 16- and 32-token rows): ONNX Runtime runs it for executions of
+# up to this many rows and the plain graph above (bench/embed_bench.py shows both choices).
+FUSED_ONNX_MAX_ROWS = 8
 
 # The token tensors every encoder takes: the gateway tokenizes and pads to length buckets.
 TOKEN_INPUTS = (
@@ -191,7 +195,8 @@ def encoder_spec(
     """An ONNX encoder (embedding model or cross-encoder) with its three variants.
 
     With `fused_onnx_built_by`, ONNX Runtime runs the fused graph (scripts/fuse_onnx.py:
-    model_fused.onnx) and TensorRT still builds from the plain model.onnx.
+    model_fused.onnx) for executions of up to FUSED_ONNX_MAX_ROWS rows and the plain
+    model.onnx above; TensorRT builds from the plain model.onnx.
     """
     head = "mean_pool" if kind == EMBEDDING else "logits"
     ort_files = {"model.onnx": onnx_built_by, "model.py": "a copy of scripts/templates/ort_model.py"}
@@ -216,7 +221,8 @@ def encoder_spec(
         },
         parameters={
             ONNXRUNTIME: {
-                "onnx_file": FUSED_ONNX if fused_onnx_built_by else "model.onnx",
+                "onnx_file": "model.onnx",
+                **({"small_batch_onnx_file": FUSED_ONNX, "small_batch_max_rows": str(FUSED_ONNX_MAX_ROWS)} if fused_onnx_built_by else {}),
                 "intra_op_threads": str(intra_op_threads),
                 "allow_spinning": ORT_ALLOW_SPINNING,
             },
