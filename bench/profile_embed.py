@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from soak_bench import descendants  # noqa: E402
 from support import GatewayProcess, start_triton  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -73,18 +74,6 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 def _thread_family(name: str) -> str:
     return name.rstrip("0123456789-_:") or name
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(proc.name))
-            except OSError:
-                pass
-    return found
 
 
 def classify(stack: str, rules) -> str:
@@ -160,7 +149,7 @@ def main() -> None:
         triton = start_triton(work, ["minilm"], args.repository)
         gateway = GatewayProcess(triton.grpc_url, ["minilm"], work / "gateway.log", *args.gateway_args.split()).wait_serving()
         try:
-            stubs = [p for p in children(triton.process.pid) if Path(f"/proc/{p}/comm").read_text().startswith("triton_python")]
+            stubs = [p for p in descendants(triton.process.pid) if Path(f"/proc/{p}/comm").read_text().startswith("triton_python")]
             # The load generator is its own process, so its CPU is counted apart from ours.
             load = subprocess.Popen(
                 [sys.executable, str(ROOT / "bench" / "embed_load.py"), gateway.address, str(args.concurrency), str(args.seconds + 6)],
