@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from soak_bench import descendants  # noqa: E402
-from support import GatewayProcess, start_triton  # noqa: E402
+from support import GatewayProcess, descendants, start_triton  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 

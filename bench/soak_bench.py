@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, generate_pb2_grpc, rerank_pb2, rerank_pb2_grpc  # noqa: E402
-from support import free_port, wait_for_health  # noqa: E402
+from support import descendants, free_port, wait_for_health  # noqa: E402
 
 WORDS = "retrieval ranking vector index passage query answer model latency cluster shard token".split()
 
@@ -46,18 +46,6 @@ def rss_mb(pid: int) -> float:
         except OSError:
             continue
     return total / 1024
-
-
-def descendants(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    children.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return children + [d for c in children for d in descendants(c)]
 
 
 def sentence(rng: random.Random) -> str:

@@ -38,6 +38,7 @@ def gateway_samples(url: str, name: str) -> dict[str, float]:
 
 
 def restart(triton: TritonServer) -> TritonServer:
+    triton.stop()  # it was killed: this ends the python-backend stubs it left behind
     again = TritonServer(triton.model_repository, triton.models, triton.ports, triton.work_dir)
     again.start()
     again.wait_ready(120)

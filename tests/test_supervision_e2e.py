@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 import ragserve
-from support import free_port, health_status, wait_for_health
+from support import descendants, free_port, health_status, wait_for_health
 
 pytestmark = pytest.mark.integration
 
@@ -79,6 +79,18 @@ class BundledStack:
         return self.process.returncode
 
 
+def python_backend_stubs(triton_pid: int) -> list[int]:
+    return [pid for pid in descendants(triton_pid) if Path(f"/proc/{pid}/comm").read_text().startswith("triton_python")]
+
+
+def alive(pid: int) -> bool:
+    """Exists and is not a zombie (an ended orphan waits for its reaper as one)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def seconds_until(address: str, status: int, timeout: float) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -109,6 +121,8 @@ def test_sigkilled_triton_is_restarted_and_calls_never_hang(tmp_path, capsys):
         for thread in threads:
             thread.start()
         time.sleep(1.0)
+        stubs = python_backend_stubs(stack.triton_pid())
+        assert stubs, "no python-backend stub found under Triton"
         os.kill(stack.triton_pid(), signal.SIGKILL)
         to_not_serving = seconds_until(stack.address, NOT_SERVING, 5)
         to_serving = seconds_until(stack.address, SERVING, 120) + to_not_serving
@@ -126,6 +140,9 @@ def test_sigkilled_triton_is_restarted_and_calls_never_hang(tmp_path, capsys):
         down = stack.events("triton_down")
         assert len(down) == 1 and "exited with code -9" in down[0]["reason"]
         assert stack.events("triton_restarted")
+        # The killed Triton's stubs were ended too, not left holding the model's memory.
+        assert [pid for pid in stubs if alive(pid)] == []
+        assert stack.events("triton_orphans_ended")
     finally:
         assert stack.stop() == 0
 

@@ -132,6 +132,7 @@ class TritonServer:
         return env
 
     def start(self) -> None:
+        self.end_orphans()  # of the Triton this one replaces, if it died
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log.info("triton_starting", models=self.models, grpc_port=self.ports.grpc, log=str(self.log_path))
         with open(self.log_path, "ab") as out:
@@ -172,15 +173,30 @@ class TritonServer:
             return ""
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            log.info("triton_stopped", code=self.process.returncode)
+        self.end_orphans()
+
+    def end_orphans(self) -> None:
+        """Ends what a Triton that exited left behind. A SIGKILLed tritonserver cannot end its
+        python-backend stubs (one per model instance); they live on, orphaned, ignore SIGTERM,
+        and each keeps its model's memory. They are in Triton's process group (its own, see
+        start), so after Triton has exited, SIGKILL to the group ends exactly them."""
+        if self.process is None or self.process.poll() is None:
+            return
         try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        log.info("triton_stopped", code=self.process.returncode)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # the group is empty: Triton ended its stubs itself
+        log.warning("triton_orphans_ended", process_group=self.process.pid)
 
 
 @dataclass(frozen=True)
@@ -236,6 +252,7 @@ class TritonSupervisor:
                 await asyncio.to_thread(process.wait)
             not_ready_since = None
             log.error("triton_down", reason=reason, pid=process.pid if process else None, log_tail=self.triton.log_tail(15))
+            self.triton.end_orphans()  # before the restart: the new stubs need that memory
             await self.on_change()
             restored = await self._restart(reason)
             if restored is not None:
@@ -263,3 +280,4 @@ class TritonSupervisor:
                 if self.triton.process is not None and self.triton.process.poll() is None:
                     self.triton.process.kill()
                     await asyncio.to_thread(self.triton.process.wait)
+                self.triton.end_orphans()
