@@ -65,6 +65,7 @@ CHANGES = {
 # the model's instance count in Triton.
 CANDIDATES = {
     "2 instances x 1 thread": ({"intra_op_threads": "1"}, [], 2),
+    "2 instances x 2 threads": ({}, [], 2),
     "coalesce 1 in flight": ({}, ["--coalesce-in-flight", "1"], 1),
     "coalesce 3 in flight": ({}, ["--coalesce-in-flight", "3"], 1),
     "1 ORT thread": ({"intra_op_threads": "1"}, [], 1),
