@@ -8,6 +8,7 @@ stage spans and Triton's spans must form one trace, parented and ordered.
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import threading
@@ -173,6 +174,33 @@ async def test_http_call_joins_the_callers_trace_down_to_triton(traced_gateway):
             response = await client.post("/v1/embeddings", json={"input": "the trace goes into Triton"}, headers=headers)
     assert response.status_code == 200, response.text
     check_one_trace(caller, exporter, receiver, "POST /v1/embeddings")
+
+
+async def test_a_joined_request_links_its_callers_and_triton_is_under_it(traced_gateway):
+    gateway, tracer, exporter, receiver = traced_gateway
+
+    async def traced_call(client, index: int) -> int:
+        with tracer.start_as_current_span(f"caller {index}") as caller:
+            await client.embed([f"joined call number {index}"], timeout=60)
+        return caller.context.trace_id
+
+    async with ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", retries=0) as client:
+        callers = set(await asyncio.gather(*(traced_call(client, i) for i in range(48))))
+    joined = [s for s in exporter.get_finished_spans() if s.name == "ragserve.coalesced_request"]
+    assert joined, "48 concurrent calls: the coalescer joined none"
+    stages = {
+        (s.context.trace_id, s.context.span_id): s for s in exporter.get_finished_spans() if s.name == "triton" and s.context.trace_id in callers
+    }
+    for span in joined:
+        assert span.parent is None and span.context.trace_id not in callers  # its own trace
+        assert span.attributes["ragserve.joined_calls"] == len(span.links) >= 1
+        for link in span.links:  # each link is a caller's `triton` stage, which waited for it
+            stage = stages[(link.context.trace_id, link.context.span_id)]
+            assert stage.start_time <= span.start_time and span.end_time <= stage.end_time
+    # Triton's request span of the joined request is a child of its span.
+    widest = max(joined, key=lambda s: len(s.links))
+    theirs = {s["name"]: s for s in receiver.trace(format(widest.context.trace_id, "032x"), 3, timeout=90.0)}
+    assert theirs["InferRequest"]["parentSpanId"] == _hex(widest.context.span_id), theirs
 
 
 async def test_a_failed_call_is_an_error_span(traced_gateway):

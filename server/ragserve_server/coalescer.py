@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ragserve_server import tracing
 from ragserve_server.admission import CURRENT_LANE
 from ragserve_server.errors import DeadlineExceeded
 from ragserve_server.triton import InferenceBackend
@@ -43,6 +44,7 @@ class _Waiter:
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     batch: list["_Waiter"] | None = None  # the callers it was sent with, once sent
     request: asyncio.Task | None = None  # the task of that request
+    span_context: object = None  # its caller's span, linked from the joined request's (tracing on)
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Coalescer:
                 return await self._request(key, [inputs], timeout)
             finally:
                 self._done(key, shape)
-        waiter = _Waiter(inputs, rows, None if timeout is None else time.monotonic() + timeout)
+        waiter = _Waiter(inputs, rows, None if timeout is None else time.monotonic() + timeout, span_context=tracing.current_span_context())
         shape.waiting.append(waiter)
         try:
             return await waiter.result
@@ -138,7 +140,8 @@ class Coalescer:
         # The latest deadline of the batch: an earlier caller's own deadline ends its wait.
         timeout = None if None in deadlines else max(deadlines) - time.monotonic()
         try:
-            result = await self._request(key, [w.inputs for w in batch], timeout)
+            with tracing.joined_request_span([w.span_context for w in batch]):
+                result = await self._request(key, [w.inputs for w in batch], timeout)
         except Exception as exc:  # each caller gets the request's typed error, mapped by the caller
             for waiter in batch:
                 if not waiter.result.done():

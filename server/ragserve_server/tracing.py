@@ -17,6 +17,11 @@ request_record.stage: `admission`, `tokenize`, `triton`, `respond`. Each Triton 
 carries the current context as `traceparent` metadata, so a Triton started with
 `--trace-config mode=opentelemetry` (the launcher's `--triton-trace-url`) adds its own spans
 (the request, the model with its QUEUE_START event, `compute`) under the `triton` stage.
+
+A request the gateway's coalescer joined from several calls belongs to none of their traces:
+it gets its own span, `ragserve.coalesced_request`, the root of a new trace with a link to
+each caller's `triton` stage (OpenTelemetry's way to show fan-in), and Triton's spans of that
+request are its children.
 """
 
 from __future__ import annotations
@@ -125,6 +130,36 @@ def end_call(started, code: str, message: str) -> None:
 @contextmanager
 def _stage_span(name: str) -> Iterator[None]:
     with _tracer.start_as_current_span(name, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+        yield
+
+
+def current_span_context():
+    """The current span's context, for a later link to it (None while tracing is off)."""
+    if _tracer is None:
+        return None
+    from opentelemetry import trace
+
+    found = trace.get_current_span().get_span_context()
+    return found if found.is_valid else None
+
+
+@contextmanager
+def joined_request_span(callers: list) -> Iterator[None]:
+    """The span of a request that carries several calls (`callers`: their span contexts, from
+    current_span_context): a new trace, linked to each caller, current while it is sent."""
+    if _tracer is None:
+        yield
+        return
+    from opentelemetry import context, trace
+
+    links = [trace.Link(c) for c in callers if c is not None]
+    with _tracer.start_as_current_span(
+        "ragserve.coalesced_request",
+        context=context.Context(),  # a root: the request is no one caller's child
+        kind=trace.SpanKind.CLIENT,
+        links=links,
+        attributes={"ragserve.joined_calls": len(callers)},
+    ):
         yield
 
 
