@@ -30,6 +30,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "ragserve-dashboard.json"
 GENERATION_ONLY = {
     "ragserve_engine_running_sequences",
     "ragserve_engine_waiting_sequences",
+    "ragserve_engine_prefilling_sequences",
     "ragserve_time_to_first_token_seconds_bucket",
     "ragserve_inter_token_latency_seconds_bucket",
 }
