@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -469,6 +470,32 @@ def test_long_prompt_in_chunks_matches_transformers_and_unchunked(long_prompt, h
             assert [(start, n) for _, _, start, n, _ in calls] == [(0, len(long_prompt))]
     assert out[1] == ref
     assert out[0] == ref
+
+
+@pytest.mark.parametrize("whole_up_to", [64, 0])
+def test_a_short_prompt_is_prefilled_whole_up_to_prefill_whole_tokens(tokenizer, hf_model, whole_up_to):
+    """Chunks of 16 tokens: a ~40-token chat prompt arriving while another sequence decodes is
+    prefilled in one (mixed) step when it is within prefill_whole_tokens, else in chunks.
+    Either way both results equal transformers'."""
+    running, short = chat(tokenizer, OTHERS[0]), chat(tokenizer, QUESTIONS[0])
+    assert 16 < len(short) <= 64
+    e = eng.Engine(HF_DIR, config(max_running_sequences=4, prefill_tokens_per_step=16, prefill_whole_tokens=whole_up_to))
+    calls = record_prefills(e)
+    e.start()
+    try:
+        first = submit_recorded(e, running, 24, temperature=0.0)
+        while not first.steps:  # decoding before the short prompt arrives
+            time.sleep(0.01)
+        second = submit_recorded(e, short, 8, temperature=0.0)
+        assert second.wait().tokens == greedy_reference(hf_model, short, 8)
+        assert first.wait().tokens == greedy_reference(hf_model, running, 24)
+    finally:
+        e.stop()
+    chunks = [(start, n, mixed) for _, seq, start, n, mixed in calls if seq is second.seq]
+    if whole_up_to:
+        assert chunks == [(0, len(short), True)]  # one step, beside the running decode
+    else:
+        assert [(start, n) for start, n, _ in chunks] == [(s, min(16, len(short) - s)) for s in range(0, len(short), 16)]
 
 
 def test_running_sequences_decode_between_the_chunks_of_a_long_prompt(tokenizer, long_prompt, hf_model):

@@ -23,7 +23,8 @@ Scheduler
   through its prompt (``prefilling``): it holds a slot and its KV reservation but is not in
   the decode batch, and no other sequence is admitted before its prompt is done (FIFO). A
   sequence's first token comes from its prompt's last position; then it joins the decode
-  batch. Without ``chunked_prefill`` prompts are prefilled whole, and the budget only
+  batch. A prompt of at most ``prefill_whole_tokens`` is not chunked when it is the step's
+  first prefill (short chat prompts get their first token a step or more sooner). Without ``chunked_prefill`` prompts are prefilled whole, and the budget only
   bounds how many whole prompts join in one step (the first always does, so one long
   prompt stalls the batch for its whole prefill).
 * Mixed step (``chunked_prefill`` with a running batch): the step's LAST prefill chunk and
@@ -102,6 +103,7 @@ class EngineConfig:
     context_length: int  # prompt + max_tokens per sequence; 0 = the checkpoint's own
     prefill_tokens_per_step: int  # prompt tokens prefilled per step before the batch decodes
     chunked_prefill: int  # 1: a longer prompt goes on in the next steps; 0: prompts prefilled whole
+    prefill_whole_tokens: int  # chunked: a prompt this short is prefilled whole, as a step's first prefill
     num_threads: int  # torch intra-op threads; 0 = torch's default
     device: str  # "cpu" (fp32) or "cuda" (fp16)
 
@@ -412,7 +414,10 @@ class Engine:
                 break
             seq = self.prefilling
             todo = len(seq.prompt) - seq.cache_len
-            if self.config.chunked_prefill:
+            # A short prompt in one step (the step's first prefill only): chunking it would
+            # only delay its first token, while a step's cost grows little with a few more rows.
+            whole = not prefilled and seq.cache_len == 0 and todo <= self.config.prefill_whole_tokens
+            if self.config.chunked_prefill and not whole:
                 todo = min(todo, budget - prefilled)
             pending = (seq, seq.cache_len, todo)
             prefilled += todo
