@@ -251,6 +251,7 @@ def main() -> None:
         if "changes" not in skip:
             for index, (change, (parameters, gateway_args)) in enumerate(CHANGES.items()):
                 setups[f"(b-) undone: {change}"] = stack(f"undo{index}", parameters, gateway_args)
+                batched_setups.append(f"(b-) undone: {change}")
         for index, candidate in enumerate(args.candidate):
             parameters, gateway_args, instances = CANDIDATES[candidate]
             setups[f"(t) tried: {candidate}"] = stack(f"try{index}", parameters, gateway_args, instances=instances)
