@@ -83,6 +83,11 @@ clean:
 profile: setup models
 	$(PY) bench/profile_embed.py
 
+# Where a single-sentence call's latency goes at concurrency 1: raw model, Triton direct, gateway.
+.PHONY: bench-latency
+bench-latency: setup models
+	$(PY) bench/latency_ladder.py
+
 # Generate: in-flight batching at 1/4/16 streams vs sequential transformers generate; then the
 # ITL of 8 streams while a 1,500-token prompt arrives, chunked prefill on vs off.
 .PHONY: bench-generate

