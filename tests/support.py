@@ -117,3 +117,8 @@ def descendants(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return children + [d for c in children for d in descendants(c)]
+
+
+def python_backend_stubs(triton_pid: int) -> list[int]:
+    """The python-backend stub processes (one per model instance) of a running Triton."""
+    return [pid for pid in descendants(triton_pid) if Path(f"/proc/{pid}/comm").read_text().startswith("triton_python")]

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 import ragserve
-from support import descendants, free_port, health_status, wait_for_health
+from support import free_port, health_status, python_backend_stubs, wait_for_health
 
 pytestmark = pytest.mark.integration
 
@@ -77,10 +77,6 @@ class BundledStack:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
-
-
-def python_backend_stubs(triton_pid: int) -> list[int]:
-    return [pid for pid in descendants(triton_pid) if Path(f"/proc/{pid}/comm").read_text().startswith("triton_python")]
 
 
 def alive(pid: int) -> bool:

@@ -132,7 +132,7 @@ class TritonServer:
         return env
 
     def start(self) -> None:
-        self.end_orphans()  # of the Triton this one replaces, if it died
+        self.end_orphans()  # of the Triton this one replaces, if it died: the new stubs need that memory
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log.info("triton_starting", models=self.models, grpc_port=self.ports.grpc, log=str(self.log_path))
         with open(self.log_path, "ab") as out:
@@ -252,7 +252,6 @@ class TritonSupervisor:
                 await asyncio.to_thread(process.wait)
             not_ready_since = None
             log.error("triton_down", reason=reason, pid=process.pid if process else None, log_tail=self.triton.log_tail(15))
-            self.triton.end_orphans()  # before the restart: the new stubs need that memory
             await self.on_change()
             restored = await self._restart(reason)
             if restored is not None:
@@ -280,4 +279,3 @@ class TritonSupervisor:
                 if self.triton.process is not None and self.triton.process.poll() is None:
                     self.triton.process.kill()
                     await asyncio.to_thread(self.triton.process.wait)
-                self.triton.end_orphans()

@@ -24,9 +24,10 @@ Scheduler
   the decode batch, and no other sequence is admitted before its prompt is done (FIFO). A
   sequence's first token comes from its prompt's last position; then it joins the decode
   batch. A prompt of at most ``prefill_whole_tokens`` is not chunked when it is the step's
-  first prefill (short chat prompts get their first token a step or more sooner). Without ``chunked_prefill`` prompts are prefilled whole, and the budget only
-  bounds how many whole prompts join in one step (the first always does, so one long
-  prompt stalls the batch for its whole prefill).
+  first prefill (short chat prompts get their first token a step or more sooner). Without
+  ``chunked_prefill`` prompts are prefilled whole, and the budget only bounds how many whole
+  prompts join in one step (the first always does, so one long prompt stalls the batch for
+  its whole prefill).
 * Mixed step (``chunked_prefill`` with a running batch): the step's LAST prefill chunk and
   the batch's decode run as ONE forward pass (``Llama.step``: the dense layers once over the
   n decode rows + the chunk's rows, so every weight is read once per step; attention apart).
