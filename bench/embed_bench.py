@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -53,23 +54,27 @@ OBJECTS = ["questions about billing", "every product review", "technical documen
 CONCURRENCY = (1, 16, 64)
 BUCKET = 16  # the gateway pads these sentences to its 16-token bucket
 BATCHED = (32, 4)  # 32-sentence calls at concurrency 4: a caller that batches
-# Each change of issue 13, and how a setup undoes it: Triton config parameters of minilm, and
-# gateway flags. "before" undoes them all.
+# Each change of issue 13, and how a setup undoes it: Triton config parameters of minilm,
+# gateway flags, and the model's instance count in Triton (0: as deployed). "before" undoes
+# them all.
 CHANGES = {
-    "plain graph for <= 8 rows": ({"small_batch_onnx_file": ""}, []),
-    "fused graph above 8 rows": ({"small_batch_max_rows": "64"}, []),
-    "ORT threads spin": ({"allow_spinning": "1"}, []),
-    "tokenize on a thread": ({}, ["--inline-tokenize-chars", "0"]),
-    "no coalescing in the gateway": ({}, ["--coalesce-in-flight", "0"]),
+    "plain graph for <= 8 rows": ({"small_batch_onnx_file": ""}, [], 0),
+    "fused graph above 8 rows": ({"small_batch_max_rows": "64"}, [], 0),
+    "ORT threads spin": ({"allow_spinning": "1"}, [], 0),
+    "1 instance of 2 threads": ({"intra_op_threads": "2", "few_rows_intra_op_threads": ""}, [], 1),
+    "tokenize on a thread": ({}, ["--inline-tokenize-chars", "0"], 0),
+    "no coalescing in the gateway": ({}, ["--coalesce-in-flight", "0"], 0),
 }
-# Settings tried while tuning (--candidate NAME): config parameters, gateway flags, and
-# the model's instance count in Triton.
+# Settings tried while tuning (--candidate NAME), in the same form.
 CANDIDATES = {
-    "2 instances x 1 thread": ({"intra_op_threads": "1"}, [], 2),
-    "2 instances x 2 threads": ({}, [], 2),
-    "coalesce 1 in flight": ({}, ["--coalesce-in-flight", "1"], 1),
-    "coalesce 3 in flight": ({}, ["--coalesce-in-flight", "3"], 1),
-    "1 ORT thread": ({"intra_op_threads": "1"}, [], 1),
+    "2 instances, 2 threads for <= 2 rows": ({"few_rows_max_rows": "2"}, [], 0),
+    "2 instances, 2 threads for <= 8 rows": ({"few_rows_max_rows": "8"}, [], 0),
+    "2 instances x 1 thread": ({"few_rows_intra_op_threads": ""}, [], 0),
+    "2 instances x 2 threads": ({"intra_op_threads": "2", "few_rows_intra_op_threads": ""}, [], 0),
+    "3 instances": ({"few_rows_intra_op_threads": "2"}, [], 3),
+    "coalesce 1 in flight": ({}, ["--coalesce-in-flight", "1"], 0),
+    "coalesce 3 in flight": ({}, ["--coalesce-in-flight", "3"], 0),
+    "1 instance of 1 thread": ({"intra_op_threads": "1", "few_rows_intra_op_threads": ""}, [], 1),
 }
 
 
@@ -96,24 +101,38 @@ def tokenized(texts: list[str], bucket: int = BUCKET) -> tuple[np.ndarray, np.nd
     return np.array([e.ids for e in encodings], dtype=np.int64), np.array([e.attention_mask for e in encodings], dtype=np.int64)
 
 
-def raw_model(texts: list[str], graph: str, seconds: float = 3.0) -> dict[int, tuple[float, float, float]]:
+def raw_model(
+    texts: list[str], graph: str, seconds: float = 3.0, sessions: int = 1, batches: tuple[int, ...] = (1, 8, 32, 64)
+) -> dict[int, tuple[float, float, float]]:
     """batch size -> (sentences/s, p50 ms, p99 ms) of ONNX Runtime alone (BUCKET-token bucket), with
-    its own defaults (threads spin: nothing else runs beside it here)."""
+    its own defaults (threads spin: nothing else runs beside it here). `sessions` > 1: that many
+    sessions of one thread each run batches side by side on their own Python threads, as the
+    deployed model's instances do (ONNX Runtime releases the GIL while it runs)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(ROOT / "model_repository/minilm/1" / graph), options, providers=["CPUExecutionProvider"])
+    options.intra_op_num_threads = 2 if sessions == 1 else 1
+    path = str(ROOT / "model_repository/minilm/1" / graph)
+    runners = [ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]) for _ in range(sessions)]
     ids, mask = tokenized(texts)
     results = {}
-    for batch in (1, 8, 32, 64):
-        latencies, done, start, i = [], 0, time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            rows = slice(i, i + batch)
-            t0 = time.perf_counter()
-            session.run(None, {"input_ids": ids[rows], "attention_mask": mask[rows]})
-            latencies.append(time.perf_counter() - t0)
-            done += batch
-            i = (i + batch) % (len(texts) - batch)
+    for batch in batches:
+        start = time.perf_counter()
+
+        def run(session: ort.InferenceSession, offset: int) -> tuple[list[float], int]:
+            latencies, done, i = [], 0, offset
+            while time.perf_counter() - start < seconds:
+                rows = slice(i, i + batch)
+                t0 = time.perf_counter()
+                session.run(None, {"input_ids": ids[rows], "attention_mask": mask[rows]})
+                latencies.append(time.perf_counter() - t0)
+                done += batch
+                i = (i + batch) % (len(texts) - batch)
+            return latencies, done
+
+        with ThreadPoolExecutor(len(runners)) as pool:
+            outcomes = list(pool.map(run, runners, [k * len(texts) // len(runners) for k in range(len(runners))]))
         elapsed = time.perf_counter() - start
+        latencies = [t for found, _ in outcomes for t in found]
+        done = sum(n for _, n in outcomes)
         results[batch] = (done / elapsed, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000)
     return results
 
@@ -250,16 +269,20 @@ def main() -> None:
         setups = {"(b) ragserve": stack("b")}
         batched_setups = ["(b) ragserve"]
         if "before" not in skip:
-            parameters = {k: v for p, _ in CHANGES.values() for k, v in p.items()}
-            setups["(b-) before: all changes undone"] = stack("before", parameters, [a for _, g in CHANGES.values() for a in g])
+            parameters = {k: v for p, _, _ in CHANGES.values() for k, v in p.items()}
+            instances = next((n for _, _, n in CHANGES.values() if n), 0)
+            setups["(b-) before: all changes undone"] = stack(
+                "before", parameters, [a for _, g, _ in CHANGES.values() for a in g], instances=instances
+            )
             batched_setups.append("(b-) before: all changes undone")
         if "changes" not in skip:
-            for index, (change, (parameters, gateway_args)) in enumerate(CHANGES.items()):
-                setups[f"(b-) undone: {change}"] = stack(f"undo{index}", parameters, gateway_args)
+            for index, (change, (parameters, gateway_args, instances)) in enumerate(CHANGES.items()):
+                setups[f"(b-) undone: {change}"] = stack(f"undo{index}", parameters, gateway_args, instances=instances)
                 batched_setups.append(f"(b-) undone: {change}")
         for index, candidate in enumerate(args.candidate):
             parameters, gateway_args, instances = CANDIDATES[candidate]
             setups[f"(t) tried: {candidate}"] = stack(f"try{index}", parameters, gateway_args, instances=instances)
+            batched_setups.append(f"(t) tried: {candidate}")
         for delay in args.queue_delay_us:
             setups[f"(b) ragserve, queue delay {delay} us"] = stack(
                 f"delay{delay}", dynamic_batching=f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}"
@@ -280,6 +303,9 @@ def main() -> None:
             for graph, file in graphs.items():
                 for batch, result in raw_model(texts, file, seconds=2.0).items():
                     raw_runs.setdefault((graph, batch), []).append(result)
+            # The deployed model's own layout for large executions: 2 sessions x 1 thread.
+            for batch, result in raw_model(texts, "model.onnx", seconds=2.0, sessions=2, batches=(32, 64)).items():
+                raw_runs.setdefault(("plain, 2 sessions x 1 thread", batch), []).append(result)
             for concurrency, per_call in levels:
                 for name, address in rotated:
                     if per_call > 1 and name not in batched_setups:
@@ -292,21 +318,22 @@ def main() -> None:
     ceiling = raw[best][0]
 
     naive = rows.get("(d) naive gRPC server")
+    raw_labels = {key: f"(a) raw ONNX in-process, {key[0]}, batch {key[1]}" for key in raw}
+    width = max(len(label) for label in [*raw_labels.values(), *rows])
     print()
     print(
-        f"Embed (~10-16 tokens per sentence), {os.cpu_count()} CPUs; ceiling = raw {best[0]} graph at batch {best[1]}; "
+        f"Embed (~10-16 tokens per sentence), {os.cpu_count()} CPUs; ceiling = raw ONNX, {best[0]}, batch {best[1]}; "
         f"median of {args.rounds} interleaved rounds"
     )
-    header = f"{'setup':44} {'conc':>4} {'sent/call':>9} {'sent/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs ceil':>7} {'vs (d)':>7} {'errors':>6}"
+    header = f"{'setup':{width}} {'conc':>4} {'sent/call':>9} {'sent/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs ceil':>7} {'vs (d)':>7} {'errors':>6}"
     print(header)
     print("-" * len(header))
-    for (graph, batch), (rate, p50, p99) in sorted(raw.items()):
-        label = f"(a) raw ONNX in-process, {graph}, batch {batch}"
-        print(f"{label:44} {'-':>4} {batch:9d} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {'':>7} {'':>6}")
+    for key, (rate, p50, p99) in sorted(raw.items()):
+        print(f"{raw_labels[key]:{width}} {'-':>4} {key[1]:9d} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {'':>7} {'':>6}")
     for name, found in rows.items():
         for (concurrency, per_call), (rate, p50, p99, errors) in found.items():
             vs_naive = f"{rate / naive[(concurrency, 1)][0]:6.2f}x" if naive and per_call == 1 else ""
-            print(f"{name:44} {concurrency:4d} {per_call:9d} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {vs_naive:>7} {errors:6d}")
+            print(f"{name:{width}} {concurrency:4d} {per_call:9d} {rate:8.0f} {p50:8.2f} {p99:8.2f} {rate / ceiling:7.0%} {vs_naive:>7} {errors:6d}")
     b = rows["(b) ragserve"]
     raw_batch1 = raw[("fused", 1)]  # the graph ragserve runs
     print()

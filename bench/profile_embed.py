@@ -211,7 +211,7 @@ def main() -> None:
             print(f"\n{label}: py-spy samples of its Python threads by part (share of samples; ms/call = share x the process's CPU ms/call)")
             for part, count in counts.most_common():
                 print(f"  {part:50} {count / n:6.0%} {count / n * sampled_ms:8.3f}")
-            print(f"  the functions its samples were in most (own time):")
+            print("  the functions its samples were in most (own time):")
             for frame, count in _own_frames([work / f"{spy}.spy" for spy in spy_names]).most_common(args.top):
                 print(f"    {count / n:6.1%}  {frame[:110]}")
 

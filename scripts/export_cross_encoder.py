@@ -51,7 +51,7 @@ class LogitsOnly(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
 
 
-def export(hf_folder: Path, out: Path, *, max_batch: int = 64, threads: int = 2) -> None:
+def export(hf_folder: Path, out: Path, *, max_batch: int = 64, cores: int = 2) -> None:
     config = AutoConfig.from_pretrained(hf_folder)
     if config.num_labels != 1:
         raise SystemExit(
@@ -104,7 +104,7 @@ def export(hf_folder: Path, out: Path, *, max_batch: int = 64, threads: int = 2)
             max_batch=max_batch,
             token_types=True,
             onnx_built_by=f"scripts/export_cross_encoder.py --hf-folder {hf_folder.resolve()} --out {out}",
-            intra_op_threads=threads,
+            cores=cores,
             description=f"cross-encoder exported from {hf_folder.resolve().name}: (query, document) tokens in, one logit out",
         )
         publish_export(spec, staging, out)
@@ -134,11 +134,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="model repository entry to write (its name = Triton model name)")
     parser.add_argument("--name", help="Triton model name; must equal OUT's folder name (default: it)")
     parser.add_argument("--max-batch", type=int, default=64, help="Triton max_batch_size: rows per Triton request")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--cores", type=int, default=2, help="CPU cores the model may use: that many Triton instances (registry.FEW_ROWS_MAX_ROWS)")
     args = parser.parse_args()
     if args.name and args.name != args.out.name:
         parser.error(f"--name {args.name!r} must equal the folder name of --out ({args.out.name!r}): Triton names models by folder")
-    export(args.hf_folder, args.out, max_batch=args.max_batch, threads=args.threads)
+    export(args.hf_folder, args.out, max_batch=args.max_batch, cores=args.cores)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def export(hf_folder: Path, out: Path, *, name: str, max_batch: int = 64, threads: int = 2) -> None:
+def export(hf_folder: Path, out: Path, *, name: str, max_batch: int = 64, cores: int = 2) -> None:
     from ragserve_server.catalog import max_tokens_of
     from ragserve_server.model_config import TensorSpec
     from ragserve_server.registry import EMBEDDING, encoder_spec
@@ -124,7 +124,7 @@ def export(hf_folder: Path, out: Path, *, name: str, max_batch: int = 64, thread
             dimensions=hidden,
             prefixes={k: v for k, v in prompts.items() if k in ("query", "passage") and v},
             onnx_built_by=f"scripts/export_encoder.py --hf-folder {hf_folder} --out {out}",
-            intra_op_threads=threads,
+            cores=cores,
             description=f"embedding model exported from {hf_folder.name}: token tensors in, mean-pooled embedding out",
         )
         publish_export(spec, staging, out)
@@ -139,9 +139,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="model repository entry to write (its name = Triton model name)")
     parser.add_argument("--name", help="public model name (default: OUT's folder name)")
     parser.add_argument("--max-batch", type=int, default=64, help="Triton max_batch_size: rows per Triton request")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--cores", type=int, default=2, help="CPU cores the model may use: that many Triton instances (registry.FEW_ROWS_MAX_ROWS)")
     args = parser.parse_args()
-    export(args.hf_folder, args.out, name=args.name or args.out.name, max_batch=args.max_batch, threads=args.threads)
+    export(args.hf_folder, args.out, name=args.name or args.out.name, max_batch=args.max_batch, cores=args.cores)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ragserve_server.registry import builtin_specs
+from ragserve_server.registry import TEMPLATES, builtin_specs, minilm_spec
 from ragserve_server.triton_launcher import TritonPorts, TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,3 +125,55 @@ def descendants(pid: int) -> list[int]:
 def python_backend_stubs(triton_pid: int) -> list[int]:
     """The python-backend stub processes (one per model instance) of a running Triton."""
     return [pid for pid in descendants(triton_pid) if Path(f"/proc/{pid}/comm").read_text().startswith("triton_python")]
+
+
+# --- Triton's python backend, stood in for: a model template runs in-process ---
+
+
+class BackendTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, array
+
+    def as_numpy(self):
+        return self.array
+
+
+class BackendRequest:
+    def __init__(self, **tensors):
+        self.tensors = {name: BackendTensor(name, array) for name, array in tensors.items()}
+
+
+def python_backend_utils() -> types.ModuleType:
+    """What the templates use of `triton_python_backend_utils`; a response is its tensor list."""
+    module = types.ModuleType("triton_python_backend_utils")
+    module.Tensor = BackendTensor
+    module.TritonModelException = type("TritonModelException", (Exception,), {})
+    module.InferenceResponse = lambda output_tensors: output_tensors
+    module.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
+    return module
+
+
+def load_template(monkeypatch, filename: str) -> types.ModuleType:
+    """scripts/templates/`filename` imported beside the stand-in for the python backend."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", python_backend_utils())
+    spec = importlib.util.spec_from_file_location(Path(filename).stem, TEMPLATES / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def minilm_tokens(texts: list[str], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) of MiniLM, right-padded to `width` (default: the longest)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(minilm_spec().tokenizer_dir / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    encodings = tokenizer.encode_batch(texts)
+    width = width or max(len(e.ids) for e in encodings)
+    ids = np.zeros((len(texts), width), np.int64)
+    mask = np.zeros((len(texts), width), np.int64)
+    for row, encoding in enumerate(encodings):
+        ids[row, : len(encoding.ids)] = encoding.ids
+        mask[row, : len(encoding.ids)] = 1
+    return ids, mask

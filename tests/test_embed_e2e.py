@@ -48,12 +48,14 @@ def test_mixed_lengths_match_transformers(client):
 
 
 def test_small_and_large_executions_match_transformers(client):
-    # Up to registry.FUSED_ONNX_MAX_ROWS rows run the fused graph, more the plain one: both
-    # must equal the reference.
+    # The three sessions of each instance (tests/test_ort_template_unit.py): one row on two
+    # threads, up to registry.FUSED_ONNX_MAX_ROWS rows the fused graph on one thread, more the
+    # plain graph on one thread. All must equal the reference.
     one = ["a single query about refunds"]
+    few = [f"query {i} about refunds" for i in range(4)]
     many = [f"passage {i} about shipping, refunds and the returns policy" for i in range(48)]
-    assert_close(client.embed(one).embeddings, minilm_embeddings(one))
-    assert_close(client.embed(many).embeddings, minilm_embeddings(many))
+    for texts in (one, few, many):
+        assert_close(client.embed(texts).embeddings, minilm_embeddings(texts))
 
 
 def _token_ids(texts):

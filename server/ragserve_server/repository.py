@@ -62,7 +62,7 @@ def triton_config(spec: ModelSpec, variant: str) -> model_config_pb2.ModelConfig
     if spec.decoupled:
         config.model_transaction_policy.decoupled = True
     on_gpu = variant != ONNXRUNTIME
-    group = config.instance_group.add(count=1)
+    group = config.instance_group.add(count=spec.cpu_instances if variant == ONNXRUNTIME else 1)
     group.kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if on_gpu else model_config_pb2.ModelInstanceGroup.KIND_CPU
     if variant == TENSORRT:
         # Without this list Triton gives every instance profile 0 only (the 16-token bucket):
