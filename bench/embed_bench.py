@@ -17,7 +17,7 @@ on all of them alike, and the median round is shown. The same load generator (gr
 call in flight per simulated client) drives (b), (c) and (d).
 
     .venv/bin/python bench/embed_bench.py [--requests-per-level 1500] [--rounds 3] [--queue-delay-us 2000]
-        [--skip before,changes,naive,echo,batched] [--with-nobatch] [--candidate NAME]
+        [--skip before,changes,naive,echo,batched] [--change NAME] [--with-nobatch] [--candidate NAME]
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ CANDIDATES = {
     "2 instances, 2 threads for <= 8 rows": ({"few_rows_max_rows": "8"}, [], 0),
     "2 instances x 1 thread": ({"few_rows_intra_op_threads": ""}, [], 0),
     "2 instances x 2 threads": ({"intra_op_threads": "2", "few_rows_intra_op_threads": ""}, [], 0),
-    "3 instances": ({"few_rows_intra_op_threads": "2"}, [], 3),
     "coalesce 1 in flight": ({}, ["--coalesce-in-flight", "1"], 0),
     "coalesce 3 in flight": ({}, ["--coalesce-in-flight", "3"], 0),
     "1 instance of 1 thread": ({"intra_op_threads": "1", "few_rows_intra_op_threads": ""}, [], 1),
@@ -243,6 +242,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests-per-level", type=int, default=1500, help="calls measured per concurrency level")
     parser.add_argument("--skip", default="", help="comma-separated of: before, changes (one setup per change undone), naive, echo, batched")
+    parser.add_argument("--change", action="append", default=[], choices=sorted(CHANGES), help="undo only this change (repeatable; default: each)")
     parser.add_argument("--candidate", action="append", default=[], choices=sorted(CANDIDATES), help="also measure this tuning candidate (repeatable)")
     parser.add_argument("--with-nobatch", action="store_true", help="also measure (c): Triton's dynamic batching off")
     parser.add_argument("--rounds", type=int, default=3, help="measurements of every setup, interleaved; medians are shown")
@@ -277,6 +277,8 @@ def main() -> None:
             batched_setups.append("(b-) before: all changes undone")
         if "changes" not in skip:
             for index, (change, (parameters, gateway_args, instances)) in enumerate(CHANGES.items()):
+                if args.change and change not in args.change:
+                    continue
                 setups[f"(b-) undone: {change}"] = stack(f"undo{index}", parameters, gateway_args, instances=instances)
                 batched_setups.append(f"(b-) undone: {change}")
         for index, candidate in enumerate(args.candidate):
