@@ -2,7 +2,8 @@
 concurrency 4, side by side in one run.
 
     (a) the raw ONNX model in-process, the plain and the fused graph (scripts/fuse_onnx.py), at
-        batch 1 and larger batches: the ceiling is the best of them
+        batch 1 and larger batches, and two one-thread sessions of the plain graph running
+        batches side by side (the deployed layout): the ceiling is the best of them
     (b) ragserve end to end (gateway + Triton with dynamic batching), as shipped
     (b-) ragserve with ONE of the performance changes of issue 13 undone each, and with all of
         them undone ("before"): so the gain of each change shows in the same run
