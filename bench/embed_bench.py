@@ -59,8 +59,8 @@ BATCHED = (32, 4)  # 32-sentence calls at concurrency 4: a caller that batches
 # gateway flags, and the model's instance count in Triton (0: as deployed). "before" undoes
 # them all.
 CHANGES = {
-    "plain graph for <= 8 rows": ({"small_batch_onnx_file": ""}, [], 0),
-    "fused graph above 8 rows": ({"small_batch_max_rows": "64"}, [], 0),
+    "plain graph for 1 row": ({"small_batch_onnx_file": ""}, [], 0),
+    "fused graph above 1 row": ({"small_batch_max_rows": "64"}, [], 0),
     "ORT threads spin": ({"allow_spinning": "1"}, [], 0),
     "1 instance of 2 threads": ({"intra_op_threads": "2", "few_rows_intra_op_threads": ""}, [], 1),
     "tokenize on a thread": ({}, ["--inline-tokenize-chars", "0"], 0),
@@ -68,6 +68,7 @@ CHANGES = {
 }
 # Settings tried while tuning (--candidate NAME), in the same form.
 CANDIDATES = {
+    "fused graph for 2-8 rows": ({"small_batch_max_rows": "8"}, [], 0),
     "2 instances, 2 threads for <= 2 rows": ({"few_rows_max_rows": "2"}, [], 0),
     "2 instances, 2 threads for <= 8 rows": ({"few_rows_max_rows": "8"}, [], 0),
     "2 instances x 1 thread": ({"few_rows_intra_op_threads": ""}, [], 0),

@@ -48,9 +48,8 @@ def test_mixed_lengths_match_transformers(client):
 
 
 def test_small_and_large_executions_match_transformers(client):
-    # The three sessions of each instance (tests/test_ort_template_unit.py): one row on two
-    # threads, up to registry.FUSED_ONNX_MAX_ROWS rows the fused graph on one thread, more the
-    # plain graph on one thread. All must equal the reference.
+    # The two sessions of each instance (tests/test_ort_template_unit.py): one row runs the
+    # fused graph on two threads, more rows the plain graph on one. Both must equal the reference.
     one = ["a single query about refunds"]
     few = [f"query {i} about refunds" for i in range(4)]
     many = [f"passage {i} about shipping, refunds and the returns policy" for i in range(48)]

@@ -41,14 +41,21 @@ def _threads(session: ort.InferenceSession) -> int:
 def test_deployed_minilm_picks_graph_and_threads_by_rows(monkeypatch):
     model = _model(monkeypatch)
     assert minilm_spec().cpu_instances == 2
-    assert FEW_ROWS_MAX_ROWS < FUSED_ONNX_MAX_ROWS
-    # A lone row on both cores and the fused graph; then one thread per instance, the fused
-    # graph up to FUSED_ONNX_MAX_ROWS rows and the plain one above.
+    # A lone row runs the fused graph on both cores; more rows the plain graph on one thread
+    # (registry.FUSED_ONNX_MAX_ROWS says why the two limits are one).
+    assert FUSED_ONNX_MAX_ROWS == FEW_ROWS_MAX_ROWS == 1
     assert model.choices[1] == (FUSED_ONNX, 2)
-    assert model.choices[FEW_ROWS_MAX_ROWS + 1] == (FUSED_ONNX, 1)
-    assert model.choices[FUSED_ONNX_MAX_ROWS] == (FUSED_ONNX, 1)
-    assert model.choices[FUSED_ONNX_MAX_ROWS + 1] == (PLAIN, 1)
+    assert model.choices[2] == (PLAIN, 1)
     assert model.choices[64] == (PLAIN, 1)
+    assert set(model.sessions) == {(FUSED_ONNX, 2), (PLAIN, 1)}
+    assert all(_threads(session) == threads for (_, threads), session in model.sessions.items())
+
+
+def test_graph_and_threads_limits_are_independent(monkeypatch):
+    model = _model(monkeypatch, small_batch_max_rows="8", few_rows_max_rows="2")
+    assert model.choices[2] == (FUSED_ONNX, 2)
+    assert model.choices[3] == model.choices[8] == (FUSED_ONNX, 1)
+    assert model.choices[9] == (PLAIN, 1)
     assert set(model.sessions) == {(FUSED_ONNX, 2), (FUSED_ONNX, 1), (PLAIN, 1)}
     assert all(_threads(session) == threads for (_, threads), session in model.sessions.items())
 

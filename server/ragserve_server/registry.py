@@ -47,16 +47,17 @@ FUSED_ONNX = "model_fused.onnx"  # ONNX Runtime's fused encoder graph (scripts/f
 # kernel sooner. Here the model shares 2 cores with the gateway and Triton, and the spinning
 # thread takes the core they need: measured off (bench/embed_bench.py, README "Performance").
 ORT_ALLOW_SPINNING = "0"
-# The fused graph is the faster one for few rows (fewer, larger kernels) and 5-9 % slower for
-# many (measured on 2 cores with 16- and 32-token rows): ONNX Runtime runs it for executions of
-# up to this many rows and the plain graph above (bench/embed_bench.py shows both choices).
-FUSED_ONNX_MAX_ROWS = 8
 # On the CPU an encoder runs as one Triton instance per core it may use (`cores`). An execution
 # of more than FEW_ROWS_MAX_ROWS rows runs on one ONNX Runtime thread: two run side by side, and
 # no thread waits at a kernel's end for another one the gateway preempted. A single row (a query
 # at low load) runs on all the cores, as fast as with one instance of two threads. Measured by
 # bench/embed_bench.py (README "Performance tuning"; row "undone: 1 instance of 2 threads").
 FEW_ROWS_MAX_ROWS = 1
+# The fused graph is faster than the plain one on two threads for few rows (fewer, larger
+# kernels: fewer hand-offs between threads) and 5-9 % slower for many; on one thread it is no
+# faster at any batch (in-process, 2-32 rows: 0.93-0.99x). So it runs exactly the executions
+# that run on all the cores; bench/embed_bench.py shows both choices undone.
+FUSED_ONNX_MAX_ROWS = FEW_ROWS_MAX_ROWS
 
 # The token tensors every encoder takes: the gateway tokenizes and pads to length buckets.
 TOKEN_INPUTS = (
@@ -203,9 +204,9 @@ def encoder_spec(
 ) -> ModelSpec:
     """An ONNX encoder (embedding model or cross-encoder) with its three variants.
 
-    On the CPU it runs as `cores` instances of one ONNX Runtime thread, and a lone execution of
-    up to FEW_ROWS_MAX_ROWS rows on `cores` threads. With `fused_onnx_built_by`, ONNX Runtime
-    runs the fused graph (scripts/fuse_onnx.py: model_fused.onnx) for executions of up to
+    On the CPU it runs as `cores` instances of one ONNX Runtime thread, and an execution of up
+    to FEW_ROWS_MAX_ROWS rows on `cores` threads. With `fused_onnx_built_by`, ONNX Runtime runs
+    the fused graph (scripts/fuse_onnx.py: model_fused.onnx) for executions of up to
     FUSED_ONNX_MAX_ROWS rows and the plain model.onnx above; TensorRT builds from the plain
     model.onnx.
     """
