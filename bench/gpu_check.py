@@ -48,6 +48,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from support import pad_rows  # noqa: E402
+
 SUBJECTS = ["The quick brown fox", "A retrieval system", "Our search engine", "The support team", "This small model", "A web service"]
 VERBS = ["quickly answers", "carefully ranks", "embeds", "summarises", "indexes", "returns"]
 OBJECTS = ["questions about billing", "every product review", "technical documents", "the latest news articles", "short user queries", "emails in French"]
@@ -83,16 +85,6 @@ def tokenizer(folder: Path):
     return tok
 
 
-def pad(encodings, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    width = width or max(len(e.ids) for e in encodings)
-    ids = np.zeros((len(encodings), width), np.int64)
-    mask = np.zeros((len(encodings), width), np.int64)
-    for row, e in enumerate(encodings):
-        ids[row, : len(e.ids)] = e.ids
-        mask[row, : len(e.ids)] = 1
-    return ids, mask
-
-
 def ort_reference(texts: list[str], folder: Path) -> np.ndarray:
     """L2-normalised embeddings from ONNX Runtime on the CPU with the fp32 ONNX file."""
     import onnxruntime as ort
@@ -101,7 +93,7 @@ def ort_reference(texts: list[str], folder: Path) -> np.ndarray:
     tok = tokenizer(folder)
     out = []
     for start in range(0, len(texts), 32):
-        ids, mask = pad(tok.encode_batch(texts[start : start + 32]))
+        ids, mask = pad_rows(tok.encode_batch(texts[start : start + 32]))
         out.append(session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})[0])
     embeddings = np.concatenate(out)
     return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -183,7 +175,7 @@ def raw_ceiling(folder: Path, device: str, batches: list[int], seconds: float, t
     tok = tokenizer(folder)
     encodings = tok.encode_batch(short_sentences())
     assert all(len(e.ids) <= SHORT_BUCKET for e in encodings), "the short sentences must fit the 16-token bucket"
-    ids, mask = pad(encodings, SHORT_BUCKET)
+    ids, mask = pad_rows(encodings, SHORT_BUCKET)
 
     def step(rows: slice) -> None:
         feed = {"input_ids": torch.from_numpy(ids[rows]).to(device), "attention_mask": torch.from_numpy(mask[rows]).to(device)}
@@ -217,7 +209,7 @@ def raw_embeddings(model, tok, texts: list[str], device: str) -> np.ndarray:
 
     out = []
     for start in range(0, len(texts), 32):
-        ids, mask = pad(tok.encode_batch(texts[start : start + 32]))
+        ids, mask = pad_rows(tok.encode_batch(texts[start : start + 32]))
         feed = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
         with torch.inference_mode():
             hidden = model(**feed).last_hidden_state.float()

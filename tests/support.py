@@ -169,10 +169,15 @@ def minilm_tokens(texts: list[str], width: int | None = None) -> tuple[np.ndarra
     tokenizer = Tokenizer.from_file(str(minilm_spec().tokenizer_dir / "tokenizer.json"))
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    encodings = tokenizer.encode_batch(texts)
+    return pad_rows(tokenizer.encode_batch(texts), width)
+
+
+def pad_rows(encodings, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) of unpadded `tokenizers` encodings, right-padded to `width`
+    (default: the longest)."""
     width = width or max(len(e.ids) for e in encodings)
-    ids = np.zeros((len(texts), width), np.int64)
-    mask = np.zeros((len(texts), width), np.int64)
+    ids = np.zeros((len(encodings), width), np.int64)
+    mask = np.zeros((len(encodings), width), np.int64)
     for row, encoding in enumerate(encodings):
         ids[row, : len(encoding.ids)] = encoding.ids
         mask[row, : len(encoding.ids)] = 1
