@@ -101,22 +101,30 @@ def ort_reference(texts: list[str], folder: Path) -> np.ndarray:
 
 # --- prepare (here, where the package and model.onnx are) ------------------------------
 
-# The gateway's packages a GPU machine lacks, or has in another version (torch, transformers
-# and tokenizers are there): carried at the pins of requirements.txt / requirements-nodeps.txt.
+# The gateway's packages a GPU machine lacks, or has in another version (torch, transformers,
+# tokenizers, numpy 2, anyio, click and h11 are there): carried at the pins of requirements.txt /
+# requirements-nodeps.txt, or, for a dependency those files do not pin (python-rapidjson, which
+# tritonclient.grpc imports), at the version installed here.
 CARRIED = {
-    "nvidia-pytriton", "numpy", "grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection",
-    "grpcio-status", "googleapis-common-protos", "tritonclient", "structlog", "prometheus-client",
+    "nvidia-pytriton", "grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection",
+    "grpcio-status", "googleapis-common-protos", "tritonclient", "python-rapidjson", "structlog",
+    "prometheus-client", "starlette", "uvicorn",
 }
+# Not numpy 1.26 (our pin): the device's transformers imports scikit-learn and scipy, which need
+# its numpy 2. The 2.51 stub's pybind11 predates numpy 2 but reaches it through the numpy.core
+# shim: `--cpu-smoke` with numpy 2.2.6 first on PYTHONPATH gave min cosine 0.999999.
 
 
 def pins() -> list[str]:
-    found = []
+    from importlib.metadata import version
+
+    found = {}
     for name in ("requirements.txt", "requirements-nodeps.txt"):
         for line in (ROOT / name).read_text().splitlines():
             match = re.match(r"([A-Za-z0-9_.-]+)(\[[^]]*\])?==(\S+)", line.strip())
             if match and match.group(1).lower() in CARRIED:
-                found.append(f"{match.group(1)}=={match.group(3)}")
-    return found
+                found[match.group(1).lower()] = f"{match.group(1)}=={match.group(3)}"
+    return [found.get(name) or f"{name}=={version(name)}" for name in sorted(CARRIED)]
 
 
 
@@ -198,7 +206,7 @@ def raw_ceiling(folder: Path, device: str, batches: list[int], seconds: float, t
             done += batch
             i = (i + batch) % (len(ids) - batch + 1)
         results[batch] = (done / (time.perf_counter() - start), percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3)
-    del model
+    model.to("cpu")  # frees the GPU for Triton's copy (step() still names the model, so no `del`)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return results
@@ -288,6 +296,7 @@ def triton_batching(url: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import grpc
     import torch
 
     from ragserve_server import model_config
@@ -362,6 +371,11 @@ def run(args: argparse.Namespace) -> int:
         batching = triton_batching(triton.grpc_url)
     except (RuntimeError, TimeoutError, OSError) as exc:  # Triton or a gateway did not come up: say why, keep the raw rows
         problem = f"Triton/gateway failed: {exc}"
+    except grpc.aio.AioRpcError as exc:  # a call failed outright: the gateway's log says why
+        problem = f"a call failed: {exc.code().name}: {exc.details()}"
+        for gateway in gateways:
+            if gateway.log_path.exists():
+                problem += f"\n--- last lines of {gateway.log_path.name} ---\n" + "\n".join(gateway.log_path.read_text().splitlines()[-60:])
     finally:
         for gateway in gateways:
             gateway.stop()
@@ -369,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
 
     lines = [
         f"GPU check ({'CPU smoke: KIND_CPU, fp32' if smoke else 'KIND_GPU, PyTorch fp16'}), device: {gpu_name}",
-        f"| setup | concurrency | sentences/s | p50 ms | p99 ms | % of ceiling |",
+        "| setup | concurrency | sentences/s | p50 ms | p99 ms | % of ceiling |",
         "|---|---|---|---|---|---|",
     ]
     for batch, (rate, p50, p99) in raw.items():

@@ -9,12 +9,12 @@
 #        bash bench/gpu_check.sh --prepare
 #    .whl/site.tar.xz holds, for the device's Python 3.12: the Triton server, python backend and
 #    3.12 stub of the nvidia-pytriton 0.7.0 wheel (its libraries, without the wheel's Python code
-#    and other Pythons' stubs), numpy 1.26.4 (the 2.51 stub's pybind11 predates numpy 2),
-#    grpcio 1.76 + protobuf 6.33 (what our generated stubs require), grpcio-health-checking,
+#    and other Pythons' stubs), grpcio 1.76 + protobuf 6.33 (what our generated stubs require), grpcio-health-checking,
 #    grpcio-reflection, tritonclient 2.41 (without its perf_analyzer binaries), structlog,
 #    prometheus-client and whatever else `gpu_check.py pins` lists (pins of requirements.txt), and
 #    all-MiniLM-L6-v2 in fp16 with an unused-vocabulary-pruned embedding matrix (see
-#    gpu_check.py). .whl/gpu_check/reference.npz: the fp32 ONNX Runtime reference embeddings.
+#    gpu_check.py). Not numpy: the device's numpy 2 serves the stub too (CARRIED in gpu_check.py).
+#    .whl/gpu_check/reference.npz: the fp32 ONNX Runtime reference embeddings.
 #    The whole wheels would be 55 + 18 + 12 + 7 MB and the fp32 weights 87 MB: over the 64 MiB
 #    a call may carry, hence one xz archive.
 #
@@ -49,7 +49,7 @@ prepare() {
   "$py" -m pip install -q --no-deps --no-compile --no-index --only-binary=:all: --target "$STAGE/site" \
     --python-version "$DEVICE_PY" --implementation cp "${platforms[@]}" \
     $(ls "$STAGE"/wheels/*.whl | grep -v nvidia_pytriton)
-  rm -rf "$STAGE/site/bin" "$STAGE"/site/numpy/*/tests "$STAGE/site/numpy/tests"
+  rm -rf "$STAGE/site/bin"
   # nvidia-pytriton: only the server, its libraries, the python backend and the 3.12 stub.
   unzip -q "$STAGE"/wheels/nvidia_pytriton-*.whl -d "$STAGE/pytriton" \
     'pytriton/tritonserver/bin/*' 'pytriton/tritonserver/backends/*' \
@@ -85,6 +85,8 @@ print(f"python {sys.version.split()[0]} ({sys.executable}); numpy {numpy.__versi
       f"transformers {transformers.__version__}; tokenizers {tokenizers.__version__}")
 libpython = pathlib.Path(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME"))
 print(f"libpython for the Triton python-backend stub: {libpython} ({'found' if libpython.exists() else 'MISSING: the stub will not start'})")
+# Everything the gateway imports, before anything starts: a package missing here fails in seconds.
+import ragserve_server.app, tritonclient.grpc.aio  # noqa: E401,F401
 EOF
   local work=/tmp/gpu_check_work
   rm -rf "$work"

@@ -137,6 +137,15 @@ class BackendTensor:
     def as_numpy(self):
         return self.array
 
+    def to_dlpack(self):
+        return self.array.__dlpack__()  # a DLPack capsule, as the real one returns
+
+    @classmethod
+    def from_dlpack(cls, name, capsule):
+        import torch
+
+        return cls(name, torch.utils.dlpack.from_dlpack(capsule).numpy())
+
 
 class BackendRequest:
     def __init__(self, **tensors):

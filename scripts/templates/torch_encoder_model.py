@@ -17,14 +17,20 @@ message, where PyTorch sees no CUDA device. Outputs are float32.
 Each execution runs the requests the dynamic batcher grouped as one batch; requests of a
 different width (normally all share the gateway's length bucket) are right-padded to the
 widest, which the attention mask makes harmless.
+
+Tensors cross the python backend as DLPack, not numpy: no copy into numpy arrays, and no
+reliance on the stub's numpy support. The Triton 2.51 stub's pybind11 predates numpy 2 and
+misreads its arrays' item size: under numpy 2 (every current CUDA image has it) an output made
+from a numpy array reaches Triton empty. DLPack tensors carry their own dtype and shape.
 """
 
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from torch.nn.functional import pad
+from torch.utils.dlpack import from_dlpack, to_dlpack
 
 HEADS = ("mean_pool", "logits")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -83,12 +89,13 @@ class TritonPythonModel:
                 )
 
     def execute(self, requests):
-        arrays = {name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests] for name in self.inputs}
-        sizes = [a.shape[0] for a in arrays[self.inputs[0]]]
-        width = max(a.shape[1] for a in arrays[self.inputs[0]])
+        # Host tensors (the python backend's default): valid until execute returns, and torch.cat copies them.
+        parts = {name: [from_dlpack(pb_utils.get_input_tensor_by_name(r, name).to_dlpack()) for r in requests] for name in self.inputs}
+        sizes = [t.shape[0] for t in parts[self.inputs[0]]]
+        width = max(t.shape[1] for t in parts[self.inputs[0]])
         feed = {
-            name: torch.from_numpy(np.concatenate([_pad(a, width) for a in parts])).to(self.device, non_blocking=True)
-            for name, parts in arrays.items()
+            name: torch.cat([pad(t, (0, width - t.shape[1])) for t in tensors]).to(self.device, non_blocking=True)
+            for name, tensors in parts.items()
         }
         with torch.inference_mode():
             if self.head == "mean_pool":
@@ -97,10 +104,10 @@ class TritonPythonModel:
                 result = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             else:
                 result = self.model(**feed).logits.float()
-        result = result.cpu().numpy()
+        result = result.cpu().contiguous()
         responses, start = [], 0
         for size in sizes:
-            tensor = pb_utils.Tensor(self.output, result[start : start + size])
+            tensor = pb_utils.Tensor.from_dlpack(self.output, to_dlpack(result[start : start + size]))
             start += size
             responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
         return responses
@@ -110,8 +117,3 @@ class TritonPythonModel:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-
-def _pad(array, width):
-    if array.shape[1] == width:
-        return np.ascontiguousarray(array)
-    return np.pad(array, ((0, 0), (0, width - array.shape[1])))
