@@ -244,8 +244,36 @@ async def embed_all(address: str, texts: list[str]) -> np.ndarray:
     return np.stack(out)
 
 
-async def load(address: str, texts: list[str], concurrency: int, seconds: float) -> tuple[float, float, float, int]:
-    """(sentences/s, p50 ms, p99 ms, failed calls): single-sentence calls, closed loop, for `seconds`."""
+def load_spread(addresses: list[str], texts: list[str], concurrency: int, seconds: float, processes: int) -> tuple[float, float, float, int]:
+    """`load` split over `processes` client processes (one channel each, gateways taken in
+    turn), all measuring the same window: one Python client process tops out near a gateway's
+    own rate, so it would hide what several gateways serve."""
+    import concurrent.futures
+    import multiprocessing
+
+    if processes <= 1:
+        return summarise(*asyncio.run(load(addresses[0], texts, concurrency, seconds)))
+    start_at = time.time() + 5.0  # after every process has started (spawn + imports) and warmed up
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_load_in_process, [(addresses[i % len(addresses)], texts, n, seconds, start_at) for i, n in enumerate(shares) if n]))
+    latencies = [x for part in parts for x in part[0]]
+    return summarise(latencies, seconds, sum(part[2] for part in parts))
+
+
+def _load_in_process(job: tuple) -> tuple[list[float], float, int]:
+    address, texts, concurrency, seconds, start_at = job
+    return asyncio.run(load(address, texts, concurrency, seconds, start_at=start_at))
+
+
+def summarise(latencies: list[float], elapsed: float, errors: int) -> tuple[float, float, float, int]:
+    """(sentences/s, p50 ms, p99 ms, failed calls)."""
+    return len(latencies) / elapsed, percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3, errors
+
+
+async def load(address: str, texts: list[str], concurrency: int, seconds: float, start_at: float | None = None) -> tuple[list[float], float, int]:
+    """(latencies, measured seconds, failed calls): single-sentence calls, closed loop, for
+    `seconds`, after a warm-up (until `start_at`, a time.time(), where given)."""
     from ragserve.v1 import embed_pb2, embed_pb2_grpc
     import grpc
 
@@ -269,12 +297,12 @@ async def load(address: str, texts: list[str], concurrency: int, seconds: float)
                 if record:
                     latencies.append(time.perf_counter() - t0)
 
-        warm = time.perf_counter() + min(2.0, seconds / 3)
+        warm = time.perf_counter() + (min(2.0, seconds / 3) if start_at is None else max(0.0, start_at - time.time()))
         await asyncio.gather(*(worker(warm, False) for _ in range(concurrency)))
         start = time.perf_counter()
         await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return len(latencies) / elapsed, percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3, errors
+    return latencies, elapsed, errors
 
 
 def matching_libpython_env() -> None:
@@ -330,7 +358,8 @@ def run(args: argparse.Namespace) -> int:
 
     gpu_name = torch.cuda.get_device_name(0) if not smoke else "none (CPU smoke)"
     print(f"gpu_check: device {gpu_name}; torch {torch.__version__}; weights {folder}{' (carried: fp16, pruned vocab)' if pruned else ''}", file=sys.stderr)
-    batches = [1, 8, 32, 64] if smoke else [1, 8, 16, 32, 64, 128, 256]
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else [1, 8, 32, 64] if smoke else [1, 8, 16, 32, 64, 128, 256]
+    levels = [int(c) for c in args.concurrency.split(",")]
     raw = raw_ceiling(folder, device, batches, args.seconds / (4 if smoke else 2), texts)
     raw_cosine = min_cosine(raw.pop("embeddings"), reference)
     ceiling_batch = max((b for b in raw if b <= spec.max_batch), key=lambda b: raw[b][0])
@@ -354,18 +383,30 @@ def run(args: argparse.Namespace) -> int:
         triton.start()
         (work / "pids").write_text(f"{triton.process.pid}\n")
         triton.wait_ready(240)
-        setups = {"ragserve": (), "ragserve --tokenizer-threads 4": ("--tokenizer-threads", "4")}
-        for name, extra in setups.items():
-            gateway = GatewayProcess(triton.grpc_url, ["minilm"], work / f"gateway-{len(gateways)}.log",
-                                     "--device", CPU if smoke else GPU, *extra)
-            gateways.append(gateway)
+        # setup name -> (gateway processes, their extra flags, client processes)
+        if args.gateways:
+            setups = {
+                f"ragserve, {g} gateway{'s' if g > 1 else ''}, {args.clients} client processes": (g, (), args.clients)
+                for g in (int(n) for n in args.gateways.split(","))
+            }
+        else:
+            setups = {"ragserve": (1, (), 1), "ragserve --tokenizer-threads 4": (1, ("--tokenizer-threads", "4"), 1)}
+        addresses = {}
+        for name, (count, extra, _) in setups.items():
+            started = [
+                GatewayProcess(triton.grpc_url, ["minilm"], work / f"gateway-{len(gateways) + i}.log", "--device", CPU if smoke else GPU, *extra)
+                for i in range(count)
+            ]
+            gateways += started
             with open(work / "pids", "a") as pids:
-                pids.write(f"{gateway.process.pid}\n")
-            gateway.wait_serving(120)
+                pids.writelines(f"{g.process.pid}\n" for g in started)
+            for gateway in started:
+                gateway.wait_serving(120)
+            addresses[name] = [g.address for g in started]
         cosine = min_cosine(asyncio.run(embed_all(gateways[0].address, texts)), reference)
-        for name, gateway in zip(setups, gateways):
-            for concurrency in CONCURRENCY:
-                rate, p50, p99, errors = asyncio.run(load(gateway.address, short, concurrency, args.seconds))
+        for name, (_, _, clients) in setups.items():
+            for concurrency in levels:
+                rate, p50, p99, errors = load_spread(addresses[name], short, concurrency, args.seconds, min(clients, concurrency))
                 failed += errors
                 rows.append((name, str(concurrency), rate, p50, p99, errors))
         batching = triton_batching(triton.grpc_url)
@@ -426,6 +467,10 @@ def main() -> int:
     r.add_argument("--seconds", type=float, default=6.0, help="measured seconds per concurrency level")
     r.add_argument("--reference", default=str(ROOT / ".whl" / "gpu_check"), help="folder of reference.npz (else computed now)")
     r.add_argument("--min-cosine", type=float, default=0.999)
+    r.add_argument("--batches", default="", help="raw batch sizes, comma-separated (default: 1..256)")
+    r.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="concurrency levels, comma-separated")
+    r.add_argument("--gateways", default="", help="instead of the default two setups: gateway process counts, e.g. 1,4 (the load split over --clients processes)")
+    r.add_argument("--clients", type=int, default=4, help="client processes for --gateways setups")
     r.add_argument("--work", default="", help="folder for the repository, logs and `pids` (default: a new temporary one)")
     args = parser.parse_args()
     if args.command == "pins":

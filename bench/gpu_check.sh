@@ -91,7 +91,7 @@ EOF
   local work=/tmp/gpu_check_work
   rm -rf "$work"
   trap 'stop_leftovers '"$work" EXIT
-  timeout --signal=TERM --kill-after=20 420 python3 bench/gpu_check.py run --seconds 6 --reference .whl/gpu_check --work "$work"
+  timeout --signal=TERM --kill-after=20 420 python3 bench/gpu_check.py run --seconds 6 --reference .whl/gpu_check --work "$work" "$@"
 }
 
 # Triton runs in its own session: if the check was killed before it stopped it, stop it here.
@@ -110,6 +110,6 @@ cpu_smoke() {
 case "${1:-}" in
   --prepare) prepare ;;
   --cpu-smoke) cpu_smoke ;;
-  "") device ;;
-  *) echo "usage: bash bench/gpu_check.sh [--prepare | --cpu-smoke]" >&2; exit 2 ;;
+  ""|--*) device "$@" ;;  # further flags go to `gpu_check.py run` (e.g. --gateways 1,4 --concurrency 1,64)
+  *) echo "usage: bash bench/gpu_check.sh [--prepare | --cpu-smoke | gpu_check.py run flags]" >&2; exit 2 ;;
 esac
