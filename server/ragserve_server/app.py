@@ -85,7 +85,8 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
             *auth,  # inside the gateway's scope: refusals are mapped and counted there
         ],
         options=[
-            ("grpc.so_reuseport", 0),
+            # Off, so a second gateway on a taken port fails to bind; on for --workers (workers.py).
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             # Clients may keep idle connections alive with pings every 10 s or more (the SDK's
             # keepalive options); more often is answered with GOAWAY too_many_pings.
@@ -158,7 +159,7 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
             auth=next((i for i in auth if isinstance(i, AuthInterceptor)), None), max_body_bytes=settings.max_message_bytes,
         )
         try:
-            await http.start(settings.host, settings.http_port, settings.drain_seconds)
+            await http.start(settings.host, settings.http_port, settings.drain_seconds, reuse_port=settings.workers > 1)
         except BaseException:
             await server.stop(None)
             raise

@@ -219,11 +219,14 @@ class HttpFront:
 
     # --- serving ------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, grace: float) -> int:
-        """Binds host:port (0 = any free port) and serves on this loop; returns the port."""
+    async def start(self, host: str, port: int, grace: float, reuse_port: bool = False) -> int:
+        """Binds host:port (0 = any free port) and serves on this loop; returns the port.
+        `reuse_port`: several gateway processes share the port (--workers)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

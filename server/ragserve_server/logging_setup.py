@@ -8,13 +8,15 @@ import sys
 import structlog
 
 
-def configure_logging(log_format: str = "auto", level: str = "info") -> None:
+def configure_logging(log_format: str = "auto", level: str = "info", fields: dict | None = None) -> None:
+    """`fields`: added to every line (the worker index under --workers)."""
     if log_format == "auto":
         log_format = "console" if sys.stderr.isatty() else "json"
     renderer = structlog.dev.ConsoleRenderer() if log_format == "console" else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,  # request_id, service, method bound per call
+            *([_add(fields)] if fields else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.dict_tracebacks if log_format == "json" else structlog.dev.set_exc_info,
@@ -24,3 +26,10 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def _add(fields: dict):
+    def processor(logger, method_name, event_dict):
+        return {**fields, **event_dict}
+
+    return processor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import signal
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from ragserve_server import tls, tracing
+from ragserve_server import tls, tracing, workers
 from ragserve_server.app import create_gateway
 from ragserve_server.auth import auth_interceptors
 from ragserve_server.catalog import build_catalog
@@ -132,9 +133,20 @@ async def check_triton_configs(backend: ReplicaSet, specs: list[ModelSpec]) -> N
         )
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, argv: list[str] | None = None) -> None:
+    """`argv`: the command line, for the workers worker 0 starts (--workers)."""
     triton = None
     gave_up = None
+    pool = pool_task = None
+    if settings.workers < 1 or not 0 <= settings.worker_index < settings.workers:
+        raise StartupError(f"--workers {settings.workers} must be 1 or more (--worker-index {settings.worker_index} is set by worker 0)")
+    if settings.workers > 1:  # this worker's share (workers.py)
+        settings = dataclasses.replace(
+            settings,
+            max_concurrent_requests=workers.share(settings.max_concurrent_requests, settings.workers),
+            max_bulk_requests=workers.share(settings.max_bulk_requests, settings.workers),
+            metrics_port=workers.metrics_port(settings.metrics_port, settings.worker_index),
+        )
     specs = select_specs(settings)
     try:  # TLS files and the keys file are checked before anything starts
         triton_credentials = tls.triton_channel_credentials(settings.triton_tls_ca, settings.triton_tls_cert, settings.triton_tls_key)
@@ -222,6 +234,15 @@ async def serve(settings: Settings) -> None:
         if triton is not None:
             where.append(f"Triton metrics {triton.metrics_url}")
         print(f"ragserve listening on {settings.host}:{gateway.port} ({'; '.join(where)}); Ctrl-C to stop", file=sys.stderr, flush=True)
+        if settings.workers > 1 and settings.worker_index == 0:
+            pool = workers.WorkerPool(
+                {
+                    i: workers.child_argv(argv or [], i, port=gateway.port, http_port=gateway.http_port, triton_url=triton_url)
+                    for i in range(1, settings.workers)
+                },
+                settings.drain_seconds,
+            )
+            pool_task = asyncio.create_task(pool.run())
         waiters = [asyncio.create_task(stop.wait())]
         if triton is not None:
             supervisor = TritonSupervisor(
@@ -240,10 +261,12 @@ async def serve(settings: Settings) -> None:
             log.error("triton_gave_up", reason=gave_up)
         log.info("draining", grace_seconds=settings.drain_seconds)
     finally:
-        if gateway is not None:
-            await gateway.stop(settings.drain_seconds)
-        else:
-            await backend.close()
+        # Workers and this gateway drain side by side; Triton stops after all of them.
+        stopping = [gateway.stop(settings.drain_seconds) if gateway is not None else backend.close()]
+        if pool is not None:
+            pool_task.cancel()
+            stopping.append(pool.stop())
+        await asyncio.gather(*stopping)
         if triton is not None:
             await asyncio.to_thread(triton.stop)
         await asyncio.to_thread(tracing.shutdown)  # flushes the spans still batched
@@ -264,8 +287,8 @@ def _health_follows(backend: ReplicaSet, gateway):
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
-    configure_logging(settings.log_format, settings.log_level)
-    asyncio.run(serve(settings))
+    configure_logging(settings.log_format, settings.log_level, {"worker": settings.worker_index} if settings.workers > 1 else None)
+    asyncio.run(serve(settings, sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

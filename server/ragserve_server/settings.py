@@ -79,6 +79,11 @@ class Settings:
         default=2,
         metadata={"help": "Triton requests in flight per encoder model and shape before the gateway joins further calls of that shape into one request (coalescer.py); 0 = off, every call is its own request"},
     )
+    workers: int = field(
+        default=1,
+        metadata={"help": "gateway processes sharing the gRPC and HTTP ports (SO_REUSEPORT; the kernel spreads connections): one is capped by its core; each serves metrics on --metrics-port + its index and takes 1/N of the admission budgets (workers.py)"},
+    )
+    worker_index: int = field(default=0, metadata={"help": "set by worker 0 for the workers it starts; leave 0"})
     tokenizer_threads: int = field(default=1, metadata={"help": "threads that tokenize off the event loop"})
     inline_tokenize_chars: int = field(
         default=512,

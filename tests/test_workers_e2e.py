@@ -1,0 +1,115 @@
+"""--workers: several gateway processes on one port, against the session's real Triton."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from ragserve.v1 import embed_pb2, embed_pb2_grpc
+from ragserve_server import workers
+from support import GatewayProcess, free_port
+from test_scaleout_e2e import gateway_samples
+
+pytestmark = pytest.mark.integration
+
+
+def started_workers(log_path) -> dict[int, int]:
+    """{worker index: pid} from worker 0's log, the latest start of each."""
+    pids = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"worker_started"' in line:
+            entry = json.loads(line)
+            pids[entry["child"]] = entry["pid"]
+    return pids
+
+
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def embed_over_new_connections(address: str, count: int) -> None:
+    """`count` calls, each on its own channel and TCP connection (the kernel spreads connections)."""
+    for i in range(count):
+        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            reply = embed_pb2_grpc.EmbedStub(channel).Embed(embed_pb2.EmbedRequest(inputs=[f"worker spread check {i}"]), timeout=60)
+            assert len(reply.embeddings) == 1 and len(reply.embeddings[0].values) == 384
+
+
+def embed_calls_served(metrics_url: str) -> float:
+    samples = gateway_samples(metrics_url, "ragserve_requests_total")
+    return sum(v for labels, v in samples.items() if 'service="Embed"' in labels and 'code="OK"' in labels)
+
+
+def test_workers_share_the_port_restart_a_dead_one_and_stop_together(triton, tmp_path):
+    metrics = free_port()
+    log_path = tmp_path / "gateway.log"
+    gateway = GatewayProcess(triton.grpc_url, triton.models, log_path, "--workers", "2", metrics_port=metrics)
+    urls = [f"http://127.0.0.1:{metrics + i}/metrics" for i in range(2)]
+    try:
+        gateway.wait_serving()
+        wait_until(lambda: answers(urls[1]), 90, "worker 1's metrics (it starts once worker 0 serves)")
+        first = started_workers(log_path)[1]
+
+        # 40 connections: both workers get some (all on one: probability 2^-39).
+        embed_over_new_connections(gateway.address, 40)
+        served = [embed_calls_served(url) for url in urls]
+        assert sum(served) == 40 and min(served) > 0, served
+
+        # A dead worker is restarted on the same port; calls on new connections keep working.
+        os.kill(first, signal.SIGKILL)
+        second = wait_until(lambda: started_workers(log_path)[1] != first and started_workers(log_path)[1], 30, "worker 1's restart")
+        wait_until(lambda: answers(urls[1]), 90, "the restarted worker's metrics")
+        embed_over_new_connections(gateway.address, 10)
+        assert "worker_exited" in log_path.read_text()
+
+        # SIGTERM to worker 0 stops its workers too.
+        assert gateway.stop() == 0
+        wait_until(lambda: not alive(second), 15, "worker 1 to stop with worker 0")
+    finally:
+        gateway.stop()
+
+
+def test_a_worker_takes_its_share_of_the_budgets_and_its_own_metrics_port():
+    assert workers.share(512, 4) == 128 and workers.share(10, 4) == 3 and workers.share(1, 4) == 1
+    assert workers.metrics_port(9000, 2) == 9002 and workers.metrics_port(0, 2) == 0
+    argv = workers.child_argv(["--workers", "3", "--port", "0"], 2, port=50555, http_port=0, triton_url="127.0.0.1:8001")
+    assert argv[:3] == [sys.executable, "-m", "ragserve_server"]
+    from ragserve_server.settings import Settings
+
+    settings = Settings.from_args(argv[3:], env={})
+    assert (settings.workers, settings.worker_index, settings.port, settings.triton_url) == (3, 2, 50555, "127.0.0.1:8001")
