@@ -114,7 +114,7 @@ async def test_models_health_stays_serving_while_triton_is_down(fake_stack):
 
     backend, client = fake_stack
     backend.fail = BackendUnavailable("triton is down")
-    health = health_pb2_grpc.HealthStub(client._channel)
+    health = health_pb2_grpc.HealthStub(client._channels[0])
 
     async def status(service: str) -> int:
         return (await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)).status

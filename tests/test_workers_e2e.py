@@ -113,3 +113,24 @@ def test_a_worker_takes_its_share_of_the_budgets_and_its_own_metrics_port():
 
     settings = Settings.from_args(argv[3:], env={})
     assert (settings.workers, settings.worker_index, settings.port, settings.triton_url) == (3, 2, 50555, "127.0.0.1:8001")
+
+
+def test_the_sdk_spreads_one_clients_calls_over_the_workers(triton, tmp_path):
+    """`connections=N`: one client, N TCP connections, calls in turn: every worker serves some."""
+    import ragserve
+
+    metrics = free_port()
+    gateway = GatewayProcess(triton.grpc_url, triton.models, tmp_path / "gateway.log", "--workers", "2", metrics_port=metrics)
+    urls = [f"http://127.0.0.1:{metrics + i}/metrics" for i in range(2)]
+    try:
+        gateway.wait_serving()
+        wait_until(lambda: answers(urls[1]), 90, "worker 1's metrics")
+        with ragserve.Client(gateway.address, connections=16, timeout=60) as client:
+            for i in range(32):
+                assert client.embed([f"sdk spread {i}"]).embeddings.shape == (1, 384)
+        served = [embed_calls_served(url) for url in urls]
+        assert sum(served) == 32 and min(served) > 0, served  # 16 connections all on one worker: 2^-15
+    finally:
+        gateway.stop()
+    with pytest.raises(ValueError, match="connections must be 1 or more"):
+        ragserve.Client(gateway.address, connections=0)

@@ -46,6 +46,7 @@ allow one per 5 minutes without data unless configured otherwise):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar, Unpack
@@ -95,12 +96,33 @@ _Tokenize = TypeVar("_Tokenize")
 _Detokenize = TypeVar("_Detokenize")
 
 
+def _open_channels(open_one, connections: int, channel_options: list) -> list:
+    """`connections` channels, each with its own TCP connection when there are several (gRPC
+    otherwise shares one connection between channels of the same target and options)."""
+    if connections < 1:
+        raise ValueError(f"connections must be 1 or more, got {connections}")
+    if connections == 1:
+        return [open_one(channel_options)]
+    return [open_one([*channel_options, ("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)]
+
+
 class _Methods(Generic[_Embed, _Rerank, _Generate, _Stream, _Models, _Tokenize, _Detokenize]):
     """Each call's options and meaning, written once; `_unary` and `_stream` are the transport."""
 
-    _stubs: _Stubs
+    _stub_sets: list[_Stubs]
+    _rotation: Iterator[_Stubs]
     _timeout: float | None
     _metadata: tuple[tuple[str, str], ...]
+
+    @property
+    def _stubs(self) -> _Stubs:
+        """The stubs of the next connection, in turn (one connection: always the same)."""
+        return next(self._rotation)
+
+    def _use_channels(self, channels: list) -> None:
+        self._channels = channels
+        self._stub_sets = [_Stubs(channel) for channel in channels]
+        self._rotation = itertools.cycle(self._stub_sets)
 
     def _unary(self, method, request, parse: Callable[[Any], Any], timeout: float | None, metadata: Metadata) -> Any:
         raise NotImplementedError
@@ -277,6 +299,8 @@ class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDe
     metadata: sent with every call (each method's `metadata=` adds to it for one call).
     load_balancing: "round_robin" or "pick_first" (gRPC's client-side policies).
     options: gRPC channel options, e.g. keepalive and message sizes (see the module docstring).
+    connections: TCP connections to open, calls taking them in turn. A gateway run with
+        `--workers N` serves each connection from one worker: a busy client opens N or more.
     """
 
     def __init__(
@@ -293,15 +317,15 @@ class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDe
         metadata: Metadata = (),
         load_balancing: str | None = None,
         options: Sequence[tuple[str, object]] = (),
+        connections: int = 1,
     ) -> None:
         credentials, channel_options = _channel_settings(
             tls, root_certificates, private_key, certificate_chain, load_balancing, retries, options
         )
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=channel_options)
+            self._use_channels(_open_channels(lambda o: grpc.insecure_channel(target, options=o), connections, channel_options))
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
-        self._stubs = _Stubs(self._channel)
+            self._use_channels(_open_channels(lambda o: grpc.secure_channel(target, credentials, options=o), connections, channel_options))
         self._timeout = timeout
         self._metadata = _protocol.call_metadata(metadata, api_key)
 
@@ -341,7 +365,8 @@ class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDe
         return _bulk.iter_batches_sync(self._stubs.embed, self._call_metadata(()), run, texts, timeout)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -377,15 +402,15 @@ class AsyncClient(
         metadata: Metadata = (),
         load_balancing: str | None = None,
         options: Sequence[tuple[str, object]] = (),
+        connections: int = 1,
     ) -> None:
         credentials, channel_options = _channel_settings(
             tls, root_certificates, private_key, certificate_chain, load_balancing, retries, options
         )
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+            self._use_channels(_open_channels(lambda o: grpc.aio.insecure_channel(target, options=o), connections, channel_options))
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
-        self._stubs = _Stubs(self._channel)
+            self._use_channels(_open_channels(lambda o: grpc.aio.secure_channel(target, credentials, options=o), connections, channel_options))
         self._timeout = timeout
         self._metadata = _protocol.call_metadata(metadata, api_key)
 
@@ -426,7 +451,8 @@ class AsyncClient(
         return _bulk.iter_batches_async(self._stubs.embed, self._call_metadata(()), run, texts, timeout)
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self
