@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 import structlog
+from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import ragserve
 from ragserve_server.app import create_gateway
@@ -126,3 +127,14 @@ async def test_models_health_stays_serving_while_triton_is_down(fake_stack):
     assert await status("") == health_pb2.HealthCheckResponse.NOT_SERVING
     assert await status("ragserve.v1.Embed") == health_pb2.HealthCheckResponse.NOT_SERVING
     assert await status("ragserve.v1.Models") == health_pb2.HealthCheckResponse.SERVING
+
+
+@given(rows=st.integers(1, 40), dimensions=st.sampled_from([1, 2, 31, 32, 128, 384, 1024]), seed=st.integers(0, 2**16))
+@hypothesis_settings(max_examples=40, deadline=None)
+def test_embedding_messages_equal_the_message_built_from_values(rows, dimensions, seed):
+    """The hand-encoded Embedding bytes (services/embed.py) parse to what Embedding(values=...) holds."""
+    from ragserve.v1 import embed_pb2
+    from ragserve_server.services.embed import embedding_messages
+
+    vectors = np.random.default_rng(seed).standard_normal((rows, dimensions)).astype(np.float32)
+    assert embedding_messages(vectors) == [embed_pb2.Embedding(values=row) for row in vectors.tolist()]

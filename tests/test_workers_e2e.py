@@ -134,3 +134,17 @@ def test_the_sdk_spreads_one_clients_calls_over_the_workers(triton, tmp_path):
         gateway.stop()
     with pytest.raises(ValueError, match="connections must be 1 or more"):
         ragserve.Client(gateway.address, connections=0)
+
+
+def test_workers_stop_when_worker_0_is_killed(triton, tmp_path):
+    log_path = tmp_path / "gateway.log"
+    gateway = GatewayProcess(triton.grpc_url, triton.models, log_path, "--workers", "2", "--drain-seconds", "1")
+    try:
+        gateway.wait_serving()
+        worker = wait_until(lambda: started_workers(log_path).get(1), 60, "worker 1 to start")
+        wait_until(lambda: "ragserve listening" in log_path.read_text().split('"worker_started"', 1)[-1], 90, "worker 1 to serve")
+        gateway.process.kill()  # SIGKILL: worker 0 cannot stop anything itself
+        gateway.process.wait(10)
+        wait_until(lambda: not alive(worker), 20, "worker 1 to stop after worker 0 died")
+    finally:
+        gateway.stop()

@@ -287,6 +287,8 @@ def _health_follows(backend: ReplicaSet, gateway):
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
+    if settings.worker_index > 0:
+        workers.die_with_parent()
     configure_logging(settings.log_format, settings.log_level, {"worker": settings.worker_index} if settings.workers > 1 else None)
     asyncio.run(serve(settings, sys.argv[1:] if argv is None else argv))
 

@@ -14,7 +14,7 @@ them; a connection stays with the worker that accepted it (use several channels,
 clients, to spread one client's calls). Each worker serves its own metrics on --metrics-port + i
 and takes 1/N of the admission budgets. Worker 0 restarts a child that exits (backoff doubling
 to 30 s) and, when it stops, stops its children first (SIGTERM: they drain), then itself;
-children get SIGTERM if worker 0 dies (PR_SET_PDEATHSIG).
+workers get SIGTERM if worker 0 dies (PR_SET_PDEATHSIG, set by each worker at start).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import math
+import os
 import signal
 import sys
 import time
@@ -54,12 +55,16 @@ def child_argv(argv: list[str], index: int, *, port: int, http_port: int, triton
     ]
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM when worker 0 dies, however it dies."""
+def die_with_parent() -> None:
+    """Called first in workers 1..N-1: SIGTERM when worker 0 dies, however it dies. (Set here,
+    not in a preexec_fn: forking a threaded process and running Python before exec can deadlock.)"""
+    parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: worker 0 still stops its children when it stops
-        pass
+    except (OSError, AttributeError):  # not Linux: worker 0 still stops its workers when it stops
+        return
+    if parent == 1:  # worker 0 died before the line above
+        raise SystemExit("ragserve: worker 0 is gone; this worker stops")
 
 
 class WorkerPool:
@@ -80,16 +85,22 @@ class WorkerPool:
         backoff = 1.0
         while not self._stopping:
             started = time.monotonic()
-            process = await asyncio.create_subprocess_exec(*self.commands[index], preexec_fn=_die_with_parent)
-            self.processes[index] = process
-            log.info("worker_started", child=index, pid=process.pid)
-            code = await process.wait()
-            if self._stopping:
-                return
-            if time.monotonic() - started > 60:
-                backoff = 1.0  # it ran a while: a fresh failure, not a crash loop
-            self.restarts[index] += 1
-            log.error("worker_exited", child=index, pid=process.pid, code=code, restart_in_s=backoff)
+            try:
+                # Its own session: a Ctrl-C in the terminal reaches worker 0 only, which stops the
+                # workers itself (a worker that stopped on its own would be restarted).
+                process = await asyncio.create_subprocess_exec(*self.commands[index], start_new_session=True)
+            except OSError as exc:
+                log.error("worker_not_started", child=index, error=str(exc), retry_in_s=backoff)
+            else:
+                self.processes[index] = process
+                log.info("worker_started", child=index, pid=process.pid)
+                code = await process.wait()
+                if self._stopping:
+                    return
+                if time.monotonic() - started > 60:
+                    backoff = 1.0  # it ran a while: a fresh failure, not a crash loop
+                self.restarts[index] += 1
+                log.error("worker_exited", child=index, pid=process.pid, code=code, restart_in_s=backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 

@@ -6,6 +6,7 @@ import asyncio
 from concurrent.futures import Executor
 
 import grpc
+import numpy as np
 
 from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
 from ragserve_server import quantize, request_record
@@ -36,6 +37,30 @@ def encoding_of(value: int) -> str:
     except KeyError:
         allowed = ", ".join(f"{embed_pb2.EmbeddingEncoding.Name(v)} ({v})" for v in ENCODING_VALUES.values())
         raise InvalidInput(f"encoding {value} is not a known encoding; allowed: {allowed}") from None
+
+# An Embedding message as wire bytes: `values` (packed repeated float) is the row's float32
+# bytes behind the field's tag and length, which protobuf parses in one step. By hand because
+# Embedding(values=list) makes a Python float per value first: 32 rows x 384 dimensions took
+# 0.75 ms that way, 0.06-0.10 ms this way (1 row: 30 -> 10 us; response built and serialized).
+_VALUES_FIELD = embed_pb2.Embedding.DESCRIPTOR.fields_by_name["values"].number
+assert _VALUES_FIELD < 16, "one-byte tag below"
+_VALUES_TAG = bytes([_VALUES_FIELD << 3 | 2])  # wire type 2: length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def embedding_messages(vectors: np.ndarray) -> list[embed_pb2.Embedding]:
+    rows = vectors.astype("<f4", copy=False)
+    head = _VALUES_TAG + _varint(rows.shape[1] * 4)
+    return [embed_pb2.Embedding.FromString(head + row.tobytes()) for row in rows]
+
 
 # Messages of one EmbedStream in the gateway at once (working or waiting for a bulk permit);
 # beyond that the stream stops reading and HTTP/2 flow control pushes back on the sender.
@@ -159,7 +184,7 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
                 encoding=ENCODING_VALUES[encoding],
             )
             if encoding == quantize.FLOAT:
-                response.embeddings.extend(embed_pb2.Embedding(values=row) for row in vectors.tolist())
+                response.embeddings.extend(embedding_messages(vectors))
             else:
                 packed = quantize.encode(vectors, encoding, calibration)
                 response.packed.CopyFrom(
