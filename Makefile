@@ -129,6 +129,7 @@ endif
 # started by `make run` (gateway metrics and Triton's metrics port).
 PROMETHEUS_PORT ?= 9090
 GATEWAY_METRICS ?= 127.0.0.1:9000
+GATEWAY_WORKERS ?= 1
 TRITON_METRICS ?= 127.0.0.1:8002
 .PHONY: prometheus
 test: prometheus
@@ -138,7 +139,7 @@ prometheus:
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 observe: setup prometheus
-	$(PY) scripts/prometheus_config.py --gateway $(GATEWAY_METRICS) --triton $(TRITON_METRICS) --out build/prometheus/prometheus.yml
+	$(PY) scripts/prometheus_config.py --gateway $(GATEWAY_METRICS) --gateway-workers $(GATEWAY_WORKERS) --triton $(TRITON_METRICS) --out build/prometheus/prometheus.yml
 	prometheus --config.file=build/prometheus/prometheus.yml --storage.tsdb.path=build/prometheus/data \
 	  --web.listen-address=127.0.0.1:$(PROMETHEUS_PORT)
 

@@ -148,3 +148,19 @@ def test_workers_stop_when_worker_0_is_killed(triton, tmp_path):
         wait_until(lambda: not alive(worker), 20, "worker 1 to stop after worker 0 died")
     finally:
         gateway.stop()
+
+
+def test_prometheus_config_scrapes_every_worker(tmp_path):
+    import shutil
+    import subprocess
+
+    from support import ROOT
+
+    out = tmp_path / "prometheus.yml"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "prometheus_config.py"), "--gateway", "127.0.0.1:9000", "--gateway-workers", "3", "--out", str(out)],
+        check=True, capture_output=True,
+    )
+    assert '- targets: ["127.0.0.1:9000", "127.0.0.1:9001", "127.0.0.1:9002"]' in out.read_text()
+    if shutil.which("promtool"):  # Debian's prometheus package brings it
+        subprocess.run(["promtool", "check", "config", str(out)], check=True, capture_output=True)
