@@ -140,11 +140,20 @@ class BackendTensor:
     def to_dlpack(self):
         return self.array.__dlpack__()  # a DLPack capsule, as the real one returns
 
+    def __dlpack__(self, stream=None, **_):  # the real one is a DLPack producer too (np.from_dlpack)
+        return self.array.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
     @classmethod
-    def from_dlpack(cls, name, capsule):
+    def from_dlpack(cls, name, source):
+        """`source`: an object with __dlpack__ (a numpy array) or a DLPack capsule (torch's to_dlpack)."""
+        if hasattr(source, "__dlpack__"):
+            return cls(name, np.from_dlpack(source))
         import torch
 
-        return cls(name, torch.utils.dlpack.from_dlpack(capsule).numpy())
+        return cls(name, torch.utils.dlpack.from_dlpack(source).numpy())
 
 
 class BackendRequest:

@@ -17,6 +17,20 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+# The Triton 2.51 stub's pybind11 predates numpy 2 and misreads numpy 2 arrays (outputs reach
+# Triton empty), so under numpy 2 tensors cross the python backend as DLPack; under numpy 1,
+# whose DLPack export breaks in the stub ("used_dlpack" capsule), the numpy path stays.
+NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
+def _array(tensor) -> np.ndarray:
+    """An input tensor's values (a view, valid during execute)."""
+    return np.from_dlpack(tensor) if NUMPY_2 else tensor.as_numpy()
+
+
+def _tensor(name: str, array: np.ndarray):
+    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array)) if NUMPY_2 else pb_utils.Tensor(name, array)
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -46,7 +60,7 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
 
     def execute(self, requests):
-        arrays = {name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests] for name in self.inputs}
+        arrays = {name: [_array(pb_utils.get_input_tensor_by_name(r, name)) for r in requests] for name in self.inputs}
         sizes = [a.shape[0] for a in arrays[self.inputs[0]]]
         width = max(a.shape[1] for a in arrays[self.inputs[0]])
         feed = {name: np.concatenate([_pad(a, width) for a in parts]) for name, parts in arrays.items()}
@@ -54,7 +68,7 @@ class TritonPythonModel:
         results = session.run(self.outputs, feed)
         responses, start = [], 0
         for size in sizes:
-            tensors = [pb_utils.Tensor(name, value[start : start + size]) for name, value in zip(self.outputs, results)]
+            tensors = [_tensor(name, value[start : start + size]) for name, value in zip(self.outputs, results)]
             start += size
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses

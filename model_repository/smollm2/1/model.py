@@ -94,12 +94,26 @@ def _error(message: str) -> "pb_utils.TritonError":
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
+# The Triton 2.51 stub's pybind11 predates numpy 2 and misreads numpy 2 arrays (outputs reach
+# Triton empty), so under numpy 2 tensors cross the python backend as DLPack; under numpy 1,
+# whose DLPack export breaks in the stub ("used_dlpack" capsule), the numpy path stays.
+NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
+def _array(tensor) -> np.ndarray:
+    return (np.from_dlpack(tensor) if NUMPY_2 else tensor.as_numpy()).copy()  # inputs outlive execute here
+
+
+def _tensor(name: str, array: np.ndarray) -> "pb_utils.Tensor":
+    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array)) if NUMPY_2 else pb_utils.Tensor(name, array)
+
+
 def _scalar(request, name: str):
     """The one value of an input tensor ([1] or [1, 1] with the batch dimension), or None."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
-    arr = tensor.as_numpy().reshape(-1)
+    arr = _array(tensor).reshape(-1)
     if arr.size != 1:
         raise RequestError("INVALID_ARGUMENT", f"{name} must hold exactly one value per request")
     return arr[0].item()
@@ -110,7 +124,7 @@ def _stop_words(request) -> tuple[tuple[int, ...], ...]:
     tensor = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
     if tensor is None:
         return ()
-    arr = tensor.as_numpy()
+    arr = _array(tensor)
     if arr.ndim != 3 or arr.shape[:2] != (1, 2):
         raise RequestError("INVALID_ARGUMENT", f"stop_words_list must be [1, 2, n], got {list(arr.shape)}")
     ids, offsets = arr[0, 0].tolist(), [o for o in arr[0, 1].tolist() if o >= 0]
@@ -127,18 +141,18 @@ def _response(tokens: list[int], logprobs: list[TokenLogprobs] | None, cum: floa
               top_k: int) -> "pb_utils.InferenceResponse":
     n = len(tokens)
     tensors = [
-        pb_utils.Tensor("output_ids", np.array(tokens, dtype=np.int32).reshape(1, 1, n)),
-        pb_utils.Tensor("sequence_length", np.array([[n]], dtype=np.int32)),
+        _tensor("output_ids", np.array(tokens, dtype=np.int32).reshape(1, 1, n)),
+        _tensor("sequence_length", np.array([[n]], dtype=np.int32)),
     ]
     if logprobs is not None:
         tensors += [
-            pb_utils.Tensor("output_log_probs", np.array([lp.logprob for lp in logprobs], dtype=np.float32).reshape(1, 1, n)),
-            pb_utils.Tensor("cum_log_probs", np.array([[cum]], dtype=np.float32)),
+            _tensor("output_log_probs", np.array([lp.logprob for lp in logprobs], dtype=np.float32).reshape(1, 1, n)),
+            _tensor("cum_log_probs", np.array([[cum]], dtype=np.float32)),
         ]
         if top_k:
             tensors += [
-                pb_utils.Tensor("top_logprobs_ids", np.array([lp.top_ids for lp in logprobs], dtype=np.int32).reshape(1, 1, n, top_k)),
-                pb_utils.Tensor("top_logprobs", np.array([lp.top_logprobs for lp in logprobs], dtype=np.float32).reshape(1, 1, n, top_k)),
+                _tensor("top_logprobs_ids", np.array([lp.top_ids for lp in logprobs], dtype=np.int32).reshape(1, 1, n, top_k)),
+                _tensor("top_logprobs", np.array([lp.top_logprobs for lp in logprobs], dtype=np.float32).reshape(1, 1, n, top_k)),
             ]
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
@@ -215,7 +229,7 @@ class TritonPythonModel:
         ids_tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
         if ids_tensor is None:
             raise RequestError("INVALID_ARGUMENT", "input_ids is required")
-        ids = ids_tensor.as_numpy().reshape(-1)
+        ids = _array(ids_tensor).reshape(-1)
         length = _scalar(request, "input_lengths")
         if length is not None:
             if not 0 <= length <= ids.size:
