@@ -74,7 +74,6 @@ class WorkerPool:
         self.commands = commands
         self.stop_grace = stop_grace
         self.processes: dict[int, asyncio.subprocess.Process] = {}
-        self.restarts: dict[int, int] = {i: 0 for i in commands}
         self._stopping = False
 
     async def run(self) -> None:
@@ -99,7 +98,6 @@ class WorkerPool:
                     return
                 if time.monotonic() - started > 60:
                     backoff = 1.0  # it ran a while: a fresh failure, not a crash loop
-                self.restarts[index] += 1
                 log.error("worker_exited", child=index, pid=process.pid, code=code, restart_in_s=backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)

@@ -101,7 +101,8 @@ NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
 
 
 def _array(tensor) -> np.ndarray:
-    return (np.from_dlpack(tensor) if NUMPY_2 else tensor.as_numpy()).copy()  # inputs outlive execute here
+    """An input tensor's values (a view: read within execute, as every caller here does)."""
+    return np.from_dlpack(tensor) if NUMPY_2 else tensor.as_numpy()
 
 
 def _tensor(name: str, array: np.ndarray) -> "pb_utils.Tensor":
