@@ -13,6 +13,7 @@ import http.server
 import json
 import threading
 import time
+import warnings
 
 import httpx
 import pytest
@@ -50,6 +51,7 @@ class OtlpJsonReceiver:
                         receiver.spans.extend(scope.get("spans", []))
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
+                self.send_header("content-length", "2")
                 self.end_headers()
                 self.wfile.write(b"{}")
 
@@ -59,6 +61,11 @@ class OtlpJsonReceiver:
         self.port = free_port()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def unparented_requests(self, since: int) -> list[dict]:
+        """Triton request spans received after the first `since` spans that continue no
+        caller's trace (what Triton exports for a request that came without a traceparent)."""
+        return [s for s in self.spans[since:] if s["name"] == "InferRequest" and not s.get("parentSpanId")]
 
     def trace(self, trace_id: str, count: int, timeout: float = 30.0) -> list[dict]:
         deadline = time.monotonic() + timeout
@@ -81,10 +88,12 @@ def warm_up_trace_export(server: TritonServer, receiver: "OtlpJsonReceiver", tim
     inputs = [triton_grpc.InferInput(name, [1, 4], "INT64") for name in ("input_ids", "attention_mask")]
     inputs[0].set_data_from_numpy(np.array([[101, 7592, 2088, 102]], dtype=np.int64))
     inputs[1].set_data_from_numpy(np.ones((1, 4), dtype=np.int64))
+    # Under a trace of their own: the tests count Triton's root request spans.
+    warm_up = {"traceparent": "00-" + "5" * 32 + "-" + "5" * 16 + "-01"}
     deadline = time.monotonic() + timeout
     while not receiver.spans:
         assert time.monotonic() < deadline, "the traced Triton exported no span"
-        client.infer("minilm", inputs)
+        client.infer("minilm", inputs, headers=warm_up)
         time.sleep(1.0)
 
 
@@ -125,7 +134,9 @@ def _hex(span_id: int) -> str:
     return format(span_id, "016x")
 
 
-def check_one_trace(caller, exporter: InMemorySpanExporter, receiver: OtlpJsonReceiver, call_name: str) -> None:
+def check_gateway_spans(caller, exporter: InMemorySpanExporter, call_name: str):
+    """The gateway's call span continues the caller's trace, its stage spans are its children
+    in order; returns the `triton` stage span."""
     trace_id = caller.context.trace_id
     ours = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
     by_name = {s.name: s for s in ours}
@@ -136,13 +147,11 @@ def check_one_trace(caller, exporter: InMemorySpanExporter, receiver: OtlpJsonRe
     for before, after in zip(stages, stages[1:]):
         assert before.end_time <= after.start_time
     assert caller.start_time <= call.start_time <= stages[0].start_time and stages[-1].end_time <= call.end_time <= caller.end_time
+    return by_name["triton"]
 
-    # Triton's spans: the request under the gateway's `triton` stage, the model, its compute.
-    triton_stage = by_name["triton"]
-    # Triton's exporter sends in batches; on a loaded machine (a clean-clone CI run) a batch
-    # once took over 30 s to arrive after the warm-up had proven the export path: wait longer.
-    theirs = {s["name"]: s for s in receiver.trace(format(trace_id, "032x"), 3, timeout=90.0)}
-    assert {"InferRequest", "minilm", "compute"} <= set(theirs), theirs
+
+def check_triton_spans(theirs: dict[str, dict], triton_stage) -> None:
+    """Triton's spans: the request under the gateway's `triton` stage, the model, its compute."""
     assert theirs["InferRequest"]["parentSpanId"] == _hex(triton_stage.context.span_id)
     assert theirs["minilm"]["parentSpanId"] == theirs["InferRequest"]["spanId"]
     assert theirs["compute"]["parentSpanId"] == theirs["minilm"]["spanId"]
@@ -156,24 +165,61 @@ def check_one_trace(caller, exporter: InMemorySpanExporter, receiver: OtlpJsonRe
     assert triton_stage.start_time - SLACK_NS <= start <= model_start <= compute_start <= triton_stage.end_time
 
 
+# Triton 2.51 does not join every traced call, for two reasons outside the gateway, so a
+# call whose Triton spans are missing or unparented is repeated, up to TRACED_ATTEMPTS calls
+# (every call's gateway spans are checked; a gateway that sent no traceparent fails them all):
+# - Its gRPC frontend reads the `traceparent` metadata as a C string (GrpcServerCarrier::Get
+#   returns grpc::string_ref::data(), which is not NUL-terminated), so now and then the value
+#   runs on into the bytes after it, fails the 55-character check and Triton starts a root
+#   trace: here 1 of 16 Triton requests in four 48-call bursts (Triton main reads it so too).
+# - Now and then the spans of a call never arrive (5 min waited, Triton logs nothing) while
+#   those of the calls before and after arrive within a second: seen in about 1 traced call
+#   in 40 with the machine loaded (CI, or 4 busy CPU loops beside the test).
+TRACED_ATTEMPTS = 3
+TRITON_EXPORT_WAIT_S = 30.0
+
+
+async def check_trace_down_to_triton(make_call, exporter: InMemorySpanExporter, receiver: OtlpJsonReceiver, call_name: str) -> None:
+    """`make_call`: runs one call inside a caller span and returns that span."""
+    for attempt in range(1, TRACED_ATTEMPTS + 1):
+        seen = len(receiver.spans)
+        caller = await make_call()
+        triton_stage = check_gateway_spans(caller, exporter, call_name)
+        theirs = {s["name"]: s for s in receiver.trace(format(caller.context.trace_id, "032x"), 3, timeout=TRITON_EXPORT_WAIT_S)}
+        if {"InferRequest", "minilm", "compute"} <= set(theirs):
+            check_triton_spans(theirs, triton_stage)
+            return
+        roots = len(receiver.unparented_requests(seen))
+        warnings.warn(f"call {attempt}: Triton exported {sorted(theirs)} of its spans and {roots} root request spans; calling again")
+    pytest.fail(f"Triton exported the spans of none of {TRACED_ATTEMPTS} traced calls")
+
+
 async def test_grpc_call_joins_the_callers_trace_down_to_triton(traced_gateway):
     gateway, tracer, exporter, receiver = traced_gateway
-    async with ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", retries=0) as client:
-        with tracer.start_as_current_span("caller") as caller:  # the SDK sends its traceparent
-            await client.embed(["the trace goes into Triton"], timeout=30)
-    check_one_trace(caller, exporter, receiver, "ragserve.v1.Embed/Embed")
+
+    async def make_call():
+        async with ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", retries=0) as client:
+            with tracer.start_as_current_span("caller") as caller:  # the SDK sends its traceparent
+                await client.embed(["the trace goes into Triton"], timeout=30)
+        return caller
+
+    await check_trace_down_to_triton(make_call, exporter, receiver, "ragserve.v1.Embed/Embed")
 
 
 async def test_http_call_joins_the_callers_trace_down_to_triton(traced_gateway):
     gateway, tracer, exporter, receiver = traced_gateway
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30) as client:
-        with tracer.start_as_current_span("caller") as caller:
-            headers: dict[str, str] = {}
-            propagate.inject(headers)
-            assert "traceparent" in headers
-            response = await client.post("/v1/embeddings", json={"input": "the trace goes into Triton"}, headers=headers)
-    assert response.status_code == 200, response.text
-    check_one_trace(caller, exporter, receiver, "POST /v1/embeddings")
+
+    async def make_call():
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30) as client:
+            with tracer.start_as_current_span("caller") as caller:
+                headers: dict[str, str] = {}
+                propagate.inject(headers)
+                assert "traceparent" in headers
+                response = await client.post("/v1/embeddings", json={"input": "the trace goes into Triton"}, headers=headers)
+        assert response.status_code == 200, response.text
+        return caller
+
+    await check_trace_down_to_triton(make_call, exporter, receiver, "POST /v1/embeddings")
 
 
 async def test_a_joined_request_links_its_callers_and_triton_is_under_it(traced_gateway):
@@ -184,23 +230,31 @@ async def test_a_joined_request_links_its_callers_and_triton_is_under_it(traced_
             await client.embed([f"joined call number {index}"], timeout=60)
         return caller.context.trace_id
 
-    async with ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", retries=0) as client:
-        callers = set(await asyncio.gather(*(traced_call(client, i) for i in range(48))))
-    joined = [s for s in exporter.get_finished_spans() if s.name == "ragserve.coalesced_request"]
-    assert joined, "48 concurrent calls: the coalescer joined none"
-    stages = {
-        (s.context.trace_id, s.context.span_id): s for s in exporter.get_finished_spans() if s.name == "triton" and s.context.trace_id in callers
-    }
-    for span in joined:
-        assert span.parent is None and span.context.trace_id not in callers  # its own trace
-        assert span.attributes["ragserve.joined_calls"] == len(span.links) >= 1
-        for link in span.links:  # each link is a caller's `triton` stage, which waited for it
-            stage = stages[(link.context.trace_id, link.context.span_id)]
-            assert stage.start_time <= span.start_time and span.end_time <= stage.end_time
-    # Triton's request span of the joined request is a child of its span.
-    widest = max(joined, key=lambda s: len(s.links))
-    theirs = {s["name"]: s for s in receiver.trace(format(widest.context.trace_id, "032x"), 3, timeout=90.0)}
-    assert theirs["InferRequest"]["parentSpanId"] == _hex(widest.context.span_id), theirs
+    for attempt in range(1, TRACED_ATTEMPTS + 1):
+        exporter.clear()
+        seen = len(receiver.spans)
+        async with ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", retries=0) as client:
+            callers = set(await asyncio.gather(*(traced_call(client, i) for i in range(48))))
+        joined = [s for s in exporter.get_finished_spans() if s.name == "ragserve.coalesced_request"]
+        assert joined, "48 concurrent calls: the coalescer joined none"
+        stages = {
+            (s.context.trace_id, s.context.span_id): s for s in exporter.get_finished_spans() if s.name == "triton" and s.context.trace_id in callers
+        }
+        for span in joined:
+            assert span.parent is None and span.context.trace_id not in callers  # its own trace
+            assert span.attributes["ragserve.joined_calls"] == len(span.links) >= 1
+            for link in span.links:  # each link is a caller's `triton` stage, which waited for it
+                stage = stages[(link.context.trace_id, link.context.span_id)]
+                assert stage.start_time <= span.start_time and span.end_time <= stage.end_time
+        # Triton's request span of the joined request is a child of its span.
+        widest = max(joined, key=lambda s: len(s.links))
+        theirs = {s["name"]: s for s in receiver.trace(format(widest.context.trace_id, "032x"), 3, timeout=TRITON_EXPORT_WAIT_S)}
+        if "InferRequest" in theirs:
+            assert theirs["InferRequest"]["parentSpanId"] == _hex(widest.context.span_id), theirs
+            return
+        roots = len(receiver.unparented_requests(seen))
+        warnings.warn(f"round {attempt}: Triton exported no request span of the joined request and {roots} root request spans; again")
+    pytest.fail(f"Triton exported the request span of none of {TRACED_ATTEMPTS} joined requests")
 
 
 async def test_a_failed_call_is_an_error_span(traced_gateway):
