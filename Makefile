@@ -66,7 +66,13 @@ $(SMOLLM2_HF): scripts/convert_smollm2.py $(STAMP)
 run: setup models
 	$(PY) -m ragserve_server
 
-test: setup models
+# A virtualenv over ours with numpy 2, for Triton's python-backend stubs in tests/test_numpy2_stub.py.
+NUMPY2 := $(VENV)/numpy2
+$(NUMPY2)/.installed: requirements-numpy2.txt scripts/make_numpy2_venv.py $(STAMP)
+	$(PY) scripts/make_numpy2_venv.py $(NUMPY2)
+	touch $@
+
+test: setup models $(NUMPY2)/.installed
 	$(PY) -m pytest -q tests
 
 test-unit: setup

@@ -78,3 +78,31 @@ def rerank_gateway(triton, cross_encoder, tmp_path_factory):
     )
     yield process.wait_serving()
     process.stop()
+
+
+SMOLLM2_HF = MODEL_REPOSITORY / "smollm2" / "1" / "hf"
+GREEDY_MAX_TOKENS = 20  # the `reference` fixture's default, test_generate_e2e's MAX_TOKENS
+
+
+@pytest.fixture(scope="module")  # a torch model: held by one module at a time
+def reference():
+    """transformers' own greedy generate on SmolLM2's folder: (text, completion tokens) of a chat."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_HF)
+    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_HF, dtype=torch.float32).eval()
+
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+
+    def greedy(messages, max_new_tokens=GREEDY_MAX_TOKENS):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, ids["input_ids"].shape[1] :].tolist()
+        if new and new[-1] in eos:  # the end id ends the sequence; it is not returned (TensorRT-LLM's contract)
+            new = new[:-1]
+        return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+    return greedy

@@ -37,30 +37,6 @@ def generation(tmp_path_factory):
         triton.stop()
 
 
-@pytest.fixture(scope="module")
-def reference():
-    """transformers' own greedy generate on the same folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(HF)
-    model = AutoModelForCausalLM.from_pretrained(HF, dtype=torch.float32).eval()
-
-    eos = model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos)
-
-    def greedy(messages, max_new_tokens=MAX_TOKENS):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[0, ids["input_ids"].shape[1] :].tolist()
-        if new and new[-1] in eos:  # the end id ends the sequence; it is not returned (TensorRT-LLM's contract)
-            new = new[:-1]
-        return tokenizer.decode(new, skip_special_tokens=True), len(new)
-
-    return greedy
-
-
 def running_sequences(triton) -> float:
     with urllib.request.urlopen(triton.metrics_url, timeout=5) as reply:
         text = reply.read().decode()
