@@ -5,8 +5,9 @@ one call at a time, up the stack, interleaved over rounds (median p50 shown):
     triton       tritonclient (grpc.aio) straight to Triton, pre-tokenized (the python backend's hop)
     gateway      ragserve's gateway in front of that Triton (tokenizing, gRPC twice)
 
-Each step's extra time is what that layer costs; the gateway's own stage histograms (it runs
-with a metrics port) split its part.
+Each step's extra time is what that layer costs. Triton's statistics (queue, compute_infer:
+the python-backend hop plus the model, success: the request inside Triton) split the Triton
+step, and the gateway's own stage histograms (it runs with a metrics port) split its part.
 
     .venv/bin/python bench/latency_ladder.py [--calls 200] [--rounds 4]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import sys
 import tempfile
@@ -85,6 +87,16 @@ def stage_means(metrics_url: str) -> dict[str, float]:
     return {name: v["sum"] / v["count"] * 1000 for name, v in sums.items() if v.get("count")}
 
 
+TRITON_PHASES = ("queue", "compute_input", "compute_infer", "compute_output", "success")
+
+
+def triton_phases(http_port: int) -> dict[str, tuple[int, int]]:
+    """Triton's cumulative (count, ns) per phase of the minilm model (its statistics API)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/minilm/stats", timeout=5) as reply:
+        stats = json.loads(reply.read())["model_stats"][0]["inference_stats"]
+    return {phase: (int(stats[phase]["count"]), int(stats[phase]["ns"])) for phase in TRITON_PHASES}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200, help="calls per setup and round")
@@ -97,6 +109,7 @@ def main() -> None:
     options.add_session_config_entry("session.intra_op.allow_spinning", ORT_ALLOW_SPINNING)
     session = ort.InferenceSession(str(ROOT / "model_repository/minilm/1" / FUSED_ONNX), options, providers=["CPUExecutionProvider"])
     p50s: dict[str, list[float]] = {}
+    phases: dict[str, dict[str, list[int]]] = {}  # setup -> Triton phase -> [count, ns]
     with tempfile.TemporaryDirectory(prefix="ragserve-ladder-") as tmp:
         triton = start_triton(Path(tmp) / "triton", ["minilm"])
         try:
@@ -108,7 +121,13 @@ def main() -> None:
                         ("Triton direct (tritonclient aio)", lambda: asyncio.run(triton_direct(triton.grpc_url, ids, mask, args.calls))),
                         ("ragserve gateway + Triton", lambda: asyncio.run(through_gateway(gateway.address, texts, args.calls))),
                     ):
+                        before = triton_phases(triton.ports.http)
                         p50s.setdefault(name, []).append(percentile(run(), 50) * 1000)
+                        after = triton_phases(triton.ports.http)
+                        for phase in TRITON_PHASES:
+                            spent = phases.setdefault(name, {}).setdefault(phase, [0, 0])
+                            spent[0] += after[phase][0] - before[phase][0]
+                            spent[1] += after[phase][1] - before[phase][1]
                 stages = stage_means(gateway.metrics_url)
             finally:
                 gateway.stop()
@@ -121,6 +140,12 @@ def main() -> None:
         value = sorted(values)[len(values) // 2]
         print(f"{name:36} {value:7.2f} {'' if below is None else f'{value - below:+.2f}':>22}")
         below = value
+    print("\nTriton's own phases (mean ms per request, its statistics API; compute_infer includes the")
+    print("python-backend hop to the stub and back, so compute_infer minus raw is that hop):")
+    print(f"  {'setup':34} " + " ".join(f"{p:>14}" for p in TRITON_PHASES))
+    for name, spent in phases.items():
+        if spent["success"][0]:
+            print(f"  {name:34} " + " ".join(f"{spent[p][1] / max(spent[p][0], 1) / 1e6:14.3f}" for p in TRITON_PHASES))
     print("\nthe gateway's own stage means (ms per call, from its histograms):")
     for name, value in stages.items():
         print(f"  {name:34} {value:7.3f}")
