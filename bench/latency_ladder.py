@@ -109,6 +109,7 @@ def main() -> None:
     options.add_session_config_entry("session.intra_op.allow_spinning", ORT_ALLOW_SPINNING)
     session = ort.InferenceSession(str(ROOT / "model_repository/minilm/1" / FUSED_ONNX), options, providers=["CPUExecutionProvider"])
     p50s: dict[str, list[float]] = {}
+    means: dict[str, list[float]] = {}  # the mean, to set beside Triton's and the gateway's means
     phases: dict[str, dict[str, list[int]]] = {}  # setup -> Triton phase -> [count, ns]
     with tempfile.TemporaryDirectory(prefix="ragserve-ladder-") as tmp:
         triton = start_triton(Path(tmp) / "triton", ["minilm"])
@@ -122,7 +123,9 @@ def main() -> None:
                         ("ragserve gateway + Triton", lambda: asyncio.run(through_gateway(gateway.address, texts, args.calls))),
                     ):
                         before = triton_phases(triton.ports.http)
-                        p50s.setdefault(name, []).append(percentile(run(), 50) * 1000)
+                        latencies = run()
+                        p50s.setdefault(name, []).append(percentile(latencies, 50) * 1000)
+                        means.setdefault(name, []).append(sum(latencies) / len(latencies) * 1000)
                         after = triton_phases(triton.ports.http)
                         for phase in TRITON_PHASES:
                             spent = phases.setdefault(name, {}).setdefault(phase, [0, 0])
@@ -134,11 +137,12 @@ def main() -> None:
         finally:
             triton.stop()
     print(f"\nsingle-sentence Embed at concurrency 1, {args.calls} calls per setup, median p50 of {args.rounds} interleaved rounds")
-    print(f"{'setup':36} {'p50 ms':>7} {'+ over the step below':>22}")
+    print(f"{'setup':36} {'p50 ms':>7} {'+ over the step below':>22} {'mean ms':>8}")
     below = None
     for name, values in p50s.items():
         value = sorted(values)[len(values) // 2]
-        print(f"{name:36} {value:7.2f} {'' if below is None else f'{value - below:+.2f}':>22}")
+        mean = sorted(means[name])[len(means[name]) // 2]
+        print(f"{name:36} {value:7.2f} {'' if below is None else f'{value - below:+.2f}':>22} {mean:8.2f}")
         below = value
     print("\nTriton's own phases (mean ms per request, its statistics API; compute_infer includes the")
     print("python-backend hop to the stub and back, so compute_infer minus raw is that hop):")
