@@ -5,6 +5,10 @@ one call at a time, up the stack, interleaved over rounds (median p50 shown):
     triton       tritonclient (grpc.aio) straight to Triton, pre-tokenized (the python backend's hop)
     gateway      ragserve's gateway in front of that Triton (tokenizing, gRPC twice)
 
+and two floors with no model, measured the same way: a grpc.aio server that answers at once
+(bench/echo_server.py), and the gateway in front of the tests' fake backend
+(bench/gateway_floor_server.py); their difference is what the gateway's own work adds.
+
 Each step's extra time is what that layer costs. Triton's statistics (queue, compute_infer:
 the python-backend hop plus the model, success: the request inside Triton) split the Triton
 step, and the gateway's own stage histograms (it runs with a metrics port) split its part.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -33,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from embed_bench import BUCKET, percentile, sentences, tokenized  # noqa: E402
+from embed_bench import BUCKET, naive_stack, percentile, sentences, tokenized  # noqa: E402
 from ragserve.v1 import embed_pb2, embed_pb2_grpc  # noqa: E402
 from ragserve_server.registry import FUSED_ONNX, ORT_ALLOW_SPINNING  # noqa: E402
 from support import GatewayProcess, free_port, start_triton  # noqa: E402
@@ -87,6 +92,8 @@ def stage_means(metrics_url: str) -> dict[str, float]:
     return {name: v["sum"] / v["count"] * 1000 for name, v in sums.items() if v.get("count")}
 
 
+FLOOR_ECHO = "gRPC floor: echo server"
+FLOOR_GATEWAY = "gateway, fake backend (no Triton)"
 TRITON_PHASES = ("queue", "compute_input", "compute_infer", "compute_output", "success")
 
 
@@ -115,12 +122,17 @@ def main() -> None:
         triton = start_triton(Path(tmp) / "triton", ["minilm"])
         try:
             gateway = GatewayProcess(triton.grpc_url, ["minilm"], Path(tmp) / "gateway.log", metrics_port=free_port()).wait_serving()
+            floors = contextlib.ExitStack()
             try:
+                echo = floors.enter_context(naive_stack("echo_server.py"))
+                gateway_floor = floors.enter_context(naive_stack("gateway_floor_server.py"))
                 for _ in range(args.rounds):
                     for name, run in (
                         ("raw ONNX Runtime, fused, batch 1", lambda: raw(session, ids, mask, args.calls)),
                         ("Triton direct (tritonclient aio)", lambda: asyncio.run(triton_direct(triton.grpc_url, ids, mask, args.calls))),
                         ("ragserve gateway + Triton", lambda: asyncio.run(through_gateway(gateway.address, texts, args.calls))),
+                        (FLOOR_ECHO, lambda: asyncio.run(through_gateway(echo, texts, args.calls))),
+                        (FLOOR_GATEWAY, lambda: asyncio.run(through_gateway(gateway_floor, texts, args.calls))),
                     ):
                         before = triton_phases(triton.ports.http)
                         latencies = run()
@@ -133,6 +145,7 @@ def main() -> None:
                             spent[1] += after[phase][1] - before[phase][1]
                 stages = stage_means(gateway.metrics_url)
             finally:
+                floors.close()
                 gateway.stop()
         finally:
             triton.stop()
@@ -142,6 +155,9 @@ def main() -> None:
     for name, values in p50s.items():
         value = sorted(values)[len(values) // 2]
         mean = sorted(means[name])[len(means[name]) // 2]
+        if name == FLOOR_ECHO:
+            print("\nfloors, no model (the gateway's own work is the second minus the first):")
+            below = None
         print(f"{name:36} {value:7.2f} {'' if below is None else f'{value - below:+.2f}':>22} {mean:8.2f}")
         below = value
     print("\nTriton's own phases (mean ms per request, its statistics API; compute_infer includes the")
