@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -40,6 +42,19 @@ def start_triton(work_dir: Path, models: list[str], repository: Path = MODEL_REP
         server.stop()
         raise
     return server
+
+
+@contextmanager
+def gateway_over(triton: TritonServer, models: list[str], work_dir: Path) -> Iterator["GatewayProcess"]:
+    """A gateway serving `models` of a started Triton; on exit it stops the gateway, then the Triton."""
+    try:
+        gateway = GatewayProcess(triton.grpc_url, models, work_dir / "gateway.log").wait_serving(timeout=120)
+        try:
+            yield gateway
+        finally:
+            gateway.stop()
+    finally:
+        triton.stop()
 
 
 def health_status(address: str, service: str = "", timeout: float = 2.0) -> int | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import ragserve
-from support import GatewayProcess, start_triton
+from support import gateway_over, start_triton
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +28,8 @@ MAX_TOKENS = 20
 def generation(tmp_path_factory):
     work = tmp_path_factory.mktemp("generation")
     triton = start_triton(work, ["smollm2"])
-    gateway = GatewayProcess(triton.grpc_url, ["smollm2"], work / "gateway.log")
-    try:
-        gateway.wait_serving(timeout=120)
+    with gateway_over(triton, ["smollm2"], work) as gateway:
         yield triton, gateway
-    finally:
-        gateway.stop()
-        triton.stop()
 
 
 def running_sequences(triton) -> float:

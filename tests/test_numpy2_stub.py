@@ -19,7 +19,7 @@ import pytest
 
 import ragserve
 from reference import cosine_rows, minilm_embeddings
-from support import GatewayProcess, python_backend_stubs, start_triton
+from support import gateway_over, python_backend_stubs, start_triton
 from test_generate_e2e import CHATS, MAX_TOKENS
 
 pytestmark = pytest.mark.integration
@@ -37,13 +37,8 @@ def numpy2_stack(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # the launcher puts this python's folder first on Triton's PATH
         patch.setattr(sys, "executable", str(NUMPY2 / "bin" / "python"))
         triton = start_triton(work, ["minilm", "smollm2"])
-    gateway = GatewayProcess(triton.grpc_url, ["minilm", "smollm2"], work / "gateway.log")
-    try:
-        gateway.wait_serving(timeout=120)
+    with gateway_over(triton, ["minilm", "smollm2"], work) as gateway:  # the gateway runs our numpy 1
         yield triton, gateway
-    finally:
-        gateway.stop()
-        triton.stop()
 
 
 def test_every_stub_runs_numpy_2(numpy2_stack):
