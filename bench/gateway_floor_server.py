@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fakes import FakeBackend  # noqa: E402
 from ragserve_server.app import create_gateway  # noqa: E402
 from ragserve_server.catalog import build_catalog  # noqa: E402
+from ragserve_server.logging_setup import configure_logging  # noqa: E402
 from ragserve_server.registry import minilm_spec  # noqa: E402
 from ragserve_server.settings import Settings  # noqa: E402
 
@@ -32,9 +33,12 @@ class _Discard(list):
 
 
 async def serve(port: int) -> None:
+    settings = Settings(port=port, http_port=0)
+    # As main.py does: JSON lines (structlog's default console renderer costs several times more).
+    configure_logging(settings.log_format, settings.log_level)
     backend = FakeBackend()
     backend.requests = backend.timeouts = backend.lanes = _Discard()
-    gateway = await create_gateway(Settings(port=port, http_port=0), backend, build_catalog([minilm_spec()]))
+    gateway = await create_gateway(settings, backend, build_catalog([minilm_spec()]))
     await gateway.server.wait_for_termination()
 
 
