@@ -56,26 +56,27 @@ CONCURRENCY = (1, 16, 64)
 BUCKET = 16  # the gateway pads these sentences to its 16-token bucket
 BATCHED = (32, 4)  # 32-sentence calls at concurrency 4: a caller that batches
 # Each change of issue 13, and how a setup undoes it: Triton config parameters of minilm,
-# gateway flags, and the model's instance count in Triton (0: as deployed). "before" undoes
-# them all.
+# gateway flags, and edits of its Triton config (`variant_repository`'s keywords: the instance
+# count, the preferred batch sizes). "before" undoes them all.
 CHANGES = {
-    "plain graph for 1 row": ({"small_batch_onnx_file": ""}, [], 0),
-    "fused graph above 1 row": ({"small_batch_max_rows": "64"}, [], 0),
-    "ORT threads spin": ({"allow_spinning": "1"}, [], 0),
-    "1 instance of 2 threads": ({"intra_op_threads": "2", "few_rows_intra_op_threads": ""}, [], 1),
-    "tokenize on a thread": ({}, ["--inline-tokenize-chars", "0"], 0),
-    "no coalescing in the gateway": ({}, ["--coalesce-in-flight", "0"], 0),
+    "plain graph for 1 row": ({"small_batch_onnx_file": ""}, [], {}),
+    "fused graph above 1 row": ({"small_batch_max_rows": "64"}, [], {}),
+    "ORT threads spin": ({"allow_spinning": "1"}, [], {}),
+    "1 instance of 2 threads": ({"intra_op_threads": "2", "few_rows_intra_op_threads": ""}, [], {"instances": 1}),
+    "tokenize on a thread": ({}, ["--inline-tokenize-chars", "0"], {}),
+    "no coalescing in the gateway": ({}, ["--coalesce-in-flight", "0"], {}),
 }
 # Settings tried while tuning (--candidate NAME), in the same form.
 CANDIDATES = {
-    "fused graph for 2-8 rows": ({"small_batch_max_rows": "8"}, [], 0),
-    "2 instances, 2 threads for <= 2 rows": ({"few_rows_max_rows": "2"}, [], 0),
-    "2 instances, 2 threads for <= 8 rows": ({"few_rows_max_rows": "8"}, [], 0),
-    "2 instances x 1 thread": ({"few_rows_intra_op_threads": ""}, [], 0),
-    "2 instances x 2 threads": ({"intra_op_threads": "2", "few_rows_intra_op_threads": ""}, [], 0),
-    "coalesce 1 in flight": ({}, ["--coalesce-in-flight", "1"], 0),
-    "coalesce 3 in flight": ({}, ["--coalesce-in-flight", "3"], 0),
-    "1 instance of 1 thread": ({"intra_op_threads": "1", "few_rows_intra_op_threads": ""}, [], 1),
+    "fused graph for 2-8 rows": ({"small_batch_max_rows": "8"}, [], {}),
+    "2 instances, 2 threads for <= 2 rows": ({"few_rows_max_rows": "2"}, [], {}),
+    "2 instances, 2 threads for <= 8 rows": ({"few_rows_max_rows": "8"}, [], {}),
+    "2 instances x 1 thread": ({"few_rows_intra_op_threads": ""}, [], {}),
+    "2 instances x 2 threads": ({"intra_op_threads": "2", "few_rows_intra_op_threads": ""}, [], {}),
+    "coalesce 1 in flight": ({}, ["--coalesce-in-flight", "1"], {}),
+    "coalesce 3 in flight": ({}, ["--coalesce-in-flight", "3"], {}),
+    "1 instance of 1 thread": ({"intra_op_threads": "1", "few_rows_intra_op_threads": ""}, [], {"instances": 1}),
+    "preferred batch 32": ({}, [], {"preferred_batch": [32]}),
 }
 
 
@@ -190,10 +191,11 @@ def ragserve_stack(work: Path, repository: Path, gateway_args: list[str] = ()) -
 
 def variant_repository(
     work: Path, name: str, *, dynamic_batching: str | None = None, parameters: dict[str, str] | None = None,
-    instances: int = 0,
+    instances: int = 0, preferred_batch: list[int] | None = None,
 ) -> Path:
     """A copy of the model repository whose minilm model has another dynamic_batching block
-    ("" = none: every request executes alone) and/or other parameters."""
+    ("" = none: every request executes alone), other parameters, another instance count
+    and/or other preferred batch sizes."""
     repository = work / f"repo-{name}"
     target = repository / "minilm"
     (target / "1").mkdir(parents=True)
@@ -206,6 +208,8 @@ def variant_repository(
     model_config.set_parameters(config, parameters or {})
     if instances:
         config.instance_group[0].count = instances
+    if preferred_batch is not None:
+        config.dynamic_batching.preferred_batch_size[:] = preferred_batch
     model_config.write(target / "config.pbtxt", config)
     for item in (source / "1").iterdir():
         if item.suffix in (".onnx", ".py", ".json"):
@@ -272,20 +276,20 @@ def main() -> None:
         batched_setups = ["(b) ragserve"]
         if "before" not in skip:
             parameters = {k: v for p, _, _ in CHANGES.values() for k, v in p.items()}
-            instances = next((n for _, _, n in CHANGES.values() if n), 0)
+            edits = {k: v for _, _, e in CHANGES.values() for k, v in e.items()}
             setups["(b-) before: all changes undone"] = stack(
-                "before", parameters, [a for _, g, _ in CHANGES.values() for a in g], instances=instances
+                "before", parameters, [a for _, g, _ in CHANGES.values() for a in g], **edits
             )
             batched_setups.append("(b-) before: all changes undone")
         if "changes" not in skip:
-            for index, (change, (parameters, gateway_args, instances)) in enumerate(CHANGES.items()):
+            for index, (change, (parameters, gateway_args, edits)) in enumerate(CHANGES.items()):
                 if args.change and change not in args.change:
                     continue
-                setups[f"(b-) undone: {change}"] = stack(f"undo{index}", parameters, gateway_args, instances=instances)
+                setups[f"(b-) undone: {change}"] = stack(f"undo{index}", parameters, gateway_args, **edits)
                 batched_setups.append(f"(b-) undone: {change}")
         for index, candidate in enumerate(args.candidate):
-            parameters, gateway_args, instances = CANDIDATES[candidate]
-            setups[f"(t) tried: {candidate}"] = stack(f"try{index}", parameters, gateway_args, instances=instances)
+            parameters, gateway_args, edits = CANDIDATES[candidate]
+            setups[f"(t) tried: {candidate}"] = stack(f"try{index}", parameters, gateway_args, **edits)
             batched_setups.append(f"(t) tried: {candidate}")
         for delay in args.queue_delay_us:
             setups[f"(b) ragserve, queue delay {delay} us"] = stack(
