@@ -84,7 +84,8 @@ bench: setup models
 clean:
 	rm -rf $(VENV) build reports $(MINILM_ONNX) $(MINILM_FUSED) $(MINILM_CALIBRATION) model_repository/smollm2/1/hf
 
-# Where an Embed call's CPU goes at concurrency 64: per process and thread, and py-spy samples by part.
+# Where an Embed call's CPU goes at concurrency 64: per process and thread, py-spy samples by part, and
+# two no-model floors under the same load (echo server; gateway on the fake backend).
 .PHONY: profile
 profile: setup models
 	$(PY) bench/profile_embed.py

@@ -218,9 +218,19 @@ def variant_repository(
 
 
 @contextmanager
-def naive_stack(script: str = "naive_server.py") -> Iterator[str]:
+def naive_stack(script: str = "naive_server.py", quiet: bool = False) -> Iterator[str]:
+    """A one-process server of bench/ (naive_server.py, echo_server.py, ...): its address."""
+    with script_server(script, quiet) as (address, _):
+        yield address
+
+
+@contextmanager
+def script_server(script: str, quiet: bool = False) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Starts bench/`script` --port N on loopback, waits until it answers an Embed call;
+    yields its address and process. `quiet`: its output is discarded."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / script), "--port", str(port)])
+    output = subprocess.DEVNULL if quiet else None
+    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / script), "--port", str(port)], stdout=output, stderr=output)
     try:
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -233,7 +243,7 @@ def naive_stack(script: str = "naive_server.py") -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        yield address
+        yield address, process
     finally:
         process.terminate()
         process.wait()

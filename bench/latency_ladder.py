@@ -125,7 +125,8 @@ def main() -> None:
             floors = contextlib.ExitStack()
             try:
                 echo = floors.enter_context(naive_stack("echo_server.py"))
-                gateway_floor = floors.enter_context(naive_stack("gateway_floor_server.py"))
+                # quiet: its JSON line per call, as deployed, but not onto this table's terminal
+                gateway_floor = floors.enter_context(naive_stack("gateway_floor_server.py", quiet=True))
                 for _ in range(args.rounds):
                     for name, run in (
                         ("raw ONNX Runtime, fused, batch 1", lambda: raw(session, ids, mask, args.calls)),

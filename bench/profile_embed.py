@@ -11,7 +11,14 @@ a separate load process, and over the measured window:
 The table it prints is CPU milliseconds per call by part, so parts add up to what one call
 costs the machine. Samples are taken of threads that are running (py-spy without --idle).
 
+Then, under the same load and without py-spy, two servers with no model (the floors of
+bench/latency_ladder.py, here at the same concurrency): bench/echo_server.py, a grpc.aio
+server that answers at once, and bench/gateway_floor_server.py, the gateway as deployed in
+front of the tests' fake backend. Their CPU per call, and its difference (the gateway's own
+work: interceptor, admission, tokenizing, request and response building, logging, metrics).
+
     .venv/bin/python bench/profile_embed.py [--seconds 20] [--concurrency 64] [--repository model_repository]
+        [--floor-seconds 10]
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from embed_bench import script_server  # noqa: E402
 from support import GatewayProcess, python_backend_stubs, start_triton  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -141,6 +149,7 @@ def main() -> None:
     parser.add_argument("--gateway-args", default="", help="extra gateway flags, space-separated")
     parser.add_argument("--top", type=int, default=12, help="functions to list by their own samples, per process")
     parser.add_argument("--native", type=Path, help="also write the gateway's native (C frames) samples here, as raw collapsed stacks")
+    parser.add_argument("--floor-seconds", type=float, default=10.0, help="load on each no-model floor server (0: skip them)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ragserve-profile-") as tmp:
@@ -214,6 +223,35 @@ def main() -> None:
             print("  the functions its samples were in most (own time):")
             for frame, count in _own_frames([work / f"{spy}.spy" for spy in spy_names]).most_common(args.top):
                 print(f"    {count / n:6.1%}  {frame[:110]}")
+
+    if args.floor_seconds > 0:
+        print(f"\nfloors with no model at concurrency {args.concurrency} (CPU ms per call; {args.floor_seconds:.0f} s each, no py-spy):")
+        print(f"  {'server':50} {'server':>7} {'load gen':>8} {'calls/s':>8}")
+        floors = {}
+        for label, script in (("echo server (grpc.aio, answers at once)", "echo_server.py"),
+                              ("gateway on the fake backend (no Triton)", "gateway_floor_server.py")):
+            floors[script] = server_ms, load_ms, rate = floor_cpu(script, args.concurrency, args.floor_seconds)
+            print(f"  {label:50} {server_ms:7.3f} {load_ms:8.3f} {rate:8.0f}")
+        own = floors["gateway_floor_server.py"][0] - floors["echo_server.py"][0]
+        print(f"  the gateway's own work: {own:.3f} ms of CPU per call (the second server's minus the first's)")
+
+
+def floor_cpu(script: str, concurrency: int, seconds: float) -> tuple[float, float, float]:
+    """(server CPU ms per call, load generator CPU ms per call, calls/s) of bench/`script`
+    under `concurrency` single-sentence callers, measured over `seconds` after a warm-up."""
+    with script_server(script, quiet=True) as (address, server):
+        load = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "embed_load.py"), address, str(concurrency), str(seconds + 4)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        time.sleep(2)  # warm: the window starts once the load is steady
+        server_before, load_before, start = cpu_seconds(server.pid), cpu_seconds(load.pid), time.monotonic()
+        time.sleep(seconds)
+        server_used, load_used = cpu_seconds(server.pid) - server_before, cpu_seconds(load.pid) - load_before
+        elapsed = time.monotonic() - start
+        finished, _ = load.communicate(timeout=60)
+    calls = sum(1 for t in json.loads(finished) if start <= t <= start + elapsed)
+    return server_used * 1000 / calls, load_used * 1000 / calls, calls / elapsed
 
 
 if __name__ == "__main__":
