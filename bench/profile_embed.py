@@ -159,10 +159,7 @@ def main() -> None:
         try:
             stubs = python_backend_stubs(triton.process.pid)
             # The load generator is its own process, so its CPU is counted apart from ours.
-            load = subprocess.Popen(
-                [sys.executable, str(ROOT / "bench" / "embed_load.py"), gateway.address, str(args.concurrency), str(args.seconds + 6)],
-                stdout=subprocess.PIPE, text=True,
-            )
+            load = start_load(gateway.address, args.concurrency, args.seconds + 6)
             time.sleep(3)  # warm: the window starts once the load is steady
             pids = {"gateway": gateway.process.pid, "tritonserver": triton.process.pid, "load generator": load.pid}
             pids.update({f"python stub {i}": pid for i, pid in enumerate(stubs)})
@@ -182,8 +179,7 @@ def main() -> None:
             batches_after = _executions(triton)
             for spy in spies.values():
                 spy.wait(timeout=60)
-            finished, _ = load.communicate(timeout=60)
-            calls = sum(1 for t in json.loads(finished) if start <= t <= start + elapsed)
+            calls = calls_in_window(load, start, elapsed)
         finally:
             gateway.stop()
             triton.stop()
@@ -240,18 +236,28 @@ def floor_cpu(script: str, concurrency: int, seconds: float) -> tuple[float, flo
     """(server CPU ms per call, load generator CPU ms per call, calls/s) of bench/`script`
     under `concurrency` single-sentence callers, measured over `seconds` after a warm-up."""
     with script_server(script, quiet=True) as (address, server):
-        load = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "embed_load.py"), address, str(concurrency), str(seconds + 4)],
-            stdout=subprocess.PIPE, text=True,
-        )
+        load = start_load(address, concurrency, seconds + 4)
         time.sleep(2)  # warm: the window starts once the load is steady
         server_before, load_before, start = cpu_seconds(server.pid), cpu_seconds(load.pid), time.monotonic()
         time.sleep(seconds)
         server_used, load_used = cpu_seconds(server.pid) - server_before, cpu_seconds(load.pid) - load_before
         elapsed = time.monotonic() - start
-        finished, _ = load.communicate(timeout=60)
-    calls = sum(1 for t in json.loads(finished) if start <= t <= start + elapsed)
+        calls = calls_in_window(load, start, elapsed)
     return server_used * 1000 / calls, load_used * 1000 / calls, calls / elapsed
+
+
+def start_load(address: str, concurrency: int, seconds: float) -> subprocess.Popen:
+    """bench/embed_load.py against `address`: single-sentence callers for `seconds`, in a process of its own."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "embed_load.py"), address, str(concurrency), str(seconds)],
+        stdout=subprocess.PIPE, text=True,
+    )
+
+
+def calls_in_window(load: subprocess.Popen, start: float, elapsed: float) -> int:
+    """The calls the load process completed within [start, start + elapsed] (time.monotonic())."""
+    finished, _ = load.communicate(timeout=60)
+    return sum(1 for t in json.loads(finished) if start <= t <= start + elapsed)
 
 
 if __name__ == "__main__":
