@@ -11,7 +11,7 @@ SMOLLM2_HF := model_repository/smollm2/1/hf/config.json
 # int8/uint8 embeddings: MiniLM's calibration ranges (scripts/calibrate_embeddings.py)
 MINILM_CALIBRATION := model_repository/minilm/1/calibration.json
 
-.PHONY: setup proto models configs engines run test test-unit bench loadtest observe clean
+.PHONY: setup proto models configs engines run test test-unit lint-imports bench loadtest observe clean
 
 setup: $(STAMP)
 
@@ -29,10 +29,10 @@ proto: $(STAMP)
 
 models: $(MINILM_ONNX) $(MINILM_FUSED) $(SMOLLM2_HF) $(MINILM_CALIBRATION)
 
-# Every config.pbtxt is rendered from server/ragserve_server/registry.py (every fact about a
+# Every config.pbtxt is rendered from server/ragserve_server/models/registry.py (every fact about a
 # model lives there); tests/test_registry.py checks the committed CPU configs are up to date.
 configs: $(STAMP)
-	$(PY) -m ragserve_server.repository --device cpu
+	$(PY) -m ragserve_server.models.repository --device cpu
 
 # The GPU repository for NVIDIA's Triton container: configs rendered for the GPU, artifacts
 # copied in, FP16 TensorRT plans built from the same ONNX files. Needs an NVIDIA GPU and the
@@ -72,7 +72,11 @@ $(NUMPY2)/.installed: requirements-numpy2.txt scripts/make_numpy2_venv.py $(STAM
 	$(PY) scripts/make_numpy2_venv.py $(NUMPY2)
 	touch $@
 
-test: setup models $(NUMPY2)/.installed
+# The architecture contracts (.importlinter) first: a broken layer fails in seconds.
+lint-imports: setup
+	PYTHONPATH=server $(VENV)/bin/lint-imports --no-cache
+
+test: setup models $(NUMPY2)/.installed lint-imports
 	$(PY) -m pytest -q tests
 
 test-unit: setup

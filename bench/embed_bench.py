@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from ragserve.v1 import embed_pb2, embed_pb2_grpc  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
-from ragserve_server import model_config  # noqa: E402
-from ragserve_server.registry import FUSED_ONNX, package_dir  # noqa: E402
+from ragserve_server.models import model_config  # noqa: E402
+from ragserve_server.models.registry import FUSED_ONNX  # noqa: E402
+from ragserve_server.models.builtin import package_dir  # noqa: E402
 from support import GatewayProcess, free_port, start_triton  # noqa: E402
 
 SUBJECTS = ["The quick brown fox", "A retrieval system", "Our search engine", "The support team", "This small model", "A web service"]

@@ -38,7 +38,7 @@ def load_engine_module():
 
 def engine_config(eng_mod, threads: int, max_running: int):
     """The deployment's settings (generation_contract.ENGINE_PARAMETERS), resized for the run."""
-    from ragserve_server.generation_contract import ENGINE_PARAMETERS
+    from ragserve_server.models.generation_contract import ENGINE_PARAMETERS
 
     deployed = eng_mod.EngineConfig.from_parameters(
         {k: v for k, v in ENGINE_PARAMETERS.items() if k != "hf_dir"} | {"device": "cpu"})

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fakes import FakeBackend  # noqa: E402
 from ragserve_server.app import create_gateway  # noqa: E402
-from ragserve_server.catalog import build_catalog  # noqa: E402
-from ragserve_server.logging_setup import configure_logging  # noqa: E402
-from ragserve_server.registry import minilm_spec  # noqa: E402
+from ragserve_server.models.catalog import build_catalog  # noqa: E402
+from ragserve_server.observability.logging_setup import configure_logging  # noqa: E402
+from ragserve_server.models.builtin import minilm_spec  # noqa: E402
 from ragserve_server.settings import Settings  # noqa: E402
 
 

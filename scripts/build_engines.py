@@ -23,21 +23,31 @@ import argparse
 import sys
 from pathlib import Path
 
-from ragserve_server.registry import (
+from ragserve_server.models.registry import (
+
     CROSS_ENCODER,
+
     DEFAULT_REPOSITORY,
+
     EMBEDDING,
+
     GENERATION,
+
     GPU,
+
     REPO_ROOT,
+
     TENSORRT,
+
     ModelSpec,
-    builtin_specs,
-    exported_spec,
-    parse_named_folders,
+
 )
-from ragserve_server.repository import render_repository
-from ragserve_server.tensorrt_profiles import Profile, check_coverage, profile_plan
+
+from ragserve_server.models.builtin import builtin_specs
+
+from ragserve_server.models.manifest import exported_spec, parse_named_folders
+from ragserve_server.models.repository import render_repository
+from ragserve_server.models.tensorrt_profiles import Profile, check_coverage, profile_plan
 
 INSTALL_HINT = (
     "pip install tensorrt-cu12 on a machine with an NVIDIA GPU (the same TensorRT version as the Triton "

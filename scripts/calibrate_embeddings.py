@@ -43,8 +43,8 @@ def embeddings(spec, onnx_path: Path, texts: list[str], batch: int = 32) -> np.n
     """Normalised full-size embeddings, computed as the gateway computes them."""
     import onnxruntime as ort
 
-    from ragserve_server.encoder import finish_embeddings
-    from ragserve_server.tokenization import TRUNCATE_END, EncoderTokenizer
+    from ragserve_server.encoding.encoder import finish_embeddings
+    from ragserve_server.encoding.tokenization import TRUNCATE_END, EncoderTokenizer
 
     tokenizer = EncoderTokenizer(spec.tokenizer_dir / "tokenizer.json", spec.max_input_tokens)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -60,7 +60,7 @@ def embeddings(spec, onnx_path: Path, texts: list[str], batch: int = 32) -> np.n
 
 
 def calibration(spec, onnx_path: Path, corpus: Path) -> dict:
-    from ragserve_server.quantize import calibration_ranges
+    from ragserve_server.models.calibration import calibration_ranges
 
     texts = corpus_texts(corpus)
     if len(texts) < 2:
@@ -80,7 +80,9 @@ def calibration(spec, onnx_path: Path, corpus: Path) -> dict:
 
 
 def main() -> None:
-    from ragserve_server.registry import BUILTIN, CALIBRATION_FILE, DEFAULT_REPOSITORY, EMBEDDING, exported_spec, write_manifest
+    from ragserve_server.models.builtin import BUILTIN
+    from ragserve_server.models.registry import CALIBRATION_FILE, DEFAULT_REPOSITORY, EMBEDDING
+    from ragserve_server.models.manifest import exported_spec, write_manifest
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)

@@ -3,7 +3,7 @@ Triton model repository entry that the gateway serves with `--cross-encoders NAM
 
     python scripts/export_cross_encoder.py --hf-folder ~/ms-marco-MiniLM-L-6-v2 --out model_repository/msmarco-minilm
 
-Writes OUT/ragserve.json (the model's registry entry: server/ragserve_server/registry.py),
+Writes OUT/ragserve.json (the model's registry entry: server/ragserve_server/models/registry.py),
 OUT/config.pbtxt (rendered from that entry for the CPU), OUT/1/model.onnx (token tensors
 in, `logits` [1] out), OUT/1/model.py (ONNX Runtime, scripts/templates/ort_model.py) and
 OUT/hf/ (tokenizer, config and weights: the gateway tokenizes with it, the GPU variant runs
@@ -24,10 +24,10 @@ import onnxruntime as ort
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from ragserve_server.catalog import max_tokens_of
-from ragserve_server.model_config import TensorSpec
-from ragserve_server.registry import CROSS_ENCODER, encoder_spec
-from ragserve_server.repository import publish_export
+from ragserve_server.models.catalog import max_tokens_of
+from ragserve_server.models.model_config import TensorSpec
+from ragserve_server.models.registry import CROSS_ENCODER, encoder_spec
+from ragserve_server.models.repository import publish_export
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "ort_model.py"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -3,7 +3,7 @@ repository entry that the gateway serves with `--embedding-models NAME=OUT`.
 
     python scripts/export_encoder.py --hf-folder ~/bge-small-en-v1.5 --out model_repository/bge-small
 
-Writes OUT/ragserve.json (the model's registry entry: server/ragserve_server/registry.py),
+Writes OUT/ragserve.json (the model's registry entry: server/ragserve_server/models/registry.py),
 OUT/config.pbtxt (rendered from it for the CPU), OUT/1/model.onnx (token tensors in, the
 mean-pooled, unnormalised embedding out: the gateway normalises and cuts `dimensions`),
 OUT/1/model.py (ONNX Runtime, scripts/templates/ort_model.py) and OUT/hf/ (tokenizer, config
@@ -86,10 +86,10 @@ def _json(path: Path) -> dict:
 
 
 def export(hf_folder: Path, out: Path, *, name: str, max_batch: int = 64, cores: int = 2) -> None:
-    from ragserve_server.catalog import max_tokens_of
-    from ragserve_server.model_config import TensorSpec
-    from ragserve_server.registry import EMBEDDING, encoder_spec
-    from ragserve_server.repository import publish_export
+    from ragserve_server.models.catalog import max_tokens_of
+    from ragserve_server.models.model_config import TensorSpec
+    from ragserve_server.models.registry import EMBEDDING, encoder_spec
+    from ragserve_server.models.repository import publish_export
 
     hf_folder = hf_folder.resolve()
     tokenizer = AutoTokenizer.from_pretrained(hf_folder, use_fast=True)

@@ -3,7 +3,7 @@
 The graph takes token tensors (tokenization is the gateway's) and returns the mean-pooled
 embedding, not normalised: the gateway normalises, so that `normalize=false` and
 Matryoshka `dimensions` (truncate, then re-normalise) are both exact. Its registry entry is
-built in (`registry.minilm_spec`); other embedding models use scripts/export_encoder.py.
+built in (`models/builtin.py`, `minilm_spec`); other embedding models use scripts/export_encoder.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from export_encoder import export_onnx, load  # noqa: E402
 
-from ragserve_server.registry import package_dir  # noqa: E402
+from ragserve_server.models.builtin import package_dir  # noqa: E402
 
 
 def main() -> None:

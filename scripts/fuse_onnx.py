@@ -74,13 +74,14 @@ def check(plain: Path, fused: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--builtin", help="a built-in model (registry.BUILTIN): its files are found in model_repository")
+    parser.add_argument("--builtin", help="a built-in model (models/builtin.py, BUILTIN): its files are found in model_repository")
     parser.add_argument("--plain", type=Path, help="the exported graph (scripts/export_encoder.py)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--hf-folder", type=Path, help="the model's folder (config.json: heads, hidden size)")
     args = parser.parse_args()
     if args.builtin:
-        from ragserve_server.registry import BUILTIN, DEFAULT_REPOSITORY, ONNXRUNTIME
+        from ragserve_server.models.builtin import BUILTIN
+        from ragserve_server.models.registry import DEFAULT_REPOSITORY, ONNXRUNTIME
 
         spec = BUILTIN[args.builtin]()
         folder = DEFAULT_REPOSITORY / spec.triton_model / "1"

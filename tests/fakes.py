@@ -14,10 +14,13 @@ import asyncio
 
 import numpy as np
 
-from ragserve_server.admission import CURRENT_LANE
-from ragserve_server.registry import BUILTIN, ONNXRUNTIME
-from ragserve_server.repository import triton_config
+from ragserve_server.calls.admission import TRITON_PRIORITY
+from ragserve_server.models.builtin import BUILTIN
+from ragserve_server.models.registry import ONNXRUNTIME
+from ragserve_server.models.repository import triton_config
 from support import MODEL_REPOSITORY
+
+_LANE_OF_PRIORITY = {priority: lane for lane, priority in TRITON_PRIORITY.items()}
 
 
 class FakeBackend:
@@ -31,10 +34,10 @@ class FakeBackend:
         self.lanes: list[str] = []
         self.requests: list[dict[str, np.ndarray]] = []
 
-    async def infer(self, model, inputs, outputs, *, timeout):
+    async def infer(self, model, inputs, outputs, *, timeout, priority=0):
         self.calls += 1
         self.timeouts.append(timeout)
-        self.lanes.append(CURRENT_LANE.get())
+        self.lanes.append(_LANE_OF_PRIORITY.get(priority, "default"))
         self.requests.append(dict(inputs))
         if self.fail is not None:
             raise self.fail
@@ -47,7 +50,7 @@ class FakeBackend:
         vectors[:, 1] = 1.0
         return {"embedding": vectors}
 
-    async def stream(self, model, inputs, outputs, *, timeout):
+    async def stream(self, model, inputs, outputs, *, timeout, priority=0):
         self.calls += 1
         self.timeouts.append(timeout)
         if self.fail is not None:

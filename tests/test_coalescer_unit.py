@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fakes import FakeBackend
-from ragserve_server.admission import BULK, CURRENT_LANE, INTERACTIVE
-from ragserve_server.coalescer import SMALL_ROWS, Coalescer
+from ragserve_server.calls.admission import BULK, INTERACTIVE, TRITON_PRIORITY
+from ragserve_server.encoding.coalescer import SMALL_ROWS, Coalescer
 from ragserve_server.errors import BackendUnavailable, DeadlineExceeded
 
 
@@ -20,8 +20,9 @@ def tokens(*values: int, width: int = 16) -> dict[str, np.ndarray]:
 
 
 async def call(coalescer: Coalescer, *values: int, width: int = 16, lane: str = INTERACTIVE, timeout: float | None = 10.0):
-    CURRENT_LANE.set(lane)  # each call runs as its own task: its own context
-    out = await coalescer.infer("minilm", tokens(*values, width=width), ["embedding"], max_rows=4, timeout=timeout)
+    out = await coalescer.infer(
+        "minilm", tokens(*values, width=width), ["embedding"], max_rows=4, timeout=timeout, priority=TRITON_PRIORITY[lane]
+    )
     return [float(v) for v in out["embedding"][:, 0] / width]
 
 

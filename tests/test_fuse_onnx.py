@@ -15,7 +15,9 @@ from support import MODEL_REPOSITORY, ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 from fuse_onnx import check  # noqa: E402
 
-from ragserve_server.registry import FUSED_ONNX, FUSED_ONNX_MAX_ROWS, ONNXRUNTIME, minilm_spec  # noqa: E402
+from ragserve_server.models.registry import FUSED_ONNX, FUSED_ONNX_MAX_ROWS, ONNXRUNTIME  # noqa: E402
+
+from ragserve_server.models.builtin import minilm_spec  # noqa: E402
 
 PLAIN = MODEL_REPOSITORY / "minilm" / "1" / "model.onnx"
 FUSED = MODEL_REPOSITORY / "minilm" / "1" / FUSED_ONNX

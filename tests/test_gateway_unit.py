@@ -11,11 +11,11 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import ragserve
 from ragserve_server.app import create_gateway
-from ragserve_server.catalog import build_catalog
-from ragserve_server.registry import minilm_spec
+from ragserve_server.models.catalog import build_catalog
+from ragserve_server.models.builtin import minilm_spec
 from ragserve_server.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, Overloaded
 from ragserve_server.settings import Settings
-from ragserve_server.triton import map_triton_error
+from ragserve_server.backend.triton import map_triton_error
 from fakes import FakeBackend
 
 

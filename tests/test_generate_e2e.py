@@ -149,9 +149,9 @@ async def test_triton_serves_the_tensorrt_llm_contract(generation):
     `streaming` false) gets one final response with every token, the end id left out."""
     import tritonclient.grpc as triton_grpc
 
-    from ragserve_server import generation_contract as contract
-    from ragserve_server import model_config
-    from ragserve_server.triton import TritonBackend
+    from ragserve_server.models import generation_contract as contract
+    from ragserve_server.models import model_config
+    from ragserve_server.backend.triton import TritonBackend
 
     triton, _ = generation
     config = triton_grpc.InferenceServerClient(triton.grpc_url).get_model_config("smollm2").config

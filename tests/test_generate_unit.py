@@ -12,10 +12,10 @@ from tokenizers import Tokenizer
 
 import ragserve
 from ragserve_server.app import create_gateway
-from ragserve_server import generation_contract as contract
-from ragserve_server.catalog import GENERATION, Catalog, served
-from ragserve_server.detokenizer import IncrementalDetokenizer, StopMatcher
-from ragserve_server.registry import smollm2_spec
+from ragserve_server.models import generation_contract as contract
+from ragserve_server.models.catalog import GENERATION, Catalog, served
+from ragserve_server.generation.detokenizer import IncrementalDetokenizer, StopMatcher
+from ragserve_server.models.builtin import smollm2_spec
 from ragserve_server.settings import Settings
 
 HF = Path(__file__).resolve().parents[1] / "model_repository" / "smollm2" / "1" / "hf"
@@ -85,7 +85,7 @@ class FakeEngine:
         self.returns_end_id = False
         self.cancel_after: int | None = None  # close the request with a tensor-less final after this many tokens
 
-    async def stream(self, model, inputs, outputs, *, timeout):
+    async def stream(self, model, inputs, outputs, *, timeout, priority=0):
         self.inputs, self.outputs = inputs, outputs
         limit = int(inputs["request_output_len"][0, 0])
         end_id = int(inputs["end_id"][0, 0])

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ragserve_server import generation_contract as contract
-from ragserve_server import model_config
+from ragserve_server.models import generation_contract as contract
+from ragserve_server.models import model_config
 from ragserve_server.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parents[1]

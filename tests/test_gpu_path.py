@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from ragserve_server import model_config
-from ragserve_server.registry import DEVICES, ENCODER_BACKENDS, GPU, TEMPLATES, TENSORRT, TORCH_CUDA, minilm_spec
-from ragserve_server.repository import render_repository
-from ragserve_server.tensorrt_profiles import check_coverage, profile_plan
-from ragserve_server.tokenization import bucket_widths
+from ragserve_server.models import model_config
+from ragserve_server.models.registry import DEVICES, ENCODER_BACKENDS, GPU, TEMPLATES, TENSORRT, TORCH_CUDA
+from ragserve_server.models.builtin import minilm_spec
+from ragserve_server.models.repository import render_repository
+from ragserve_server.models.tensorrt_profiles import check_coverage, profile_plan
+from ragserve_server.encoding.tokenization import bucket_widths
 from reference import cosine_rows, minilm_embeddings
-from ragserve_server.triton_launcher import TritonPorts, TritonServer
+from ragserve_server.supervision.triton_launcher import TritonPorts, TritonServer
 from support import MODEL_REPOSITORY, ROOT, BackendRequest, free_port, load_template, minilm_tokens
 
 KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
@@ -42,7 +43,7 @@ def specs():
     """minilm, and smollm2 where its generation contract is importable (another change adds it)."""
     found = [minilm_spec()]
     try:
-        from ragserve_server.registry import smollm2_spec
+        from ragserve_server.models.builtin import smollm2_spec
 
         found.append(smollm2_spec(MODEL_REPOSITORY))
     except ImportError:

@@ -33,7 +33,7 @@ from ragserve.v1 import (
     rerank_pb2_grpc,
 )
 from grpc_health.v1 import health_pb2
-from ragserve_server.registry import smollm2_spec
+from ragserve_server.models.builtin import smollm2_spec
 from ragserve_server.settings import Settings
 from support import MODEL_REPOSITORY, GatewayProcess, health_status, start_triton
 

@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import ragserve
 from ragserve.v1 import rerank_pb2, rerank_pb2_grpc
-from ragserve_server.openai_shapes import _SCORE as SCORE_FIELD
-from ragserve_server.keys import key_line, new_key
-from ragserve_server.registry import smollm2_spec
+from ragserve_server.transport.openai_shapes import _SCORE as SCORE_FIELD
+from ragserve_server.security.keys import key_line, new_key
+from ragserve_server.models.builtin import smollm2_spec
 from support import MODEL_REPOSITORY, GatewayProcess, free_port, start_triton
 
 EMBEDDER = "all-minilm-l6-v2"

@@ -26,11 +26,11 @@ import pytest
 import yaml
 
 from ragserve_server.app import SERVICE_NAMES
-from ragserve_server.metrics import GatewayMetrics
-from ragserve_server.registry import BUILTIN
-from ragserve_server.replicas import parse_targets
+from ragserve_server.observability.metrics import GatewayMetrics
+from ragserve_server.models.builtin import BUILTIN
+from ragserve_server.backend.replicas import parse_targets
 from ragserve_server.settings import Settings
-from ragserve_server.triton_launcher import TritonPorts, TritonServer
+from ragserve_server.supervision.triton_launcher import TritonPorts, TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -434,7 +434,7 @@ def test_cpu_overlay_runs_the_bundled_triton_like_the_launcher(tmp_path):
     assert c["image"] == container(gateway(docs), "gateway")["image"], "one image: same model repository build"
     assert GPU not in str(t), "the CPU stack asks for no GPU"
     args = flag_values(c["args"])
-    # The same flags as server/ragserve_server/triton_launcher.py, except the loopback addresses.
+    # The same flags as server/ragserve_server/supervision/triton_launcher.py, except the loopback addresses.
     launcher = TritonServer(Path("/models"), ["minilm"], TritonPorts(), tmp_path).command()
     launcher_flags = {a.split("=")[0] for a in launcher[1:]} - {"--grpc-address", "--http-address", "--metrics-address"}
     assert set(args) == launcher_flags
@@ -530,7 +530,7 @@ def test_network_policy_lets_only_gateways_reach_triton(overlay):
 
 
 def gateway_metric_names() -> set[str]:
-    """Every series name the gateway exposes (server/ragserve_server/metrics.py)."""
+    """Every series name the gateway exposes (server/ragserve_server/observability/metrics.py)."""
     names = set()
     for family in GatewayMetrics().registry.collect():
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}.get(family.type, [""])

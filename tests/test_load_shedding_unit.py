@@ -10,11 +10,11 @@ from grpc_status import rpc_status
 from google.rpc import error_details_pb2
 
 from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
-from ragserve_server.admission import BULK, INTERACTIVE, Admission
+from ragserve_server.calls.admission import BULK, INTERACTIVE, Admission
 from ragserve_server.app import create_gateway
-from ragserve_server.catalog import build_catalog
+from ragserve_server.models.catalog import build_catalog
 from ragserve_server.errors import DeadlineExceeded, Overloaded
-from ragserve_server.registry import minilm_spec
+from ragserve_server.models.builtin import minilm_spec
 from ragserve_server.settings import Settings
 from fakes import FakeBackend
 

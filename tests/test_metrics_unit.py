@@ -13,10 +13,10 @@ from prometheus_client import generate_latest
 import ragserve
 from ragserve.v1 import embed_pb2, embed_pb2_grpc
 from ragserve_server.app import create_gateway
-from ragserve_server.catalog import build_catalog
-from ragserve_server.registry import minilm_spec
-from ragserve_server.metrics import GatewayMetrics, TritonBatchCollector
-from ragserve_server.request_record import RequestRecord
+from ragserve_server.models.catalog import build_catalog
+from ragserve_server.models.builtin import minilm_spec
+from ragserve_server.observability.metrics import GatewayMetrics, TritonBatchCollector
+from ragserve_server.observability.request_record import RequestRecord
 from ragserve_server.settings import Settings
 from fakes import FakeBackend
 

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 import ragserve
-from ragserve_server.registry import smollm2_spec
+from ragserve_server.models.builtin import smollm2_spec
 from support import MODEL_REPOSITORY, ROOT, GatewayProcess, free_port, start_triton
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,10 @@ import onnxruntime as ort
 import pytest
 from google.protobuf import json_format
 
-from ragserve_server import model_config
-from ragserve_server.registry import FEW_ROWS_MAX_ROWS, FUSED_ONNX, FUSED_ONNX_MAX_ROWS, ONNXRUNTIME, minilm_spec
-from ragserve_server.repository import triton_config
+from ragserve_server.models import model_config
+from ragserve_server.models.registry import FEW_ROWS_MAX_ROWS, FUSED_ONNX, FUSED_ONNX_MAX_ROWS, ONNXRUNTIME
+from ragserve_server.models.builtin import minilm_spec
+from ragserve_server.models.repository import triton_config
 from support import MODEL_REPOSITORY, BackendRequest, load_template, minilm_tokens
 
 PLAIN = "model.onnx"

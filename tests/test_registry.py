@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from ragserve_server import model_config
-from ragserve_server.catalog import build_catalog
-from ragserve_server.encoder import EncoderRunner
+from ragserve_server.models import model_config
+from ragserve_server.models.catalog import build_catalog
+from ragserve_server.encoding.encoder import EncoderRunner
 from ragserve_server.main import StartupError, check_triton_configs
-from ragserve_server.replicas import ReplicaSet
-from ragserve_server.registry import (
-    BUILTIN,
+from ragserve_server.backend.replicas import ReplicaSet
+from ragserve_server.models.builtin import BUILTIN, minilm_spec
+from ragserve_server.models.registry import (
     CPU,
     CROSS_ENCODER,
     DEVICES,
@@ -24,11 +24,10 @@ from ragserve_server.registry import (
     ONNXRUNTIME,
     TENSORRT,
     encoder_spec,
-    minilm_spec,
 )
-from ragserve_server.repository import render_repository, triton_config
-from ragserve_server.tensorrt_profiles import Profile, check_coverage, profile_plan, required_shapes
-from ragserve_server.tokenization import EncoderTokenizer, bucket_length, bucket_widths
+from ragserve_server.models.repository import render_repository, triton_config
+from ragserve_server.models.tensorrt_profiles import Profile, check_coverage, profile_plan, required_shapes
+from ragserve_server.encoding.tokenization import EncoderTokenizer, bucket_length, bucket_widths
 from fakes import FakeBackend
 from support import MODEL_REPOSITORY, ROOT, GatewayProcess, free_port, start_triton
 

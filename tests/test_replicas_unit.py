@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ragserve_server.errors import BackendUnavailable, InvalidInput
-from ragserve_server.replicas import ReplicaSet, parse_targets
+from ragserve_server.backend.replicas import ReplicaSet, parse_targets
 
 
 class FakeReplica:
@@ -24,7 +24,7 @@ class FakeReplica:
     async def is_ready(self, models):
         return not self.down and all(m in self.models for m in models)
 
-    async def infer(self, model, inputs, outputs, *, timeout):
+    async def infer(self, model, inputs, outputs, *, timeout, priority=0):
         self.calls += 1
         if self.down:
             raise BackendUnavailable(f"model server unavailable: {self.address} is gone")
@@ -32,7 +32,7 @@ class FakeReplica:
             raise InvalidInput("bad input")
         return {"who": np.array([self.address], dtype=object), "timeout": np.array([timeout])}
 
-    async def stream(self, model, inputs, outputs, *, timeout):
+    async def stream(self, model, inputs, outputs, *, timeout, priority=0):
         self.calls += 1
         if self.down:
             raise BackendUnavailable(f"{self.address} is gone")

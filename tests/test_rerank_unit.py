@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, build_catalog, max_tokens_of
-from ragserve_server.model_config import TensorSpec
-from ragserve_server.registry import encoder_spec, exported_spec, minilm_spec, parse_named_folders, write_manifest
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, build_catalog, max_tokens_of
+from ragserve_server.models.model_config import TensorSpec
+from ragserve_server.models.registry import encoder_spec
+from ragserve_server.models.manifest import exported_spec, parse_named_folders, write_manifest
+from ragserve_server.models.builtin import minilm_spec
 from ragserve_server.errors import InvalidInput
-from ragserve_server.tokenization import TRUNCATE_END, TRUNCATE_NONE, EncoderTokenizer
+from ragserve_server.encoding.tokenization import TRUNCATE_END, TRUNCATE_NONE, EncoderTokenizer
 from reference import MINILM_DIR
 from support import ROOT
 

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2
 
 import ragserve
 from support import GatewayProcess, health_status, start_triton, wait_for_health
-from ragserve_server.triton_launcher import TritonServer
+from ragserve_server.supervision.triton_launcher import TritonServer
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2
 
 import ragserve
-from ragserve_server.registry import smollm2_spec
-from ragserve_server.triton_launcher import TritonServer
+from ragserve_server.models.builtin import smollm2_spec
+from ragserve_server.supervision.triton_launcher import TritonServer
 from support import MODEL_REPOSITORY, GatewayProcess, free_port, health_status, start_triton, wait_for_health
 
 pytestmark = pytest.mark.integration

@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import ragserve
-from ragserve_server.triton_launcher import TritonPorts, TritonServer
+from ragserve_server.supervision.triton_launcher import TritonPorts, TritonServer
 from support import GatewayProcess, free_port
 
 pytestmark = pytest.mark.integration
@@ -156,7 +156,7 @@ def common_name(cert: x509.Certificate) -> str:
 
 def new_key(keys_file: Path, name: str, *services: str) -> str:
     """A key made by the documented helper, its line appended to the keys file."""
-    args = [sys.executable, "-m", "ragserve_server.keys", "new", "--name", name, "--append", str(keys_file)]
+    args = [sys.executable, "-m", "ragserve_server.security.keys", "new", "--name", name, "--append", str(keys_file)]
     if services:
         args += ["--services", *services]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
@@ -467,8 +467,8 @@ def test_gateway_speaks_mutual_tls_to_triton(triton, pki, tmp_path):
 
 
 def test_keys_file_problems_name_the_line_not_the_key():
-    from ragserve_server.auth import KEYED_SERVICES, presented_key
-    from ragserve_server.keys import KeysFileError, digest, key_line, parse_keys
+    from ragserve_server.security.auth import KEYED_SERVICES, presented_key
+    from ragserve_server.security.keys import KeysFileError, digest, key_line, parse_keys
 
     good = key_line("a", "rs_secret-one", ["ragserve.v1.Embed"])
     assert parse_keys(f"# comment\n\n{good}\n", known_services=KEYED_SERVICES)[digest("rs_secret-one")].may_call("ragserve.v1.Embed")
@@ -489,14 +489,14 @@ def test_keys_file_problems_name_the_line_not_the_key():
 
 def test_key_helper_hashes_an_existing_key():
     out = subprocess.run(
-        [sys.executable, "-m", "ragserve_server.keys", "hash", "--name", "old", "--services", "ragserve.v1.Rerank"],
+        [sys.executable, "-m", "ragserve_server.security.keys", "hash", "--name", "old", "--services", "ragserve.v1.Rerank"],
         input="rs_an-existing-key\n", capture_output=True, text=True, check=True,
     )
-    from ragserve_server.keys import digest
+    from ragserve_server.security.keys import digest
 
     assert json.loads(out.stdout) == {"name": "old", "sha256": digest("rs_an-existing-key"), "services": ["ragserve.v1.Rerank"]}
     refused = subprocess.run(
-        [sys.executable, "-m", "ragserve_server.keys", "new", "--name", "x", "--services", "Embed"], capture_output=True, text=True
+        [sys.executable, "-m", "ragserve_server.security.keys", "new", "--name", "x", "--services", "Embed"], capture_output=True, text=True
     )
     assert refused.returncode != 0 and "unknown services" in refused.stderr
 
@@ -504,7 +504,7 @@ def test_key_helper_hashes_an_existing_key():
 async def test_reflection_off_answers_unimplemented():
     from grpc_reflection.v1alpha import reflection
 
-    from ragserve_server.auth import auth_interceptors
+    from ragserve_server.security.auth import auth_interceptors
 
     server = grpc.aio.server(interceptors=auth_interceptors("", "off"))
     reflection.enable_server_reflection([reflection.SERVICE_NAME], server)

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 import ragserve
 from ragserve.v1 import tokenize_pb2, tokenize_pb2_grpc
-from ragserve_server.registry import minilm_spec
+from ragserve_server.models.builtin import minilm_spec
 from support import health_status
 
 pytestmark = pytest.mark.integration
@@ -115,8 +115,9 @@ async def test_generation_model_tokenizer():
     gateway in-process over gRPC (tokenizing needs no Triton: a fake backend stands in)."""
     from fakes import FakeBackend
     from ragserve_server.app import create_gateway
-    from ragserve_server.catalog import build_catalog
-    from ragserve_server.registry import DEFAULT_REPOSITORY, smollm2_spec
+    from ragserve_server.models.catalog import build_catalog
+    from ragserve_server.models.registry import DEFAULT_REPOSITORY
+    from ragserve_server.models.builtin import smollm2_spec
     from ragserve_server.settings import Settings
 
     spec = smollm2_spec(DEFAULT_REPOSITORY)

@@ -23,13 +23,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import ragserve
-from ragserve_server import request_record, tracing
+from ragserve_server.observability import request_record, tracing
 from ragserve_server.app import create_gateway
-from ragserve_server.catalog import build_catalog
-from ragserve_server.registry import minilm_spec
+from ragserve_server.models.catalog import build_catalog
+from ragserve_server.models.builtin import minilm_spec
 from ragserve_server.settings import Settings
-from ragserve_server.triton import TritonBackend
-from ragserve_server.triton_launcher import TritonPorts, TritonServer
+from ragserve_server.backend.triton import TritonBackend
+from ragserve_server.supervision.triton_launcher import TritonPorts, TritonServer
 from support import MODEL_REPOSITORY, free_port
 
 STAGES = ["admission", "tokenize", "triton", "respond"]

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from ragserve.v1 import embed_pb2, embed_pb2_grpc
-from ragserve_server import workers
+from ragserve_server.supervision import workers
 from support import GatewayProcess, free_port
 from test_scaleout_e2e import gateway_samples
 

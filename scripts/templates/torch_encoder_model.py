@@ -3,7 +3,7 @@
 The GPU variant (`torch_cuda`) of every encoder for the bundled Triton on a GPU box, which
 has no TensorRT backend. It takes the same token tensors as the CPU model (ort_model.py) and
 the TensorRT plan, so the gateway sends the same request on every device. Rendered into a
-model's version folder by `ragserve_server.repository`; its config.pbtxt parameters:
+model's version folder by `ragserve_server.models.repository`; its config.pbtxt parameters:
 
     hf_dir  the Hugging Face folder (absolute, or relative to the model's folder)
     head    mean_pool: AutoModel + mean pooling over the attention mask, unnormalised

@@ -12,24 +12,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2, rerank_pb2_grpc
 from ragserve.v1 import tokenize_pb2, tokenize_pb2_grpc
-from ragserve_server import tls
-from ragserve_server.admission import Admission
-from ragserve_server.auth import AuthInterceptor, auth_interceptors
-from ragserve_server.call_scope import CallGuard
-from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog
-from ragserve_server.encoder import EncoderRunner
-from ragserve_server.health import HealthMonitor
-from ragserve_server.http_api import HttpFront
-from ragserve_server.interceptor import GatewayInterceptor
-from ragserve_server.metrics import GatewayMetrics
+from ragserve_server.security import tls
+from ragserve_server.calls.admission import Admission
+from ragserve_server.security.auth import AuthInterceptor, auth_interceptors
+from ragserve_server.calls.call_scope import CallGuard
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog
+from ragserve_server.encoding.encoder import EncoderRunner
+from ragserve_server.backend.health import HealthMonitor
+from ragserve_server.transport.http_front import HttpFront
+from ragserve_server.transport.grpc_interceptor import GatewayInterceptor
+from ragserve_server.observability.metrics import GatewayMetrics
 from ragserve_server.services.embed import EmbedService
 from ragserve_server.services.generate import GenerateService
 from ragserve_server.services.models import ModelsService
 from ragserve_server.services.rerank import RerankService
 from ragserve_server.services.tokenize import TokenizeService
 from ragserve_server.settings import Settings
-from ragserve_server.tokenization import EncoderTokenizer
-from ragserve_server.triton import InferenceBackend
+from ragserve_server.encoding.tokenization import EncoderTokenizer
+from ragserve_server.backend.protocol import InferenceBackend
 
 SERVICE_NAMES = {
     "embed": embed_pb2.DESCRIPTOR.services_by_name["Embed"].full_name,

@@ -11,13 +11,17 @@ from pathlib import Path
 
 import structlog
 
-from ragserve_server import tls, tracing, workers
+from ragserve_server.security import tls
+
+from ragserve_server.observability import tracing
+
+from ragserve_server.supervision import workers
 from ragserve_server.app import create_gateway
-from ragserve_server.auth import auth_interceptors
-from ragserve_server.catalog import build_catalog
-from ragserve_server.logging_setup import configure_logging
-from ragserve_server.model_config import mismatches
-from ragserve_server.registry import (
+from ragserve_server.security.auth import auth_interceptors
+from ragserve_server.models.catalog import build_catalog
+from ragserve_server.observability.logging_setup import configure_logging
+from ragserve_server.models.model_config import mismatches
+from ragserve_server.models.registry import (
     CPU,
     CROSS_ENCODER,
     DEVICES,
@@ -26,15 +30,15 @@ from ragserve_server.registry import (
     GPU,
     TORCH_CUDA,
     ModelSpec,
-    builtin_specs,
-    exported_spec,
-    parse_named_folders,
 )
-from ragserve_server.repository import render_repository
-from ragserve_server.settings import REPO_ROOT, Settings
-from ragserve_server.replicas import ReplicaSet
-from ragserve_server.triton import TritonBackend
-from ragserve_server.triton_launcher import RestartPolicy, TritonPorts, TritonServer, TritonSupervisor
+from ragserve_server.models.builtin import builtin_specs
+from ragserve_server.models.manifest import exported_spec, parse_named_folders
+from ragserve_server.models.repository import render_repository
+from ragserve_server.paths import REPO_ROOT
+from ragserve_server.settings import Settings
+from ragserve_server.backend.replicas import ReplicaSet
+from ragserve_server.backend.triton import TritonBackend
+from ragserve_server.supervision.triton_launcher import RestartPolicy, TritonPorts, TritonServer, TritonSupervisor
 
 log = structlog.get_logger("ragserve")
 
@@ -127,9 +131,9 @@ async def check_triton_configs(backend: ReplicaSet, specs: list[ModelSpec]) -> N
             problems += [p + where for p in validate(spec.triton_model, config)]
     if problems:
         raise StartupError(
-            "Triton serves models whose config disagrees with the registry (server/ragserve_server/registry.py):\n  "
+            "Triton serves models whose config disagrees with the registry (server/ragserve_server/models/registry.py):\n  "
             + "\n  ".join(problems)
-            + "\nre-render the repository (`make configs`, or `python -m ragserve_server.repository`) and restart Triton"
+            + "\nre-render the repository (`make configs`, or `python -m ragserve_server.models.repository`) and restart Triton"
         )
 
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ragserve_server.paths import REPO_ROOT
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Settings:
     )
     triton_models: str = field(
         default="minilm,smollm2",
-        metadata={"help": "comma-separated built-in models to serve, by Triton model name (server/ragserve_server/registry.py)"},
+        metadata={"help": "comma-separated built-in models to serve, by Triton model name (server/ragserve_server/models/registry.py)"},
     )
     cross_encoders: str = field(
         default="",
@@ -108,7 +108,7 @@ class Settings:
     tls_key: str = field(default="", metadata={"help": "TLS: the private key of --tls-cert (PEM file, unencrypted)"})
     tls_client_ca: str = field(default="", metadata={"help": "mTLS: CA bundle (PEM) that client certificates must chain to; empty = no client certificates"})
     tls_client_auth: str = field(default="required", metadata={"help": "mTLS: required; optional is refused (gRPC Python cannot ask for a client certificate without requiring it)"})
-    api_keys_file: str = field(default="", metadata={"help": "API keys (JSON lines of name, sha256, services; python -m ragserve_server.keys new), re-read when it changes; empty = no keys needed"})
+    api_keys_file: str = field(default="", metadata={"help": "API keys (JSON lines of name, sha256, services; python -m ragserve_server.security.keys new), re-read when it changes; empty = no keys needed"})
     reflection: str = field(default="open", metadata={"help": "server reflection: open, keyed (any valid API key) or off"})
     triton_tls_ca: str = field(default="", metadata={"help": "TLS to --triton-url: CA bundle (PEM) that Triton's certificate chains to; empty = plaintext"})
     triton_tls_cert: str = field(default="", metadata={"help": "mTLS to Triton: the gateway's client certificate (PEM file)"})

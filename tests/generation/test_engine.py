@@ -31,7 +31,7 @@ if not (HF_DIR / "model.safetensors").is_file():
 sys.path.insert(0, str(VERSION_DIR))
 import engine as eng  # noqa: E402
 
-from ragserve_server.generation_contract import ENGINE_PARAMETERS  # noqa: E402
+from ragserve_server.models.generation_contract import ENGINE_PARAMETERS  # noqa: E402
 
 DEPLOYED = eng.EngineConfig.from_parameters(
     {k: v for k, v in ENGINE_PARAMETERS.items() if k != "hf_dir"} | {"device": "cpu"})

@@ -95,7 +95,7 @@ DEVICES = ("cpu", "cuda")
 @dataclass(frozen=True)
 class EngineConfig:
     """The engine's settings: the generation model's config.pbtxt parameters of the same
-    names (all required there: the deployment's table, ragserve_server.generation_contract
+    names (all required there: the deployment's table, ragserve_server.models.generation_contract
     ENGINE_PARAMETERS, is the only place their values live)."""
 
     max_running_sequences: int  # sequences decoding together

@@ -7,7 +7,7 @@ module only translates between Triton requests/responses and engine sequences.
 Contract: TensorRT-LLM's ``tensorrt_llm`` model (decoupled, ``max_batch_size > 0``)
 -------------------------------------------------------------------------------------
 The tensors, names and dtypes of TensorRT-LLM's Triton backend (the table and its source:
-server/ragserve_server/generation_contract.py), so that the gateway talks to this model and
+server/ragserve_server/models/generation_contract.py), so that the gateway talks to this model and
 to a TensorRT-LLM engine alike. Every tensor has a batch dimension of 1 per request.
 
 Inputs: ``input_ids`` INT32 [-1] (prompt token ids), ``input_lengths`` INT32 (how many of

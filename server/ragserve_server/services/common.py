@@ -10,9 +10,9 @@ from typing import TypeVar
 import grpc
 
 from ragserve.v1 import common_pb2
-from ragserve_server import request_record
+from ragserve_server.observability import request_record
 from ragserve_server.errors import InvalidInput
-from ragserve_server.tokenization import TRUNCATE_END, TRUNCATE_NONE, TRUNCATE_START
+from ragserve_server.encoding.tokenization import TRUNCATE_END, TRUNCATE_NONE, TRUNCATE_START
 
 T = TypeVar("T")
 

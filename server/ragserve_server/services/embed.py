@@ -9,13 +9,14 @@ import grpc
 import numpy as np
 
 from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
-from ragserve_server import quantize, request_record
-from ragserve_server.admission import BULK, Admission
-from ragserve_server.catalog import EMBEDDING, Catalog
-from ragserve_server.encoder import EncoderRunner, finish_embeddings
+from ragserve_server.encoding import quantize
+from ragserve_server.observability import request_record
+from ragserve_server.calls.admission import BULK, Admission
+from ragserve_server.models.catalog import EMBEDDING, Catalog
+from ragserve_server.encoding.encoder import EncoderRunner, finish_embeddings
 from ragserve_server.errors import InvalidInput, RagserveError, status_of
 from ragserve_server.services.common import off_loop, requested_model, time_left, truncate_mode
-from ragserve_server.tokenization import EncoderTokenizer
+from ragserve_server.encoding.tokenization import EncoderTokenizer
 
 _INPUT_TYPES = {embed_pb2.INPUT_TYPE_UNSPECIFIED: "", embed_pb2.INPUT_TYPE_QUERY: "query", embed_pb2.INPUT_TYPE_PASSAGE: "passage"}
 ENCODINGS = {

@@ -30,13 +30,13 @@ import grpc
 from tokenizers import Tokenizer
 
 from ragserve.v1 import common_pb2, generate_pb2, generate_pb2_grpc
-from ragserve_server import generation_contract as contract
-from ragserve_server import request_record
-from ragserve_server.catalog import GENERATION, Catalog, ServedModel
-from ragserve_server.detokenizer import IncrementalDetokenizer, StopMatcher
+from ragserve_server.models import generation_contract as contract
+from ragserve_server.observability import request_record
+from ragserve_server.models.catalog import GENERATION, Catalog, ServedModel
+from ragserve_server.generation.detokenizer import IncrementalDetokenizer, StopMatcher
 from ragserve_server.errors import InvalidInput
 from ragserve_server.services.common import off_loop, requested_model, time_left
-from ragserve_server.triton import InferenceBackend
+from ragserve_server.backend.protocol import InferenceBackend
 
 MAX_STOP_SEQUENCES = 4
 ROLES = ("system", "user", "assistant")

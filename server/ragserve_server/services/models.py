@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ragserve.v1 import embed_pb2, models_pb2, models_pb2_grpc
-from ragserve_server import quantize
-from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog, ServedModel
+from ragserve_server.encoding import quantize
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog, ServedModel
 from ragserve_server.services.embed import ENCODING_VALUES
 
 _KINDS = {

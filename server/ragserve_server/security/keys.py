@@ -14,8 +14,8 @@ the digest of a caller's own guess, never about a stored key (that would need a 
 
 Make a key (printed once; give the key to the caller, put the line in the file):
 
-    python -m ragserve_server.keys new --name search-backend --services ragserve.v1.Embed ragserve.v1.Rerank
-    python -m ragserve_server.keys new --name ops --append /etc/ragserve/keys.jsonl
+    python -m ragserve_server.security.keys new --name search-backend --services ragserve.v1.Embed ragserve.v1.Rerank
+    python -m ragserve_server.security.keys new --name ops --append /etc/ragserve/keys.jsonl
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def parse_keys(text: str, source: str = "keys file", known_services: Iterable[st
         if name in names:
             raise KeysFileError(f"{where}: name {name!r} is used twice")
         if not isinstance(hexdigest, str) or len(hexdigest) != 64 or not set(hexdigest) <= _HEX:
-            raise KeysFileError(f"{where}: 'sha256' must be 64 lower-case hex digits (python -m ragserve_server.keys new)")
+            raise KeysFileError(f"{where}: 'sha256' must be 64 lower-case hex digits (python -m ragserve_server.security.keys new)")
         if hexdigest in keys:
             raise KeysFileError(f"{where}: the same key as {keys[hexdigest].name!r}")
         if services is not None:
@@ -166,7 +166,7 @@ class KeyStore:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ragserve_server.keys", description="ragserve API keys")
+    parser = argparse.ArgumentParser(prog="python -m ragserve_server.security.keys", description="ragserve API keys")
     commands = parser.add_subparsers(dest="command", required=True)
     new = commands.add_parser("new", help="make a key: prints the key (once) and its line for the keys file")
     new.add_argument("--name", required=True, help="the key's name, shown in access logs")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     key = new_key() if args.command == "new" else sys.stdin.readline().strip()
     if not key:
         parser.error("no key on stdin")
-    from ragserve_server.auth import KEYED_SERVICES  # the CLI checks names like the gateway does
+    from ragserve_server.security.auth import KEYED_SERVICES  # the CLI checks names like the gateway does
 
     line = key_line(args.name, key, args.services)
     try:

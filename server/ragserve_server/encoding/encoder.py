@@ -14,11 +14,12 @@ from collections import defaultdict
 
 import numpy as np
 
-from ragserve_server import request_record
-from ragserve_server.catalog import ServedModel
-from ragserve_server.coalescer import Coalescer
-from ragserve_server.tokenization import EncoderTokenizer, bucket_length
-from ragserve_server.triton import InferenceBackend
+from ragserve_server.observability import request_record
+from ragserve_server.models.catalog import ServedModel
+from ragserve_server.encoding.coalescer import Coalescer
+from ragserve_server.encoding.tokenization import EncoderTokenizer, bucket_length
+from ragserve_server.backend.protocol import InferenceBackend
+from ragserve_server.calls.admission import current_priority
 
 
 class EncoderRunner:
@@ -64,6 +65,8 @@ class EncoderRunner:
         real = sum(len(s) for s in sequences)
         request_record.add_padding(real=real, padded=sum(w * len(r) for w, r in chunks))
 
+        priority = current_priority()
+
         async def run(width: int, rows: list[int]) -> tuple[list[int], np.ndarray]:
             batch = tokenizer.pad(
                 [sequences[i] for i in rows], width, None if type_ids is None else [type_ids[i] for i in rows]
@@ -73,10 +76,10 @@ class EncoderRunner:
                 inputs["token_type_ids"] = batch.token_type_ids
             if self.coalescer is not None:
                 out = await self.coalescer.infer(
-                    model.triton_model, inputs, [output], max_rows=model.rows_per_request, timeout=timeout
+                    model.triton_model, inputs, [output], max_rows=model.rows_per_request, timeout=timeout, priority=priority
                 )
             else:
-                out = await self.backend.infer(model.triton_model, inputs, [output], timeout=timeout)
+                out = await self.backend.infer(model.triton_model, inputs, [output], timeout=timeout, priority=priority)
             return rows, out[output]
 
         with request_record.stage("triton"):

@@ -18,49 +18,16 @@ only, so int8 / uint8 with `normalize=false` or fewer `dimensions` are refused.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-
 import numpy as np
 
 from ragserve_server.errors import InvalidInput
+from ragserve_server.models.calibration import Calibration
 
 FLOAT, FLOAT32_BYTES, INT8, UINT8, BINARY, UBINARY = "float", "float32_bytes", "int8", "uint8", "binary", "ubinary"
 ENCODINGS = (FLOAT, FLOAT32_BYTES, INT8, UINT8, BINARY, UBINARY)
 CALIBRATED = (INT8, UINT8)
 # numpy element type of each packed encoding (FLOAT is not packed).
 ELEMENT_TYPES = {FLOAT32_BYTES: "<f4", INT8: "i1", UINT8: "u1", BINARY: "i1", UBINARY: "u1"}
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Per-dimension ranges for int8 / uint8 (float32, shape (dimensions,))."""
-
-    lo: np.ndarray
-    hi: np.ndarray
-
-    @classmethod
-    def from_entry(cls, entry: Mapping, dimensions: int, model: str) -> "Calibration":
-        """Reads a registry entry's `int8_calibration` ({"min": [...], "max": [...], ...})."""
-        lo = np.asarray(entry.get("min", ()), dtype=np.float32)
-        hi = np.asarray(entry.get("max", ()), dtype=np.float32)
-        if lo.shape != (dimensions,) or hi.shape != (dimensions,) or not np.all(hi >= lo):
-            raise ValueError(
-                f"model {model!r}: int8_calibration needs 'min' and 'max' lists of {dimensions} values with min <= max; "
-                f"re-run scripts/calibrate_embeddings.py"
-            )
-        return cls(lo, hi)
-
-    def to_uint8(self, vectors: np.ndarray) -> np.ndarray:
-        steps = (self.hi - self.lo) / np.float32(255)
-        steps = np.where(steps == 0, np.float32(1), steps)
-        return np.clip(np.floor((vectors.astype(np.float32) - self.lo) / steps), 0, 255).astype(np.uint8)
-
-
-def calibration_ranges(embeddings: np.ndarray) -> dict[str, list[float]]:
-    """The ranges of a calibration set of embeddings (n, dimensions): min and max per dimension."""
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    return {"min": embeddings.min(axis=0).tolist(), "max": embeddings.max(axis=0).tolist()}
 
 
 def encode(vectors: np.ndarray, encoding: str, calibration: Calibration | None = None) -> np.ndarray:

@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from ragserve_server.request_record import RequestRecord
+from ragserve_server.observability.request_record import RequestRecord
 
 log = structlog.get_logger("ragserve.metrics")
 

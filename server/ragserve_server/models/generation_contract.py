@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ragserve_server.errors import InvalidInput
-from ragserve_server.model_config import TensorSpec
+from ragserve_server.models.model_config import TensorSpec
 
 SOURCE = (
     "triton-inference-server/tensorrtllm_backend@c2e65b88d85255be30cf50440a91662abeb497dd:"

@@ -1,7 +1,7 @@
 """Renders Triton model repositories from the registry: one per device.
 
-    python -m ragserve_server.repository --device cpu            # model_repository/*/config.pbtxt
-    python -m ragserve_server.repository --device gpu --out build/model_repository_gpu
+    python -m ragserve_server.models.repository --device cpu            # model_repository/*/config.pbtxt
+    python -m ragserve_server.models.repository --device gpu --out build/model_repository_gpu
 
 CPU (the embedded default) is `model_repository/` itself: only the configs are written, the
 artifacts are there already (`make models`). A GPU repository is a new folder whose version
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2
 
-from ragserve_server import model_config
-from ragserve_server.registry import (
+from ragserve_server.models import model_config
+from ragserve_server.models.registry import (
     CPU,
     DEFAULT_REPOSITORY,
     DEVICES,
@@ -32,9 +32,9 @@ from ragserve_server.registry import (
     TENSORRT,
     TORCH_CUDA,
     ModelSpec,
-    builtin_specs,
 )
-from ragserve_server.tensorrt_profiles import profile_plan
+from ragserve_server.models.builtin import builtin_specs
+from ragserve_server.models.tensorrt_profiles import profile_plan
 
 # Dynamic batching on a GPU: a short wait fills bigger batches for a device that is much
 # faster per row at batch 32-64 than at 1; the queue is bounded and expired work is dropped.
@@ -105,7 +105,7 @@ _RUNS_AS = {ONNXRUNTIME: "CPU, python backend", TORCH_CUDA: "GPU, python backend
 def config_header(spec: ModelSpec, variant: str) -> str:
     return (
         f"{spec.description or spec.name}.\nRuns as: {_RUNS_AS[variant]} (variant {variant!r}).\n"
-        "Rendered from server/ragserve_server/registry.py by `make configs`: edit the registry, not this file."
+        "Rendered from server/ragserve_server/models/registry.py by `make configs`: edit the registry, not this file."
     )
 
 
@@ -178,7 +178,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ragserve_server.repository", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ragserve_server.models.repository", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=DEVICES, default=CPU)
     parser.add_argument("--out", type=Path, default=None, help="repository to write (default: model_repository/ for cpu)")
@@ -202,7 +202,7 @@ def publish_export(spec: ModelSpec, staging: Path, out: Path) -> None:
     """Finishes an exported model built in `staging`: its registry entry (ragserve.json) and
     CPU config are written, then the folder replaces `out` (a half-exported folder never
     looks built). Shared by scripts/export_encoder.py and scripts/export_cross_encoder.py."""
-    from ragserve_server.registry import write_manifest
+    from ragserve_server.models.manifest import write_manifest
 
     spec.validate()
     write_manifest(spec, staging)

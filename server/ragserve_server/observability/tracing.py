@@ -30,7 +30,7 @@ import os
 from contextlib import contextmanager
 from collections.abc import Iterator, Mapping
 
-from ragserve_server import request_record
+from ragserve_server.observability import request_record
 
 TRACING_MODES = ("off", "on")
 _tracer = None  # an opentelemetry Tracer while tracing is on

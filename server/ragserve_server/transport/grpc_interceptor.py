@@ -18,12 +18,14 @@ from contextlib import asynccontextmanager
 import grpc
 from google.protobuf.message import DecodeError
 
-from ragserve_server import auth, tracing
-from ragserve_server.admission import BULK, INTERACTIVE, Admission
-from ragserve_server.call_scope import CallFailed, CallGuard
+from ragserve_server.security import auth
+
+from ragserve_server.observability import tracing
+from ragserve_server.calls.admission import BULK, INTERACTIVE, Admission
+from ragserve_server.calls.call_scope import CallFailed, CallGuard
 from ragserve_server.errors import Cancelled, DeadlineExceeded, InvalidInput
-from ragserve_server.pushback import retry_trailers
-from ragserve_server.request_record import RequestRecord
+from ragserve_server.transport.pushback import retry_trailers
+from ragserve_server.observability.request_record import RequestRecord
 
 # Not subject to admission or access logs: health checks and reflection.
 _UNGUARDED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ragserve_server.registry import ModelSpec
-from ragserve_server.tokenization import bucket_widths
+from ragserve_server.models.registry import ModelSpec
+from ragserve_server.models.buckets import bucket_widths
 
 # Tokens per batch TensorRT tunes for at each width: 64 rows of 16..128 tokens, 32 of 256.
 OPT_TOKENS = 8192
@@ -45,7 +45,7 @@ def profile_plan(spec: ModelSpec) -> list[Profile]:
 
 
 def _exact_widths(spec: ModelSpec) -> set[int]:
-    from ragserve_server.tokenization import BUCKETS
+    from ragserve_server.models.buckets import BUCKETS
 
     return {min(b, spec.max_input_tokens) for b in BUCKETS}
 
@@ -73,5 +73,5 @@ def check_coverage(spec: ModelSpec, profiles: list[Profile]) -> None:
             raise ValueError(
                 f"model {spec.name!r}: no TensorRT optimization profile covers shape (rows={shape[0]}, "
                 f"tokens={shape[1]}) that the gateway sends for its {shape[1]}-token bucket; add a profile "
-                f"for it (server/ragserve_server/tensorrt_profiles.py) or lower max_batch / max_input_tokens in the registry"
+                f"for it (server/ragserve_server/models/tensorrt_profiles.py) or lower max_batch / max_input_tokens in the registry"
             )

@@ -1,6 +1,6 @@
 """The boundary with Triton: the only module that imports tritonclient.
 
-Services depend on the small `InferenceBackend` protocol; this module implements it over
+Services depend on the small `InferenceBackend` protocol (backend/protocol.py); this module implements it over
 Triton's KServe v2 gRPC API and turns tritonclient's exceptions (string statuses) into the
 gateway's own errors, most specific first.
 """
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Protocol
-
 import grpc
 import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
@@ -22,8 +20,8 @@ from tritonclient.utils import (
     triton_to_np_dtype,
 )
 
-from ragserve_server import tracing
-from ragserve_server.admission import CURRENT_LANE, TRITON_PRIORITY
+from ragserve_server.observability import tracing
+from ragserve_server.backend.protocol import DEFAULT_PRIORITY
 from ragserve_server.errors import (
     BackendError,
     BackendUnavailable,
@@ -33,31 +31,6 @@ from ragserve_server.errors import (
     Overloaded,
     RagserveError,
 )
-
-
-class InferenceBackend(Protocol):
-    """What services need from a model server."""
-
-    async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *, timeout: float | None
-    ) -> dict[str, np.ndarray]: ...
-
-    def stream(
-        self,
-        model: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str],
-        *,
-        timeout: float | None,
-    ) -> AsyncIterator[tuple[dict[str, np.ndarray], bool]]: ...
-
-    async def is_ready(self, models: Sequence[str]) -> bool: ...
-
-    async def batch_statistics(self, model: str) -> dict[int, int]: ...
-
-    async def model_config(self, model: str) -> model_config_pb2.ModelConfig: ...
-
-    async def close(self) -> None: ...
 
 
 def map_triton_error(status: str, message: str) -> RagserveError:
@@ -136,7 +109,7 @@ class TritonBackend:
     """InferenceBackend over a Triton server's gRPC endpoint (host:port)."""
 
     def __init__(self, url: str, credentials: grpc.ChannelCredentials | None = None) -> None:
-        """`credentials`: TLS to a remote Triton (ragserve_server.tls.triton_channel_credentials); None = plaintext."""
+        """`credentials`: TLS to a remote Triton (ragserve_server.security.tls.triton_channel_credentials); None = plaintext."""
         self.url = url
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
@@ -145,14 +118,21 @@ class TritonBackend:
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *, timeout: float | None
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        timeout: float | None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded("deadline exceeded before the model was called")
         request = _infer_request(model, inputs, outputs)
-        # The lane's Triton priority, and the caller's deadline as the request's queue timeout:
-        # Triton drops a request whose deadline passed while it queued, before computing it.
-        request.parameters["priority"].uint64_param = TRITON_PRIORITY[CURRENT_LANE.get()]
+        # The caller's priority, and its deadline as the request's queue timeout: Triton
+        # drops a request whose deadline passed while it queued, before computing it.
+        if priority != DEFAULT_PRIORITY:
+            request.parameters["priority"].uint64_param = priority
         if timeout is not None:
             request.parameters["timeout"].int64_param = max(1, int(timeout * 1_000_000))
         with _mapped_errors():
@@ -166,6 +146,7 @@ class TritonBackend:
         outputs: Sequence[str],
         *,
         timeout: float | None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> AsyncIterator[tuple[dict[str, np.ndarray], bool]]:
         """Streams the responses of a decoupled model: yields (outputs, is_final).
 
@@ -178,6 +159,8 @@ class TritonBackend:
         request = _infer_request(model, inputs, outputs)
         # Lets the model close the stream with a final flag that carries no tensors.
         request.parameters["triton_enable_empty_final_response"].bool_param = True
+        if priority != DEFAULT_PRIORITY:
+            request.parameters["priority"].uint64_param = priority
         call = self._stub.ModelStreamInfer(iter([request]), timeout=timeout, metadata=tracing.outgoing_metadata())
         try:
             async for message in call:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import structlog
 from grpc_health.v1 import health, health_pb2
 
-from ragserve_server.triton import InferenceBackend
+from ragserve_server.backend.protocol import InferenceBackend
 
 log = structlog.get_logger(__name__)
 

@@ -6,7 +6,7 @@ trip through shared memory, and every one of those is paid before Triton's batch
 request. For a single-sentence call that overhead is as large as the sentence's share of a
 batched model run (bench/profile_embed.py), and on a CPU machine it is taken from the model.
 
-How: at most `max_in_flight` requests per (model, width, lane) are with Triton at a time.
+How: at most `max_in_flight` requests per (model, width, priority) are with Triton at a time.
 While they are, callers of the same shape wait here and leave together, up to the model's
 max rows, as soon as one in-flight request returns. So an idle gateway sends a call at once
 (no added delay), and a busy one sends what gathered during one model run as one request,
@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ragserve_server import tracing
-from ragserve_server.admission import CURRENT_LANE
+from ragserve_server.observability import tracing
 from ragserve_server.errors import DeadlineExceeded
-from ragserve_server.triton import InferenceBackend
+from ragserve_server.backend.protocol import DEFAULT_PRIORITY, InferenceBackend
 
 
 # Requests of at most this many rows are joined here; larger ones always go straight to Triton.
@@ -60,19 +59,26 @@ class Coalescer:
     def __init__(self, backend: InferenceBackend, max_in_flight: int) -> None:
         self.backend = backend
         self.max_in_flight = max_in_flight
-        # One entry per (model, outputs, input shapes, lane): a few dozen at most, kept.
+        # One entry per (model, outputs, input shapes, priority): a few dozen at most, kept.
         self._shapes: dict[tuple, _Shape] = {}
         # Per model: [encoder requests in, Triton requests out] (their ratio is the coalescing).
         self.counts: dict[str, list[int]] = {}
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *, max_rows: int, timeout: float | None
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        max_rows: int,
+        timeout: float | None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
-        """The model's `outputs` for `inputs` (rows along axis 0), at most `max_rows` rows per request."""
+        """The model's `outputs` for `inputs` (rows along axis 0), at most `max_rows` rows per request.
+        Only requests of the same priority are joined."""
         self.counts.setdefault(model, [0, 0])[0] += 1
         rows = next(iter(inputs.values())).shape[0]
-        lane = CURRENT_LANE.get()
-        key = (model, tuple(outputs), tuple((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()), lane)
+        key = (model, tuple(outputs), tuple((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()), priority)
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = _Shape(max_rows)
@@ -99,7 +105,7 @@ class Coalescer:
     async def _request(self, key: tuple, parts: list[Mapping[str, np.ndarray]], timeout: float | None) -> dict[str, np.ndarray]:
         self.counts[key[0]][1] += 1
         inputs = parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-        return await self.backend.infer(key[0], inputs, key[1], timeout=timeout)
+        return await self.backend.infer(key[0], inputs, key[1], timeout=timeout, priority=key[3])
 
     def _done(self, key: tuple, shape: _Shape) -> None:
         shape.in_flight -= 1
@@ -135,7 +141,6 @@ class Coalescer:
                 waiter.batch, waiter.request = batch, task
 
     async def _send_batch(self, key: tuple, shape: _Shape, batch: list[_Waiter]) -> None:
-        CURRENT_LANE.set(key[3])  # the request's Triton priority is its lane's
         deadlines = [w.deadline for w in batch]
         # The latest deadline of the batch: an earlier caller's own deadline ends its wait.
         timeout = None if None in deadlines else max(deadlines) - time.monotonic()

@@ -21,7 +21,7 @@ import structlog
 
 from ragserve.v1 import embed_pb2, generate_pb2, models_pb2, rerank_pb2, tokenize_pb2
 from ragserve_server.errors import PermissionDenied, RagserveError, Unauthenticated
-from ragserve_server.keys import KeyStore
+from ragserve_server.security.keys import KeyStore
 
 KEYED_SERVICES = frozenset(
     module.DESCRIPTOR.services_by_name[name].full_name

@@ -31,9 +31,14 @@ TRITON_PRIORITY = {INTERACTIVE: 1, BULK: 2}
 
 MIN_HINT_S, MAX_HINT_S = 0.01, 30.0
 
-# The lane of the call (or stream message) being served: the Triton boundary sends its
-# priority with every request of it.
+# The lane of the call (or stream message) being served, set by the call scope; services
+# hand its Triton priority to the backend with every request (current_priority()).
 CURRENT_LANE: ContextVar[str] = ContextVar("ragserve_lane", default=INTERACTIVE)
+
+
+def current_priority() -> int:
+    """The Triton priority of the lane being served."""
+    return TRITON_PRIORITY[CURRENT_LANE.get()]
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ragserve_server.errors import ModelNotFound
-from ragserve_server.registry import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, ModelSpec
+from ragserve_server.models.registry import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, ModelSpec
 
 __all__ = ["BI_ENCODER", "CROSS_ENCODER", "EMBEDDING", "GENERATION", "Catalog", "ServedModel", "build_catalog", "served"]
 

@@ -26,10 +26,10 @@ from collections.abc import Callable, Mapping
 import grpc
 import structlog
 
-from ragserve_server import request_record, tracing
-from ragserve_server.admission import CURRENT_LANE, INTERACTIVE, Admission
+from ragserve_server.observability import request_record, tracing
+from ragserve_server.calls.admission import CURRENT_LANE, INTERACTIVE, Admission
 from ragserve_server.errors import Overloaded, RagserveError, status_of
-from ragserve_server.request_record import RequestRecord
+from ragserve_server.observability.request_record import RequestRecord
 
 log = structlog.get_logger("ragserve.access")
 

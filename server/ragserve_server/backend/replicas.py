@@ -32,7 +32,8 @@ import numpy as np
 import structlog
 
 from ragserve_server.errors import BackendUnavailable, DeadlineExceeded, RagserveError
-from ragserve_server.triton import TritonBackend
+from ragserve_server.backend.protocol import DEFAULT_PRIORITY
+from ragserve_server.backend.triton import TritonBackend
 
 log = structlog.get_logger(__name__)
 
@@ -225,7 +226,13 @@ class ReplicaSet:
             log.warning("triton_replica_failed", replica=replica.address, error=exc.message)
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *, timeout: float | None
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        timeout: float | None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
         """Idempotent: an UNAVAILABLE replica is replaced by another once, within `timeout`."""
         start = time.monotonic()
@@ -238,7 +245,7 @@ class ReplicaSet:
             if left is not None and left <= 0:
                 raise DeadlineExceeded("deadline exceeded before the model was called")
             try:
-                return await replica.backend.infer(model, inputs, outputs, timeout=left)
+                return await replica.backend.infer(model, inputs, outputs, timeout=left, priority=priority)
             except BackendUnavailable as exc:
                 self._failed(replica, exc)
                 if not self._may_retry(model, tried):
@@ -250,7 +257,13 @@ class ReplicaSet:
                 raise
 
     async def stream(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *, timeout: float | None
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        timeout: float | None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> AsyncIterator[tuple[dict[str, np.ndarray], bool]]:
         """Retried once on another replica only if nothing was received yet."""
         start = time.monotonic()
@@ -261,7 +274,7 @@ class ReplicaSet:
             replica.stats.calls += 1
             left = None if timeout is None else timeout - (time.monotonic() - start)
             received = False
-            responses = replica.backend.stream(model, inputs, outputs, timeout=left)
+            responses = replica.backend.stream(model, inputs, outputs, timeout=left, priority=priority)
             try:
                 async for item in responses:
                     received = True

@@ -44,10 +44,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ragserve.v1 import generate_pb2, models_pb2
-from ragserve_server import openai_shapes as shapes
-from ragserve_server import tracing
-from ragserve_server.call_scope import CallFailed, CallGuard
-from ragserve_server.catalog import GENERATION, Catalog
+from ragserve_server.transport import openai_shapes as shapes
+from ragserve_server.observability import tracing
+from ragserve_server.calls.call_scope import CallFailed, CallGuard
+from ragserve_server.models.catalog import GENERATION, Catalog
 from ragserve_server.errors import InvalidInput, ModelNotFound
 from ragserve_server.services.common import requested_model
 

@@ -1,0 +1,1 @@
+"""The backend protocol and its Triton implementation (the only tritonclient user at run time)."""

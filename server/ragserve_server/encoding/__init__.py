@@ -1,0 +1,1 @@
+"""Encoder-side work: tokenization, length buckets, coalescing, embedding quantisation."""

@@ -1,0 +1,1 @@
+"""Generation-side text handling: incremental detokenizing and stop strings."""

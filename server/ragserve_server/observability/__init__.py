@@ -1,0 +1,1 @@
+"""Per-call records, Prometheus metrics, tracing and log set-up."""

@@ -1,0 +1,1 @@
+"""Keys, the transport-independent auth check, and TLS material."""
