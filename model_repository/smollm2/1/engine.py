@@ -68,16 +68,16 @@ token on the same folder (tests/generation/test_engine.py checks it, alone and b
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from engine_config import EngineConfig
+from kv_slots import KVSlots
 from llama import Llama, eos_ids
 from sampler import RequestError, Sampler, SamplingParams, SamplingState
 
@@ -89,67 +89,6 @@ log = logging.getLogger("ragserve.engine")
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_STOP_WORD = "stop_word"  # the sequence ends with one of its stop words (kept, as TensorRT-LLM does)
-DEVICES = ("cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """The engine's settings: the generation model's config.pbtxt parameters of the same
-    names (all required there: the deployment's table, ragserve_server.models.generation_contract
-    ENGINE_PARAMETERS, is the only place their values live)."""
-
-    max_running_sequences: int  # sequences decoding together
-    max_kv_tokens: int  # budget: sum over running sequences of prompt + max_tokens
-    max_waiting: int  # queued beyond the free slots; more is RESOURCE_EXHAUSTED
-    context_length: int  # prompt + max_tokens per sequence; 0 = the checkpoint's own
-    prefill_tokens_per_step: int  # prompt tokens prefilled per step before the batch decodes
-    chunked_prefill: int  # 1: a longer prompt goes on in the next steps; 0: prompts prefilled whole
-    prefill_whole_tokens: int  # chunked: a prompt this short is prefilled whole, as a step's first prefill
-    num_threads: int  # torch intra-op threads; 0 = torch's default
-    device: str  # "cpu" (fp32) or "cuda" (fp16)
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"engine parameter {f.name} must be an integer >= 0, got {value!r}")
-        for name in ("max_running_sequences", "max_kv_tokens", "prefill_tokens_per_step"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"engine parameter {name} must be >= 1, got {getattr(self, name)}")
-        if self.chunked_prefill not in (0, 1):
-            raise ValueError(f"engine parameter chunked_prefill must be 0 or 1, got {self.chunked_prefill}")
-        if self.device not in DEVICES:
-            raise ValueError(f"engine parameter device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-
-    @classmethod
-    def from_parameters(cls, parameters: Mapping[str, str]) -> "EngineConfig":
-        """From Triton's string parameters; every field is required and unknown keys are refused."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in parameters]
-        unknown = sorted(set(parameters) - set(names))
-        if missing or unknown:
-            raise ValueError("engine parameters: " + "; ".join(
-                ([f"missing {', '.join(missing)}"] if missing else [])
-                + ([f"unknown {', '.join(unknown)}"] if unknown else [])))
-        values = {}
-        for f in dataclasses.fields(cls):
-            raw = str(parameters[f.name]).strip()
-            if f.type == "int":
-                try:
-                    values[f.name] = int(raw or 0)
-                except ValueError:
-                    raise ValueError(f"engine parameter {f.name} must be an integer, got {raw!r}") from None
-            else:
-                values[f.name] = raw
-        return cls(**values)
-
-    def torch_device(self) -> torch.device:
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
-                "engine parameter device is 'cuda' but PyTorch sees no CUDA device "
-                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
-                "run on a GPU machine with a CUDA build of torch, or set device to 'cpu'")
-        return torch.device(self.device)
 
 
 @dataclass(frozen=True)
@@ -209,33 +148,6 @@ class Sequence:
         except Exception:  # a broken cancel probe must not kill the engine loop
             log.exception("is_cancelled() failed")
             return False
-
-
-class KVSlots:
-    """The KV cache: slot i holds running sequence i; capacity grows by doubling."""
-
-    def __init__(self, model: Llama, slots: int, capacity: int):
-        self.model, self.slots = model, slots
-        self.capacity = 0
-        self.k = self.v = None
-        self.ensure(capacity)
-
-    def ensure(self, needed: int) -> None:
-        if needed <= self.capacity:
-            return
-        cap = max(self.capacity, 256)
-        while cap < needed:
-            cap *= 2
-        cap = min(cap, self.model.context_length)
-        k, v = self.model.new_cache(self.slots, cap)
-        if self.capacity:
-            k[:, :, :, :self.capacity] = self.k
-            v[:, :, :, :self.capacity] = self.v
-        self.k, self.v, self.capacity = k, v, cap
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
 class Engine:

@@ -4,7 +4,7 @@
   the CPU, fp16 on CUDA) and on its device. The forward pass is written here, not
   ``transformers``': q/k/v and gate/up projections are fused into one matmul each, and the
   whole running batch is decoded in one pass per step.
-* The KV cache is owned by the engine (``engine.KVSlots``): one tensor per K and V,
+* The KV cache is owned by the engine (``kv_slots.KVSlots``): one tensor per K and V,
   ``[layers, slots, kv_heads, capacity, head_dim]``. ``prefill`` fills one slot, a whole
   prompt at once or chunk by chunk (a chunk attends to the slot's cached prefix); ``decode``
   runs one token for slots ``0..n-1`` and reads the cache through plain views

@@ -44,7 +44,7 @@ its stream is closed with an empty final response (``send(flags=FINAL)``) when T
 still accepts it.
 
 Parameters (config.pbtxt): ``hf_dir`` (weights, relative to the model's directory) and the
-engine's settings (``engine.EngineConfig``: all required, no defaults here).
+engine's settings (``engine_config.EngineConfig``: all required, no defaults here).
 
 Metrics (Triton's metrics port), labelled ``model="<name>"``: gauges
 ``ragserve_engine_running_sequences``, ``ragserve_engine_waiting_sequences``,
@@ -62,8 +62,9 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # engine.py, llama.py, sampler.py
 
-from engine import FINISH_STOP, Engine, EngineConfig, EngineStats, RequestError, SamplingParams, Sequence  # noqa: E402
-from sampler import TokenLogprobs  # noqa: E402
+from engine import FINISH_STOP, Engine, EngineStats, Sequence  # noqa: E402
+from engine_config import EngineConfig  # noqa: E402
+from sampler import RequestError, SamplingParams, TokenLogprobs  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ERROR_CODES = {

@@ -87,6 +87,8 @@ def smollm2_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
     engine_files = {
         "model.py": "git (model_repository/smollm2/1/)",
         "engine.py": "git (model_repository/smollm2/1/)",
+        "engine_config.py": "git (model_repository/smollm2/1/)",
+        "kv_slots.py": "git (model_repository/smollm2/1/)",
         "llama.py": "git (model_repository/smollm2/1/)",
         "sampler.py": "git (model_repository/smollm2/1/)",
         "hf/config.json": "make models (scripts/convert_smollm2.py)",
