@@ -24,7 +24,7 @@ from ragserve_server.models.registry import DEVICES, ENCODER_BACKENDS, GPU, TEMP
 from ragserve_server.models.builtin import minilm_spec
 from ragserve_server.models.repository import render_repository
 from ragserve_server.models.tensorrt_profiles import check_coverage, profile_plan
-from ragserve_server.encoding.tokenization import bucket_widths
+from ragserve_server.models.buckets import bucket_widths
 from reference import cosine_rows, minilm_embeddings
 from ragserve_server.supervision.triton_launcher import TritonPorts, TritonServer
 from support import MODEL_REPOSITORY, ROOT, BackendRequest, free_port, load_template, minilm_tokens

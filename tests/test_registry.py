@@ -27,7 +27,8 @@ from ragserve_server.models.registry import (
 )
 from ragserve_server.models.repository import render_repository, triton_config
 from ragserve_server.models.tensorrt_profiles import Profile, check_coverage, profile_plan, required_shapes
-from ragserve_server.encoding.tokenization import EncoderTokenizer, bucket_length, bucket_widths
+from ragserve_server.encoding.tokenization import EncoderTokenizer
+from ragserve_server.models.buckets import bucket_length, bucket_widths
 from fakes import FakeBackend
 from support import MODEL_REPOSITORY, ROOT, GatewayProcess, free_port, start_triton
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 import ragserve
-from ragserve import _errors, _protocol
+from ragserve import _channel, _errors, _protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,11 +120,11 @@ def test_auth_status_codes_map_to_their_errors():
 
 
 def test_api_key_goes_as_a_bearer_token():
-    assert _protocol.call_metadata((("x-request-id", "r1"),), "rs_secret") == (
+    assert _channel.call_metadata((("x-request-id", "r1"),), "rs_secret") == (
         ("x-request-id", "r1"),
         ("authorization", "Bearer rs_secret"),
     )
-    assert _protocol.call_metadata((), None) == ()
+    assert _channel.call_metadata((), None) == ()
     for bad in ("", "two\nlines"):
         with pytest.raises(ValueError, match="api_key"):
             ragserve.Client(api_key=bad)
@@ -133,12 +133,12 @@ def test_api_key_goes_as_a_bearer_token():
 def test_certificates_as_bytes_or_paths(tmp_path):
     pem = b"-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n"
     (tmp_path / "ca.pem").write_bytes(pem)
-    assert _protocol._pem(pem, "root_certificates") == pem
-    assert _protocol._pem(str(tmp_path / "ca.pem"), "root_certificates") == pem
-    assert _protocol._pem(tmp_path / "ca.pem", "root_certificates") == pem
+    assert _channel._pem(pem, "root_certificates") == pem
+    assert _channel._pem(str(tmp_path / "ca.pem"), "root_certificates") == pem
+    assert _channel._pem(tmp_path / "ca.pem", "root_certificates") == pem
     with pytest.raises(ValueError, match="root_certificates: cannot read"):
         ragserve.Client(root_certificates=tmp_path / "missing.pem")
     with pytest.raises(ValueError, match="go together"):
         ragserve.Client(root_certificates=pem, private_key=pem)
-    assert _protocol.channel_credentials(False, None, None, None) is None
-    assert isinstance(_protocol.channel_credentials(True, None, None, None), grpc.ChannelCredentials)
+    assert _channel.channel_credentials(False, None, None, None) is None
+    assert isinstance(_channel.channel_credentials(True, None, None, None), grpc.ChannelCredentials)

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 import ragserve
-from ragserve import _protocol
+from ragserve import _channel, _protocol
 from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
 
 
@@ -152,7 +152,7 @@ async def test_retries_and_round_robin_in_one_service_config(refusing_server):
     async with ragserve.AsyncClient(f"ipv4:{address}", timeout=10, load_balancing="round_robin") as client:
         assert (await client.embed(["x"])).embeddings.shape == (1, 2)
     assert refusing.attempts == 2
-    options = dict(_protocol.channel_options("round_robin", [], 2))
+    options = dict(_channel.channel_options("round_robin", [], 2))
     config = json.loads(options["grpc.service_config"])
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     (method_config,) = config["methodConfig"]
@@ -167,10 +167,10 @@ async def test_retries_and_round_robin_in_one_service_config(refusing_server):
 
 
 def test_retry_settings_are_checked():
-    assert "grpc.service_config" not in dict(_protocol.channel_options(None, [], 0))
+    assert "grpc.service_config" not in dict(_channel.channel_options(None, [], 0))
     for bad in (-1, 5, 1.5, True):
         with pytest.raises(ValueError, match="retries"):
             ragserve.Client(retries=bad)
     mine = json.dumps({"loadBalancingConfig": [{"pick_first": {}}]})
-    options = _protocol.channel_options("round_robin", [("grpc.service_config", mine)], 3)
+    options = _channel.channel_options("round_robin", [("grpc.service_config", mine)], 3)
     assert [value for name, value in options if name == "grpc.service_config"] == [mine]  # the caller's wins

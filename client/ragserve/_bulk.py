@@ -31,12 +31,13 @@ import threading
 import warnings
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Unpack
 
 import grpc
 import numpy as np
 
 from ragserve import _protocol
+from ragserve._options import EmbedOptions
 from ragserve._errors import InvalidArgumentError, UnavailableError, error_for_code, from_rpc_error
 from ragserve._types import EmbedBatch, EmbedResult, Usage
 from ragserve.v1 import embed_pb2
@@ -202,10 +203,10 @@ def _check_int(name: str, value, low: int, high: int) -> None:
         raise InvalidArgumentError(f"{name} must be an int from {low} to {high}, got {value!r}")
 
 
-class EmbedStreamOptions(TypedDict, total=False):
+class EmbedStreamOptions(EmbedOptions, total=False):
     """The options of `embed_stream` / `embed_stream_batches` (sync and async), all keyword-only.
 
-    model, normalize, truncate, dimensions, input_type, encoding: as in `embed` (every message).
+    `EmbedOptions` (model, normalize, truncate, dimensions, input_type, encoding): as in `embed`, every message.
     batch_size: texts per message (default 64, at most 2048).
     max_in_flight: messages unanswered at once (default 8, at most 64).
     retries: resends of a message answered RESOURCE_EXHAUSTED / UNAVAILABLE, and reopenings
@@ -216,12 +217,6 @@ class EmbedStreamOptions(TypedDict, total=False):
     timeout: seconds for the whole run (default None: no deadline; not the client's per-call timeout).
     """
 
-    model: str | None
-    normalize: bool | None
-    truncate: str | None
-    dimensions: int | None
-    input_type: str | None
-    encoding: str
     batch_size: int
     max_in_flight: int
     retries: int
@@ -234,24 +229,17 @@ class EmbedStreamOptions(TypedDict, total=False):
 def new_run(
     texts,
     *,
-    model: str | None = None,
-    normalize: bool | None = None,
-    truncate: str | None = None,
-    dimensions: int | None = None,
-    input_type: str | None = None,
-    encoding: str = _protocol.DEFAULT_ENCODING,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     retries: int = DEFAULT_RETRIES,
     total: int | None = None,
     progress: bool = False,
     on_progress: ProgressCallback | None = None,
+    **embed_options: Unpack[EmbedOptions],
 ) -> _Run:
     if isinstance(texts, str):
         raise InvalidArgumentError("texts must be an iterable of str, not one str (use embed for one text)")
-    template = _protocol.embed_request(
-        [], model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type, encoding=encoding
-    )
+    template = _protocol.embed_request([], **embed_options)
     if total is None and hasattr(texts, "__len__"):
         total = len(texts)
     return _Run(

@@ -47,13 +47,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar, Unpack
 
 import grpc
 
-from ragserve import _bulk, _protocol
+from ragserve import _bulk, _channel, _protocol
+from ragserve._channel import Pem
+from ragserve._options import EmbedOptions, GenerateOptions, RerankOptions, TokenizeOptions
 from ragserve._errors import from_rpc_error
 from ragserve._tracing import with_trace_context
 from ragserve._types import EmbedBatch, EmbedResult, GenerateResult, ModelInfo, RerankResult, TextDelta, TokenizeResult
@@ -62,13 +63,7 @@ from ragserve.v1 import embed_pb2_grpc, generate_pb2_grpc, models_pb2, models_pb
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-Pem = bytes | str | os.PathLike
 Metadata = Sequence[tuple[str, str]]
-
-
-def _channel_settings(tls, root_certificates, private_key, certificate_chain, load_balancing, retries, options):
-    credentials = _protocol.channel_credentials(tls, root_certificates, private_key, certificate_chain)
-    return credentials, _protocol.channel_options(load_balancing, options, retries)
 
 
 class _Stubs:
@@ -96,16 +91,6 @@ _Tokenize = TypeVar("_Tokenize")
 _Detokenize = TypeVar("_Detokenize")
 
 
-def _open_channels(open_one, connections: int, channel_options: list) -> list:
-    """`connections` channels, each with its own TCP connection when there are several (gRPC
-    otherwise shares one connection between channels of the same target and options)."""
-    if connections < 1:
-        raise ValueError(f"connections must be 1 or more, got {connections}")
-    if connections == 1:
-        return [open_one(channel_options)]
-    return [open_one([*channel_options, ("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)]
-
-
 class _Methods(Generic[_Embed, _Rerank, _Generate, _Stream, _Models, _Tokenize, _Detokenize]):
     """Each call's options and meaning, written once; `_unary` and `_stream` are the transport."""
 
@@ -131,33 +116,14 @@ class _Methods(Generic[_Embed, _Rerank, _Generate, _Stream, _Models, _Tokenize, 
         raise NotImplementedError
 
     def _call_metadata(self, metadata: Metadata) -> tuple[tuple[str, str], ...]:
-        return with_trace_context((*self._metadata, *_protocol.call_metadata(metadata, None)))
+        return with_trace_context((*self._metadata, *_channel.call_metadata(metadata, None)))
 
     def embed(
-        self,
-        inputs: str | Sequence[str],
-        *,
-        model: str | None = None,
-        normalize: bool | None = None,
-        truncate: str | None = None,
-        dimensions: int | None = None,
-        input_type: str | None = None,
-        encoding: str = _protocol.DEFAULT_ENCODING,
-        timeout: float | None = None,
-        metadata: Metadata = (),
+        self, inputs: str | Sequence[str], *, timeout: float | None = None, metadata: Metadata = (), **options: Unpack[EmbedOptions]
     ) -> _Embed:
-        """Embeds texts; `truncate` is "none" (default: over-long is an error), "end" or "start";
-        `input_type` is "query" or "passage"; `dimensions` keeps the first N (Matryoshka).
-
-        `encoding` (result's `embeddings` dtype and shape): "float32" (default: float32 (n, d),
-        sent as one packed blob and read without a copy: a read-only array, `.copy()` to write),
-        "float" (the same numbers sent as repeated floats), "int8" / "uint8" (calibrated scalar
-        quantisation, (n, d); needs the model's calibration, see ModelInfo.encodings), "binary"
-        (int8) / "ubinary" (uint8): sign bits packed 8 to a byte, (n, ceil(d / 8))."""
-        request = _protocol.embed_request(
-            inputs, model=model, normalize=normalize, truncate=truncate, dimensions=dimensions, input_type=input_type,
-            encoding=encoding,
-        )
+        """Embeds texts. Options (`EmbedOptions`): model, normalize, truncate, dimensions,
+        input_type, encoding="float32"."""
+        request = _protocol.embed_request(inputs, **options)
         return self._unary(self._stubs.embed.Embed, request, _protocol.embed_result, timeout, metadata)
 
     def rerank(
@@ -165,110 +131,44 @@ class _Methods(Generic[_Embed, _Rerank, _Generate, _Stream, _Models, _Tokenize, 
         query: str,
         documents: Sequence[str],
         *,
-        model: str | None = None,
-        top_n: int | None = None,
-        return_documents: bool = False,
-        truncate: str | None = None,
-        raw_scores: bool = False,
-        chunk_long_documents: bool = False,
         timeout: float | None = None,
         metadata: Metadata = (),
+        **options: Unpack[RerankOptions],
     ) -> _Rerank:
-        """Orders `documents` by relevance to `query`, best first; `top_n` keeps the best N.
-        `relevance_score` is in [0, 1] for every reranker; `raw_scores` adds each one's raw
-        score (a bi-encoder's cosine, a cross-encoder's logit). `truncate` ("none" default,
-        "end", "start") applies to documents only; `chunk_long_documents` scores an over-long
-        document by its best chunk instead."""
-        request = _protocol.rerank_request(
-            query, documents, model=model, top_n=top_n, return_documents=return_documents, truncate=truncate,
-            raw_scores=raw_scores, chunk_long_documents=chunk_long_documents,
-        )
+        """Orders `documents` by relevance to `query`, best first; `relevance_score` is in [0, 1]
+        for every reranker. Options (`RerankOptions`): model, top_n, return_documents, truncate,
+        raw_scores, chunk_long_documents."""
+        request = _protocol.rerank_request(query, documents, **options)
         return self._unary(self._stubs.rerank.Rerank, request, _protocol.rerank_result, timeout, metadata)
 
     def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        timeout: float | None = None,
-        metadata: Metadata = (),
+        self, prompt: str | None = None, *, timeout: float | None = None, metadata: Metadata = (), **options: Unpack[GenerateOptions]
     ) -> _Generate:
-        """Generates a completion for `prompt` (raw text) or `messages` (chat: dicts with
-        "role" and "content"). temperature 0 = greedy; same `seed` and input = same text;
-        `max_tokens` defaults to the room the prompt leaves in the context; `logprobs` returns
-        each token's log probability, `top_logprobs=k` (0..20) the k likeliest alternatives too."""
-        request = _protocol.generate_request(
-            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop, logprobs=logprobs,
-            top_logprobs=top_logprobs, stop_token_ids=stop_token_ids, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, min_p=min_p,
-        )
+        """Generates a completion for `prompt` (raw text) or `messages=` (chat). Options
+        (`GenerateOptions`): messages, model, max_tokens, temperature (0 = greedy), top_p, top_k,
+        min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, stop,
+        stop_token_ids, logprobs, top_logprobs."""
+        request = _protocol.generate_request(prompt, **options)
         return self._unary(self._stubs.generate.Generate, request, _protocol.generate_result, timeout, metadata)
 
     def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        timeout: float | None = None,
-        metadata: Metadata = (),
+        self, prompt: str | None = None, *, timeout: float | None = None, metadata: Metadata = (), **options: Unpack[GenerateOptions]
     ) -> _Stream:
         """Like `generate`, streamed: `TextDelta`s, then the final `GenerateResult`.
         Leaving the loop early cancels the generation on the server."""
-        request = _protocol.generate_request(
-            prompt, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop, logprobs=logprobs,
-            top_logprobs=top_logprobs, stop_token_ids=stop_token_ids, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, min_p=min_p,
-        )
+        request = _protocol.generate_request(prompt, **options)
         return self._stream(self._stubs.generate.GenerateStream, request, timeout, metadata)
 
     def list_models(self, *, timeout: float | None = None, metadata: Metadata = ()) -> _Models:
         return self._unary(self._stubs.models.ListModels, models_pb2.ListModelsRequest(), _protocol.model_infos, timeout, metadata)
 
     def tokenize(
-        self,
-        inputs: str | Sequence[str],
-        *,
-        model: str | None = None,
-        truncate: str | None = None,
-        input_type: str | None = None,
-        return_tokens: bool = False,
-        timeout: float | None = None,
-        metadata: Metadata = (),
+        self, inputs: str | Sequence[str], *, timeout: float | None = None, metadata: Metadata = (), **options: Unpack[TokenizeOptions]
     ) -> _Tokenize:
-        """Tokens of each text as `model` gets them (default: the default embedding model; any
-        served model: embedding, reranker, generation), with Embed's truncation rules:
-        ids, character offsets, counts (and token strings with `return_tokens`)."""
-        request = _protocol.tokenize_request(inputs, model=model, truncate=truncate, input_type=input_type, return_tokens=return_tokens)
+        """Tokens of each text as a model gets them, with Embed's truncation rules: ids,
+        character offsets, counts. Options (`TokenizeOptions`): model, truncate, input_type,
+        return_tokens."""
+        request = _protocol.tokenize_request(inputs, **options)
         return self._unary(self._stubs.tokenize.Tokenize, request, _protocol.tokenize_result, timeout, metadata)
 
     def detokenize(
@@ -313,21 +213,21 @@ class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDe
         root_certificates: Pem | None = None,
         private_key: Pem | None = None,
         certificate_chain: Pem | None = None,
-        retries: int = _protocol.DEFAULT_RETRIES,
+        retries: int = _channel.DEFAULT_RETRIES,
         metadata: Metadata = (),
         load_balancing: str | None = None,
         options: Sequence[tuple[str, object]] = (),
         connections: int = 1,
     ) -> None:
-        credentials, channel_options = _channel_settings(
+        credentials, channel_options = _channel.settings(
             tls, root_certificates, private_key, certificate_chain, load_balancing, retries, options
         )
         if credentials is None:
-            self._use_channels(_open_channels(lambda o: grpc.insecure_channel(target, options=o), connections, channel_options))
+            self._use_channels(_channel.open_channels(lambda o: grpc.insecure_channel(target, options=o), connections, channel_options))
         else:
-            self._use_channels(_open_channels(lambda o: grpc.secure_channel(target, credentials, options=o), connections, channel_options))
+            self._use_channels(_channel.open_channels(lambda o: grpc.secure_channel(target, credentials, options=o), connections, channel_options))
         self._timeout = timeout
-        self._metadata = _protocol.call_metadata(metadata, api_key)
+        self._metadata = _channel.call_metadata(metadata, api_key)
 
     def _unary(self, method, request, parse, timeout, metadata):
         try:
@@ -398,21 +298,21 @@ class AsyncClient(
         root_certificates: Pem | None = None,
         private_key: Pem | None = None,
         certificate_chain: Pem | None = None,
-        retries: int = _protocol.DEFAULT_RETRIES,
+        retries: int = _channel.DEFAULT_RETRIES,
         metadata: Metadata = (),
         load_balancing: str | None = None,
         options: Sequence[tuple[str, object]] = (),
         connections: int = 1,
     ) -> None:
-        credentials, channel_options = _channel_settings(
+        credentials, channel_options = _channel.settings(
             tls, root_certificates, private_key, certificate_chain, load_balancing, retries, options
         )
         if credentials is None:
-            self._use_channels(_open_channels(lambda o: grpc.aio.insecure_channel(target, options=o), connections, channel_options))
+            self._use_channels(_channel.open_channels(lambda o: grpc.aio.insecure_channel(target, options=o), connections, channel_options))
         else:
-            self._use_channels(_open_channels(lambda o: grpc.aio.secure_channel(target, credentials, options=o), connections, channel_options))
+            self._use_channels(_channel.open_channels(lambda o: grpc.aio.secure_channel(target, credentials, options=o), connections, channel_options))
         self._timeout = timeout
-        self._metadata = _protocol.call_metadata(metadata, api_key)
+        self._metadata = _channel.call_metadata(metadata, api_key)
 
     async def _unary(self, method, request, parse, timeout, metadata):
         call = method(request, timeout=timeout if timeout is not None else self._timeout, metadata=self._call_metadata(metadata))

@@ -5,12 +5,8 @@ Only the transport differs between the two clients; everything a call means live
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-import grpc
 import numpy as np
 
 from ragserve._errors import InvalidArgumentError, ServerError
@@ -83,11 +79,11 @@ def _texts(values: str | Sequence[str], name: str) -> list[str]:
 def embed_request(
     inputs: str | Sequence[str],
     *,
-    model: str | None,
-    normalize: bool | None,
-    truncate: str | None,
-    dimensions: int | None,
-    input_type: str | None,
+    model: str | None = None,
+    normalize: bool | None = None,
+    truncate: str | None = None,
+    dimensions: int | None = None,
+    input_type: str | None = None,
     encoding: str = DEFAULT_ENCODING,
 ) -> embed_pb2.EmbedRequest:
     request = embed_pb2.EmbedRequest(
@@ -147,7 +143,8 @@ def embed_result(response: embed_pb2.EmbedResponse, request_id: str | None = Non
 
 
 def tokenize_request(
-    inputs: str | Sequence[str], *, model: str | None, truncate: str | None, input_type: str | None, return_tokens: bool
+    inputs: str | Sequence[str], *, model: str | None = None, truncate: str | None = None, input_type: str | None = None,
+    return_tokens: bool = False,
 ) -> tokenize_pb2.TokenizeRequest:
     return tokenize_pb2.TokenizeRequest(
         model=model or "",
@@ -183,11 +180,11 @@ def rerank_request(
     query: str,
     documents: Sequence[str],
     *,
-    model: str | None,
-    top_n: int | None,
-    return_documents: bool,
-    truncate: str | None,
-    raw_scores: bool,
+    model: str | None = None,
+    top_n: int | None = None,
+    return_documents: bool = False,
+    truncate: str | None = None,
+    raw_scores: bool = False,
     chunk_long_documents: bool = False,
 ) -> rerank_pb2.RerankRequest:
     if isinstance(documents, str):
@@ -259,17 +256,17 @@ FINISH_REASON = {
 
 
 def generate_request(
-    prompt: str | None,
+    prompt: str | None = None,
     *,
-    messages: Sequence[Mapping[str, str]] | None,
-    model: str | None,
-    max_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    repetition_penalty: float | None,
-    seed: int | None,
-    stop: str | Sequence[str] | None,
+    messages: Sequence[Mapping[str, str]] | None = None,
+    model: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
     logprobs: bool = False,
     top_logprobs: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
@@ -348,101 +345,3 @@ def request_id(metadata) -> str | None:
         if key == "x-request-id":
             return value
     return None
-
-
-# Calls the SDK retries (idempotent: the same request gives the same answer and changes
-# nothing); Generate and the streams are never retried.
-RETRIED_METHODS = (
-    (embed_pb2.DESCRIPTOR.services_by_name["Embed"].full_name, "Embed"),
-    (rerank_pb2.DESCRIPTOR.services_by_name["Rerank"].full_name, "Rerank"),
-    (models_pb2.DESCRIPTOR.services_by_name["Models"].full_name, "ListModels"),
-    (tokenize_pb2.DESCRIPTOR.services_by_name["Tokenize"].full_name, "Tokenize"),
-    (tokenize_pb2.DESCRIPTOR.services_by_name["Tokenize"].full_name, "Detokenize"),
-)
-DEFAULT_RETRIES = 3
-MAX_RETRIES = 4  # gRPC caps maxAttempts at 5
-# gRPC replays a call from a buffer; a request larger than the buffer is not retried (default 256 KiB).
-RETRY_BUFFER_BYTES = 16 * 1024 * 1024
-
-
-def service_config(load_balancing: str | None, retries: int) -> dict | None:
-    """The channel's service config: the balancing policy and the retry policy, one JSON.
-
-    Retries use gRPC's own policy (gRFC A6): UNAVAILABLE and RESOURCE_EXHAUSTED are retried
-    up to `retries` times after a random wait in [0, 0.1 s x 2^n] (at most 5 s), all within
-    the call's deadline; a server's `grpc-retry-pushback-ms` trailer replaces that wait
-    (a negative value stops the retries)."""
-    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= MAX_RETRIES:
-        raise ValueError(f"retries must be an int from 0 (off) to {MAX_RETRIES}, got {retries!r}")
-    config: dict = {}
-    if load_balancing:
-        if load_balancing not in ("round_robin", "pick_first"):
-            raise ValueError(f"load_balancing must be 'round_robin' or 'pick_first', got {load_balancing!r}")
-        config["loadBalancingConfig"] = [{load_balancing: {}}]
-    if retries:
-        config["methodConfig"] = [
-            {
-                "name": [{"service": service, "method": method} for service, method in RETRIED_METHODS],
-                "retryPolicy": {
-                    "maxAttempts": retries + 1,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "5s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
-                },
-            }
-        ]
-    return config or None
-
-
-def channel_options(
-    load_balancing: str | None, options: Sequence[tuple[str, object]], retries: int = DEFAULT_RETRIES
-) -> list[tuple[str, object]]:
-    """gRPC channel options: the caller's, then the service config (`load_balancing` and
-    `retries`) unless the caller gave its own `grpc.service_config` (theirs wins, whole)."""
-    result = list(options)
-    given = {name for name, _ in result}
-    config = service_config(load_balancing, retries)
-    if config is not None and "grpc.service_config" not in given:
-        result.append(("grpc.service_config", json.dumps(config)))
-    if retries and "grpc.per_rpc_retry_buffer_size" not in given:
-        result.append(("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES))
-    return result
-
-
-def _pem(value: bytes | str | os.PathLike | None, name: str) -> bytes | None:
-    """PEM bytes as given, or read from a file path (str or Path)."""
-    if value is None or isinstance(value, bytes):
-        return value
-    try:
-        return Path(value).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"{name}: cannot read {value}: {exc.strerror or exc}") from None
-
-
-def channel_credentials(
-    tls: bool,
-    root_certificates: bytes | str | os.PathLike | None,
-    private_key: bytes | str | os.PathLike | None,
-    certificate_chain: bytes | str | os.PathLike | None,
-) -> grpc.ChannelCredentials | None:
-    """TLS credentials, or None for a plaintext channel. TLS is on with `tls=True` or any
-    certificate argument; without `root_certificates` gRPC's default roots verify the server."""
-    if (private_key is None) != (certificate_chain is None):
-        raise ValueError("private_key and certificate_chain go together (a client certificate for mTLS)")
-    if not (tls or root_certificates is not None or private_key is not None):
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=_pem(root_certificates, "root_certificates"),
-        private_key=_pem(private_key, "private_key"),
-        certificate_chain=_pem(certificate_chain, "certificate_chain"),
-    )
-
-
-def call_metadata(metadata: Sequence[tuple[str, str]], api_key: str | None) -> tuple[tuple[str, str], ...]:
-    """Metadata sent with every call: the caller's, and the API key as a bearer token."""
-    if api_key is None:
-        return tuple(metadata)
-    if not isinstance(api_key, str) or not api_key.strip() or any(c in api_key for c in "\r\n"):
-        raise ValueError("api_key must be a non-empty one-line string")
-    return (*metadata, ("authorization", f"Bearer {api_key.strip()}"))

@@ -17,7 +17,8 @@ import numpy as np
 from ragserve_server.observability import request_record
 from ragserve_server.models.catalog import ServedModel
 from ragserve_server.encoding.coalescer import Coalescer
-from ragserve_server.encoding.tokenization import EncoderTokenizer, bucket_length
+from ragserve_server.encoding.tokenization import EncoderTokenizer
+from ragserve_server.models.buckets import bucket_length
 from ragserve_server.backend.protocol import InferenceBackend
 from ragserve_server.calls.admission import current_priority
 

@@ -14,7 +14,6 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from ragserve_server.errors import InvalidInput
-from ragserve_server.models.buckets import BUCKETS, bucket_length, bucket_widths  # noqa: F401 (used here and re-read by callers)
 
 TRUNCATE_NONE, TRUNCATE_END, TRUNCATE_START = "none", "end", "start"
 
