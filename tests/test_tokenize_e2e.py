@@ -77,7 +77,7 @@ def test_bad_input_names_the_field(gateway, client):
         client.detokenize([101, vocab])
     with pytest.raises(ragserve.InvalidArgumentError, match="inputs is empty"):
         client.tokenize([])
-    with pytest.raises(ragserve.InvalidArgumentError, match="inputs has 2049 texts, more than the 2048 allowed"):
+    with pytest.raises(ragserve.InvalidArgumentError, match="too many inputs: 2049 > 2048 per call"):
         client.tokenize(["x"] * 2049)
     with pytest.raises(ragserve.ModelNotFoundError):
         client.tokenize(["x"], model="nope")

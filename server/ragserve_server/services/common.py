@@ -1,4 +1,4 @@
-"""Helpers shared by the services: deadlines, enum conversion, tokenization off the loop."""
+"""Shared by the services: the API enums' tables (one each), input checks, deadlines, tokenization off the loop."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import TypeVar
 
 import grpc
 
-from ragserve.v1 import common_pb2
+from ragserve.v1 import common_pb2, embed_pb2, models_pb2
 from ragserve_server.observability import request_record
 from ragserve_server.errors import InvalidInput
 from ragserve_server.encoding.tokenization import TRUNCATE_END, TRUNCATE_NONE, TRUNCATE_START
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION
 
 T = TypeVar("T")
 
@@ -22,6 +23,38 @@ _TRUNCATE = {
     common_pb2.TRUNCATE_END: TRUNCATE_END,
     common_pb2.TRUNCATE_START: TRUNCATE_START,
 }
+
+
+# Input types: the API's values and the registry's names ("" = none: no prefix).
+INPUT_TYPES = {embed_pb2.INPUT_TYPE_UNSPECIFIED: "", embed_pb2.INPUT_TYPE_QUERY: "query", embed_pb2.INPUT_TYPE_PASSAGE: "passage"}
+# Model kinds: the registry's names and the API's values (the HTTP front shows the names).
+MODEL_KINDS = {
+    EMBEDDING: models_pb2.MODEL_KIND_EMBEDDING,
+    CROSS_ENCODER: models_pb2.MODEL_KIND_CROSS_ENCODER,
+    BI_ENCODER: models_pb2.MODEL_KIND_BI_ENCODER,
+    GENERATION: models_pb2.MODEL_KIND_GENERATION,
+}
+
+
+def input_type_name(value: int) -> str:
+    """The registry's name of an API input type ("" for unspecified)."""
+    try:
+        return INPUT_TYPES[value]
+    except KeyError:
+        allowed = ", ".join(f"{embed_pb2.InputType.Name(v)} ({v})" for v in INPUT_TYPES)
+        raise InvalidInput(f"input_type {value} is not a known input type; allowed: {allowed}") from None
+
+
+def check_texts(texts: list[str], max_inputs: int, *, stream_hint: bool = False) -> None:
+    """The input list of an Embed or Tokenize call: 1 to `max_inputs` texts, none empty."""
+    if not texts:
+        raise InvalidInput("inputs is empty: send at least one text")
+    if len(texts) > max_inputs:
+        hint = "split them over calls or use EmbedStream" if stream_hint else "split them over calls"
+        raise InvalidInput(f"too many inputs: {len(texts)} > {max_inputs} per call; {hint}")
+    for index, text in enumerate(texts):
+        if not text:
+            raise InvalidInput(f"input {index} is an empty string")
 
 
 def truncate_mode(value: int) -> str:

@@ -15,10 +15,9 @@ from ragserve_server.calls.admission import BULK, Admission
 from ragserve_server.models.catalog import EMBEDDING, Catalog
 from ragserve_server.encoding.encoder import EncoderRunner, finish_embeddings
 from ragserve_server.errors import InvalidInput, RagserveError, status_of
-from ragserve_server.services.common import off_loop, requested_model, time_left, truncate_mode
+from ragserve_server.services.common import check_texts, input_type_name, off_loop, requested_model, time_left, truncate_mode
 from ragserve_server.encoding.tokenization import EncoderTokenizer
 
-_INPUT_TYPES = {embed_pb2.INPUT_TYPE_UNSPECIFIED: "", embed_pb2.INPUT_TYPE_QUERY: "query", embed_pb2.INPUT_TYPE_PASSAGE: "passage"}
 ENCODINGS = {
     embed_pb2.EMBEDDING_ENCODING_UNSPECIFIED: quantize.FLOAT,  # the default: repeated float
     embed_pb2.EMBEDDING_ENCODING_FLOAT: quantize.FLOAT,
@@ -144,20 +143,11 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
     async def embed(self, request: embed_pb2.EmbedRequest, *, timeout: float | None) -> embed_pb2.EmbedResponse:
         model = self.catalog.get(requested_model(request.model), (EMBEDDING,))
         texts = list(request.inputs)
-        if not texts:
-            raise InvalidInput("inputs is empty: send at least one text")
-        if len(texts) > self.max_inputs:
-            raise InvalidInput(
-                f"too many inputs: {len(texts)} > {self.max_inputs} per call; split them over calls or use EmbedStream"
-            )
-        for index, text in enumerate(texts):
-            if not text:
-                raise InvalidInput(f"input {index} is an empty string")
+        check_texts(texts, self.max_inputs, stream_hint=True)
         dimensions = request.dimensions if request.HasField("dimensions") else model.dimensions
         if not 1 <= dimensions <= model.dimensions:
             raise InvalidInput(f"dimensions must be between 1 and {model.dimensions} for {model.name}, got {dimensions}")
-        if request.input_type not in _INPUT_TYPES:
-            raise InvalidInput(f"unknown input_type {request.input_type}")
+        input_type = input_type_name(request.input_type)
         truncate = truncate_mode(request.truncate)
         normalize = request.normalize if request.HasField("normalize") else True  # default: normalised
         encoding = encoding_of(request.encoding)
@@ -167,7 +157,7 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
             full_dimensions=model.dimensions,
         )
 
-        prefix = model.prefixes.get(_INPUT_TYPES[request.input_type], "")
+        prefix = model.prefixes.get(input_type, "")
         if prefix:
             texts = [prefix + t for t in texts]
         tokenizer = self.tokenizers[model.name]

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from ragserve.v1 import embed_pb2, models_pb2, models_pb2_grpc
+from ragserve.v1 import models_pb2, models_pb2_grpc
 from ragserve_server.encoding import quantize
-from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog, ServedModel
+from ragserve_server.models.catalog import EMBEDDING, Catalog, ServedModel
+from ragserve_server.services.common import INPUT_TYPES, MODEL_KINDS
 from ragserve_server.services.embed import ENCODING_VALUES
 
-_KINDS = {
-    EMBEDDING: models_pb2.MODEL_KIND_EMBEDDING,
-    CROSS_ENCODER: models_pb2.MODEL_KIND_CROSS_ENCODER,
-    BI_ENCODER: models_pb2.MODEL_KIND_BI_ENCODER,
-    GENERATION: models_pb2.MODEL_KIND_GENERATION,
-}
-_INPUT_TYPES = {"query": embed_pb2.INPUT_TYPE_QUERY, "passage": embed_pb2.INPUT_TYPE_PASSAGE}
 
 
 def model_info(m: ServedModel, is_default: bool) -> models_pb2.ModelInfo:
     info = models_pb2.ModelInfo(
         name=m.name,
-        kind=_KINDS[m.kind],
+        kind=MODEL_KINDS[m.kind],
         dimensions=m.dimensions,
         max_input_tokens=m.max_input_tokens,
         max_batch=m.max_inputs_per_call,  # deprecated twin of max_inputs_per_call, for older clients
@@ -31,7 +25,7 @@ def model_info(m: ServedModel, is_default: bool) -> models_pb2.ModelInfo:
     )
     if m.kind == EMBEDDING:
         info.input_types.extend(
-            models_pb2.InputTypePrefix(input_type=value, prefix=m.prefixes.get(name, "")) for name, value in _INPUT_TYPES.items()
+            models_pb2.InputTypePrefix(input_type=value, prefix=m.prefixes.get(name, "")) for value, name in INPUT_TYPES.items() if name
         )
         info.dimensions_may_be_cut = True
         info.matryoshka_dimensions.extend(m.matryoshka_dimensions)

@@ -15,8 +15,7 @@ import grpc
 from ragserve.v1 import common_pb2, tokenize_pb2, tokenize_pb2_grpc
 from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog
 from ragserve_server.errors import InvalidInput
-from ragserve_server.services.common import off_loop, requested_model, truncate_mode
-from ragserve_server.services.embed import _INPUT_TYPES
+from ragserve_server.services.common import check_texts, input_type_name, off_loop, requested_model, truncate_mode
 from ragserve_server.encoding.tokenization import EncoderTokenizer
 
 # The default model (empty name) is the default embedding model.
@@ -46,14 +45,9 @@ class TokenizeService(tokenize_pb2_grpc.TokenizeServicer):
     async def tokenize(self, request: tokenize_pb2.TokenizeRequest) -> tokenize_pb2.TokenizeResponse:
         model = self.catalog.get(requested_model(request.model), KINDS)
         texts = list(request.inputs)
-        if not texts:
-            raise InvalidInput("inputs is empty: send at least one text")
-        if len(texts) > self.max_inputs:
-            raise InvalidInput(f"inputs has {len(texts)} texts, more than the {self.max_inputs} allowed per call; split them over calls")
-        if request.input_type not in _INPUT_TYPES:
-            raise InvalidInput(f"input_type {request.input_type} is not a known input type; allowed: 0 (unspecified), 1 (query), 2 (passage)")
+        check_texts(texts, self.max_inputs)
         truncate = truncate_mode(request.truncate)
-        prefix = model.prefixes.get(_INPUT_TYPES[request.input_type], "")
+        prefix = model.prefixes.get(input_type_name(request.input_type), "")
         tokenizer = self.tokenizers[model.name]
         results = await off_loop(self.executor, _tokenize, tokenizer, texts, prefix, truncate, request.return_tokens)
         tokens = sum(len(r.ids) for r in results)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ragserve.v1 import embed_pb2, generate_pb2, models_pb2, rerank_pb2
 from ragserve_server.errors import InvalidInput
+from ragserve_server.services.common import MODEL_KINDS
 
 # OpenAI's "stop" covers the end of sequence and a stop sequence; it has no value for a
 # generation the server cancelled (FINISH_REASON_CANCELLED): null.
@@ -24,12 +25,7 @@ _FINISH = {
     generate_pb2.FINISH_REASON_STOP_SEQUENCE: "stop",
     generate_pb2.FINISH_REASON_LENGTH: "length",
 }
-_KINDS = {
-    models_pb2.MODEL_KIND_EMBEDDING: "embedding",
-    models_pb2.MODEL_KIND_CROSS_ENCODER: "cross_encoder",
-    models_pb2.MODEL_KIND_BI_ENCODER: "bi_encoder",
-    models_pb2.MODEL_KIND_GENERATION: "generation",
-}
+_KINDS = {value: name for name, value in MODEL_KINDS.items()}
 _UINT32 = 2**32 - 1
 # RerankResult's score field ("score", renamed "relevance_score" with the API's next fields).
 _SCORE = "relevance_score" if "relevance_score" in rerank_pb2.RerankResult.DESCRIPTOR.fields_by_name else "score"
