@@ -80,9 +80,10 @@ from engine_config import EngineConfig
 from kv_slots import KVSlots
 from llama import Llama, eos_ids
 from sampler import RequestError, Sampler, SamplingParams, SamplingState
+from scoring import ScoreRequest, Scorer
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "FINISH_LENGTH", "FINISH_STOP", "FINISH_STOP_WORD",
-           "RequestError", "SamplingParams", "Sequence"]
+           "RequestError", "SamplingParams", "ScoreRequest", "Sequence"]
 
 log = logging.getLogger("ragserve.engine")
 
@@ -176,6 +177,8 @@ class Engine:
         self.reserved_tokens = 0
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
+        # Prefill-only scoring requests (scoring.py): their own queue, one batched pass per step.
+        self.scorer = Scorer(self.model, self.max_waiting + self.max_running, self._cv)
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -199,6 +202,7 @@ class Engine:
         self.waiting.clear()
         self.running.clear()
         self.prefilling = None
+        self.scorer.abort_all("UNAVAILABLE: engine stopped")
 
     def submit(self, seq: Sequence) -> None:
         """Validate and enqueue; raises RequestError (nothing is queued then)."""
@@ -236,6 +240,15 @@ class Engine:
             self.waiting.append(seq)
             self._cv.notify()
 
+    def submit_score(self, req: ScoreRequest) -> None:
+        """Validate and enqueue a prefill-only scoring request (scoring.py); raises RequestError."""
+        self.scorer.validate(req, self.context_length)
+        with self._cv:
+            if self._stop:
+                raise RequestError("UNAVAILABLE", "engine stopped")
+            self.scorer.submit(req)
+            self._cv.notify()
+
     def stats(self, step_tokens: int = 0) -> EngineStats:
         return EngineStats(
             running=len(self.running), waiting=len(self.waiting), step_tokens=step_tokens,
@@ -254,7 +267,7 @@ class Engine:
         last = None
         while True:
             with self._cv:
-                while not self._stop and not self.waiting and not self._slots_held():
+                while not self._stop and not self.waiting and not self._slots_held() and not self.scorer.pending:
                     last = self._report(last, 0)
                     self._cv.wait()
                 if self._stop:
@@ -278,6 +291,8 @@ class Engine:
 
     def _step(self) -> int:
         self._drop_cancelled()
+        self.scorer.drop_cancelled()
+        self.scorer.step()  # waiting scoring prompts, one pass (no KV slots; nothing generated)
         produced, chunk = self._prefill()
         if chunk is not None and self.running and self.config.chunked_prefill:
             produced += self._mixed_step(*chunk)  # one forward pass for the chunk and the batch

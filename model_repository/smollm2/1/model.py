@@ -29,7 +29,14 @@ and ``top_logprobs`` FP32 [1, 1, n, k], most likely first. A sequence that ends 
 word returns the word's tokens (as TensorRT-LLM). Streaming: one response per generated token; the
 last one carries TRITONSERVER_RESPONSE_COMPLETE_FINAL. The end id is never returned: when
 the sequence ends on it, the final response holds n = 0 tokens. Not streaming: one final
-response with all tokens. There is no finish reason tensor (TensorRT-LLM has none): a
+response with all tokens.
+
+Scoring (prefill only, ours; scoring.py): with the optional input ``candidate_token_ids``
+INT32 [N] (1..64 ids) the prompt is prefilled and nothing is generated: one final response
+carries ``candidate_logits`` FP32 [1, N] (the raw logits of those ids at the prompt's last
+position, in the order given) with an empty ``output_ids`` [1, 1, 0] and ``sequence_length``
+0. ``request_output_len`` is still required by the contract and ignored; sampling inputs are
+ignored. There is no finish reason tensor (TensorRT-LLM has none): a
 final response before ``request_output_len`` tokens means the end id was reached.
 
 Errors are one final response carrying an error whose message starts with a status name:
@@ -65,6 +72,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # engine.py, lla
 from engine import FINISH_STOP, Engine, EngineStats, Sequence  # noqa: E402
 from engine_config import EngineConfig  # noqa: E402
 from sampler import RequestError, SamplingParams, TokenLogprobs  # noqa: E402
+from scoring import ScoreRequest  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ERROR_CODES = {
@@ -218,6 +226,10 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
+                candidates = pb_utils.get_input_tensor_by_name(request, "candidate_token_ids")
+                if candidates is not None:
+                    self.engine.submit_score(self._score_request(request, sender, candidates))
+                    continue
                 seq = self._sequence(request, sender)
                 self.engine.submit(seq)
             except RequestError as exc:
@@ -226,6 +238,43 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(
                     error=_error(f"INVALID_ARGUMENT: {exc}")), flags=FINAL)
         return None  # decoupled: responses go through the senders
+
+    def _prompt(self, request) -> np.ndarray:
+        ids_tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if ids_tensor is None:
+            raise RequestError("INVALID_ARGUMENT", "input_ids is required")
+        ids = _array(ids_tensor).reshape(-1)
+        length = _scalar(request, "input_lengths")
+        if length is not None:
+            if not 0 <= length <= ids.size:
+                raise RequestError("INVALID_ARGUMENT",
+                                   f"input_lengths is {length}, input_ids holds {ids.size} ids")
+            ids = ids[:length]
+        return ids
+
+    def _score_request(self, request, sender, candidates) -> ScoreRequest:
+        """A prefill-only request: the logits of ``candidate_token_ids`` after the prompt."""
+        ids = [int(t) for t in self._prompt(request)]
+        wanted = [int(t) for t in _array(candidates).reshape(-1)]
+
+        def on_result(values: list[float]) -> None:
+            sender.send(pb_utils.InferenceResponse(output_tensors=[
+                _tensor("output_ids", np.zeros((1, 1, 0), dtype=np.int32)),
+                _tensor("sequence_length", np.array([[0]], dtype=np.int32)),
+                _tensor("candidate_logits", np.array(values, dtype=np.float32).reshape(1, len(values))),
+            ]), flags=FINAL)
+
+        def on_abort(kind: str, message: str) -> None:
+            try:
+                if kind == "cancelled":
+                    sender.send(flags=FINAL)
+                else:
+                    sender.send(pb_utils.InferenceResponse(error=_error(message)), flags=FINAL)
+            except Exception:
+                pass
+
+        probe = getattr(sender, "is_cancelled", None) or request.is_cancelled
+        return ScoreRequest(prompt=ids, candidates=wanted, on_result=on_result, on_abort=on_abort, is_cancelled=probe)
 
     def _sequence(self, request, sender) -> Sequence:
         ids_tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")

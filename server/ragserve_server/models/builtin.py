@@ -91,6 +91,7 @@ def smollm2_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
         "kv_slots.py": "git (model_repository/smollm2/1/)",
         "llama.py": "git (model_repository/smollm2/1/)",
         "sampler.py": "git (model_repository/smollm2/1/)",
+        "scoring.py": "git (model_repository/smollm2/1/)",
         "hf/config.json": "make models (scripts/convert_smollm2.py)",
     }
     parameters = dict(contract.ENGINE_PARAMETERS)

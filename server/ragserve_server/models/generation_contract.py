@@ -33,6 +33,15 @@ and `num_top_logprobs` INT32 are inputs of ours, and `top_logprobs_ids` INT32 / 
 FP32 [1, beams, n, k] outputs of ours. A TensorRT-LLM deployment declares none of them: the
 start-up check accepts it (they are optional), and a request that uses min_p or
 top_logprobs is refused by its Triton (INVALID_ARGUMENT, "unexpected inference input").
+Scoring (ours, for the LLM rerankers: services/rerank_llm.py): `candidate_token_ids` INT32 [N]
+makes a request prefill-only: no token is generated, and one final response carries
+`candidate_logits` FP32 [1, N], the raw logits of those ids at the prompt's last position
+(`score_tensors`, `response_candidate_logits`). TensorRT-LLM gets the same numbers from
+`return_generation_logits` (`generation_logits` [1, beams, 1, vocab] with
+`request_output_len` 1: the first generated position is the one after the prompt) or from
+`return_context_logits` (`context_logits` [1, prompt, vocab], its last row); both return the
+whole vocabulary per request, so a gateway for such a deployment gathers the candidate ids
+itself. README "LLM rerankers" says more.
 TensorRT-LLM has no finish reason: `finish_reason` derives it from the final response, the
 end ids and the token count. Stop strings are not expressible as token ids in general and
 stay in the gateway (detokenizer.StopMatcher), which ends the Triton call on a match.
@@ -79,6 +88,7 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("return_log_probs", "TYPE_BOOL", **_SCALAR, optional=True, comment="output_log_probs and cum_log_probs"),
     TensorSpec("min_p", "TYPE_FP32", **_SCALAR, optional=True, comment="ragserve extension; 0 = off"),
     TensorSpec("num_top_logprobs", "TYPE_INT32", **_SCALAR, optional=True, comment="ragserve extension: alternatives per token"),
+    TensorSpec("candidate_token_ids", "TYPE_INT32", (-1,), optional=True, allow_ragged_batch=True, comment="ragserve extension: prefill only, logits of these ids"),
 )
 OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("output_ids", "TYPE_INT32", (-1, -1), comment="[beams, new tokens] per response"),
@@ -87,9 +97,10 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("output_log_probs", "TYPE_FP32", (-1, -1), optional=True, comment="[beams, new tokens]"),
     TensorSpec("top_logprobs_ids", "TYPE_INT32", (-1, -1, -1), optional=True, comment="ragserve extension: [beams, new tokens, k]"),
     TensorSpec("top_logprobs", "TYPE_FP32", (-1, -1, -1), optional=True, comment="ragserve extension: [beams, new tokens, k]"),
+    TensorSpec("candidate_logits", "TYPE_FP32", (-1,), optional=True, comment="ragserve extension: [N] logits after the prompt"),
 )
 # Ours, not TensorRT-LLM's: a TensorRT-LLM deployment has none of these (module docstring).
-EXTENSIONS = frozenset({"min_p", "num_top_logprobs", "top_logprobs_ids", "top_logprobs"})
+EXTENSIONS = frozenset({"min_p", "num_top_logprobs", "top_logprobs_ids", "top_logprobs", "candidate_token_ids", "candidate_logits"})
 # The outputs every request asks for; `output_names` adds the log-prob ones a request wants.
 OUTPUT_NAMES: tuple[str, ...] = ("output_ids", "sequence_length")
 
@@ -250,6 +261,30 @@ def output_names(sampling: Sampling) -> tuple[str, ...]:
     if sampling.top_logprobs:
         names += ("top_logprobs_ids", "top_logprobs")
     return names
+
+
+# A scoring request's outputs (the empty output_ids keep `cancelled_by_server` meaningful).
+SCORE_OUTPUT_NAMES: tuple[str, ...] = OUTPUT_NAMES + ("candidate_logits",)
+
+
+def score_tensors(prompt_ids: Sequence[int], candidates: Sequence[int]) -> dict[str, np.ndarray]:
+    """A prefill-only request: the logits of `candidates` at the position after the prompt.
+    `request_output_len` is required by the contract; 1 is what TensorRT-LLM would need."""
+    values: dict[str, object] = {
+        "input_ids": [list(prompt_ids)],
+        "input_lengths": [[len(prompt_ids)]],
+        "request_output_len": [[1]],
+        "candidate_token_ids": [list(candidates)],
+    }
+    return {spec.name: np.asarray(values[spec.name], dtype=spec.numpy_dtype) for spec in INPUTS if spec.name in values}
+
+
+def response_candidate_logits(outputs: Mapping[str, np.ndarray], n: int) -> np.ndarray | None:
+    """The `n` candidate logits of a scoring request's final response (None: absent or short)."""
+    logits = outputs.get("candidate_logits")
+    if logits is None or logits.size != n:
+        return None
+    return logits.reshape(n).astype(np.float64)
 
 
 @dataclass(frozen=True)
