@@ -24,6 +24,14 @@ from ragserve_server.paths import REPO_ROOT
 
 EMBEDDING, CROSS_ENCODER, BI_ENCODER, GENERATION = "embedding", "cross_encoder", "bi_encoder", "generation"
 KINDS = (EMBEDDING, CROSS_ENCODER, GENERATION)  # BI_ENCODER is derived from an embedding model
+# MAXSIM (late interaction) is derived from a multi-vector embedding model (`maxsim_reranker`).
+MAXSIM = "maxsim"
+# What an embedding model's Triton output is (`embedding_output`): one pooled vector per input
+# (`embedding`), a vocabulary-sized SPLADE vector (`sparse`: Embed returns index/weight pairs),
+# or one L2-normalised vector per token (`token_embeddings`: Embed returns them, special and
+# padding tokens left out). encoding/sparse.py and encoding/multivector.py read them.
+DENSE, SPARSE, MULTI_VECTOR = "dense", "sparse", "multi_vector"
+EMBEDDING_OUTPUTS = {DENSE: "embedding", SPARSE: "sparse_embedding", MULTI_VECTOR: "token_embeddings"}
 
 # Devices a repository is rendered for (`--device`), and how each kind of model runs there.
 CPU, GPU = "cpu", "gpu"
@@ -95,6 +103,11 @@ class ModelSpec:
     # Per-dimension ranges for int8/uint8 embeddings (quantize.py): {"min": [...], "max": [...],
     # "corpus": ..., "texts": n}; None: the model gives no int8/uint8.
     int8_calibration: Mapping | None = None
+    # DENSE, SPARSE or MULTI_VECTOR (EMBEDDING_OUTPUTS: the Triton output each reads).
+    embedding_output: str = DENSE
+    # A MULTI_VECTOR model also serves Rerank by MaxSim under this name ("" = not); "{name}" in
+    # it stands for the model's served name (an exported model's "{name}-maxsim").
+    maxsim_reranker: str = ""
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -170,6 +183,14 @@ class ModelSpec:
         bad = [d for d in self.matryoshka_dimensions if not 1 <= d <= self.dimensions]
         if bad:
             raise ValueError(f"{where}: matryoshka_dimensions {bad} are not between 1 and dimensions {self.dimensions}")
+        if self.embedding_output not in EMBEDDING_OUTPUTS:
+            raise ValueError(f"{where}: unknown embedding_output {self.embedding_output!r}; use one of {', '.join(EMBEDDING_OUTPUTS)}")
+        if self.embedding_output != DENSE and self.kind != EMBEDDING:
+            raise ValueError(f"{where}: embedding_output {self.embedding_output!r} is for embedding models only")
+        if self.maxsim_reranker and self.embedding_output != MULTI_VECTOR:
+            raise ValueError(f"{where}: maxsim_reranker needs a multi_vector model (per-token vectors to score with)")
+        if self.bi_encoder and self.embedding_output != DENSE:
+            raise ValueError(f"{where}: bi_encoder needs a dense model (one pooled vector per text)")
         if self.int8_calibration is not None:
             from ragserve_server.models.calibration import Calibration
 
