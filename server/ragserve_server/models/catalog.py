@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ragserve_server.errors import ModelNotFound
+from ragserve_server.models.llm_rerankers import LlmReranker
 from ragserve_server.models.registry import BI_ENCODER, CROSS_ENCODER, DENSE, EMBEDDING, GENERATION, MAXSIM, ModelSpec
 
-__all__ = ["BI_ENCODER", "CROSS_ENCODER", "EMBEDDING", "GENERATION", "MAXSIM", "Catalog", "ServedModel", "build_catalog", "served"]
+__all__ = ["BI_ENCODER", "CROSS_ENCODER", "EMBEDDING", "GENERATION", "LLM_RERANKER", "MAXSIM", "Catalog", "ServedModel", "build_catalog", "served"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class ServedModel:
     # Rerankers: the ranges of RerankResult.relevance_score and raw_score.
     score_range: tuple[float, float] | None = None
     raw_score_range: tuple[float, float] | None = None
+    # LLM_RERANKER models: the entry (prompts, candidate tokens, window) of llm_rerankers.py.
+    llm_reranker: LlmReranker | None = None
     # Embedding models: DENSE, SPARSE or MULTI_VECTOR (registry.EMBEDDING_OUTPUTS).
     embedding_output: str = DENSE
 
@@ -120,6 +123,8 @@ def served(spec: ModelSpec, *, max_inputs_per_call: int = 2048, max_documents_pe
         raw_score_range=_SCORE_RANGES.get(spec.kind, (None, None))[1],
         embedding_output=spec.embedding_output,
     )
+    if spec.llm_rerankers:
+        return [model, *(_llm_reranker(spec, r) for r in spec.llm_rerankers)]
     if spec.maxsim_reranker:
         return [model, _maxsim(spec, max_documents_per_call)]
     if not spec.bi_encoder:
@@ -161,6 +166,29 @@ def _maxsim(spec: ModelSpec, max_documents_per_call: int) -> ServedModel:
     )
 
 
+# Rerank models served by a generation model's prefill-only scoring (llm_rerankers.py).
+LLM_RERANKER = "llm_reranker"
+
+
+def _llm_reranker(spec: ModelSpec, reranker: LlmReranker) -> ServedModel:
+    """An LLM reranker over the generation model `spec` (same Triton model, same tokenizer).
+    Pointwise: relevance sigmoid(logit difference) in (0, 1); listwise: (n - rank) / n in (0, 1]."""
+    return ServedModel(
+        name=reranker.name,
+        kind=LLM_RERANKER,
+        triton_model=spec.triton_model,
+        model_dir=spec.tokenizer_dir,
+        max_input_tokens=spec.max_input_tokens,
+        max_batch=reranker.max_documents,
+        rows_per_request=1,
+        spec=spec,
+        revision=spec.revision,
+        score_range=(0.0, 1.0),
+        raw_score_range=(-math.inf, math.inf),
+        llm_reranker=reranker,
+    )
+
+
 def build_catalog(
     specs: Sequence[ModelSpec],
     *,
@@ -179,7 +207,7 @@ def build_catalog(
             models.append(model)
             if model.kind in (EMBEDDING, GENERATION):
                 defaults.setdefault(model.kind, model.name)
-    rerankers = [m for m in models if m.kind in (BI_ENCODER, CROSS_ENCODER, MAXSIM)]
+    rerankers = [m for m in models if m.kind in (BI_ENCODER, CROSS_ENCODER, MAXSIM, LLM_RERANKER)]
     if default_reranker:
         chosen = next((m for m in rerankers if m.name == default_reranker), None)
         if chosen is None:

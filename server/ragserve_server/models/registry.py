@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ragserve_server.models.llm_rerankers import LlmReranker
 from ragserve_server.models.model_config import TensorSpec
 from ragserve_server.paths import REPO_ROOT
 
@@ -103,6 +104,8 @@ class ModelSpec:
     # Per-dimension ranges for int8/uint8 embeddings (quantize.py): {"min": [...], "max": [...],
     # "corpus": ..., "texts": n}; None: the model gives no int8/uint8.
     int8_calibration: Mapping | None = None
+    # A GENERATION model also serves Rerank as these LLM rerankers (models/llm_rerankers.py).
+    llm_rerankers: tuple[LlmReranker, ...] = ()
     # DENSE, SPARSE or MULTI_VECTOR (EMBEDDING_OUTPUTS: the Triton output each reads).
     embedding_output: str = DENSE
     # A MULTI_VECTOR model also serves Rerank by MaxSim under this name ("" = not); "{name}" in
@@ -159,6 +162,10 @@ class ModelSpec:
         data["weights_dir"] = (base / data["weights_dir"]).resolve() if data.get("weights_dir") else None
         if "matryoshka_dimensions" in data:
             data["matryoshka_dimensions"] = tuple(int(d) for d in data["matryoshka_dimensions"] or ())
+        if "llm_rerankers" in data:
+            data["llm_rerankers"] = tuple(
+                LlmReranker(**{k: tuple(v) if k == "candidates" else v for k, v in r.items()}) for r in data["llm_rerankers"] or ()
+            )
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
@@ -195,6 +202,10 @@ class ModelSpec:
             from ragserve_server.models.calibration import Calibration
 
             Calibration.from_entry(self.int8_calibration, self.dimensions, self.name)
+        if self.llm_rerankers and self.kind != GENERATION:
+            raise ValueError(f"{where}: llm_rerankers need a generation model (its prefill-only scoring)")
+        for reranker in self.llm_rerankers:
+            reranker.validate(self.max_input_tokens)
         if not self.artifacts:
             raise ValueError(f"{where}: no variant lists its artifacts")
         if self.kind != GENERATION:

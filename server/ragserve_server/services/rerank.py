@@ -28,12 +28,16 @@ import numpy as np
 
 from ragserve.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
 from ragserve_server.observability import request_record
-from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, Catalog, ServedModel
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, LLM_RERANKER, Catalog, ServedModel
 from ragserve_server.encoding.encoder import EncoderRunner, finish_embeddings
 from ragserve_server.errors import InvalidInput
 from ragserve_server.services.common import off_loop, requested_model, time_left, truncate_mode
 from ragserve_server.encoding.tokenization import TRUNCATE_END
 from ragserve_server.encoding.tokenization import EncoderTokenizer
+from ragserve_server.services.rerank_llm import LlmRerankers
+
+# The kinds Rerank serves (LLM_RERANKER: services/rerank_llm.py).
+RERANKERS = (BI_ENCODER, CROSS_ENCODER, LLM_RERANKER)
 
 
 class RerankService(rerank_pb2_grpc.RerankServicer):
@@ -44,24 +48,26 @@ class RerankService(rerank_pb2_grpc.RerankServicer):
         encoder: EncoderRunner,
         executor: Executor,
         max_documents_per_call: int,
+        llm: LlmRerankers | None = None,
     ) -> None:
         self.catalog = catalog
         self.tokenizers = tokenizers
         self.encoder = encoder
         self.executor = executor
         self.max_documents = max_documents_per_call
+        self.llm = llm
 
     async def Rerank(self, request: rerank_pb2.RerankRequest, context: grpc.aio.ServicerContext) -> rerank_pb2.RerankResponse:
         return await self.rerank(request, timeout=time_left(context))
 
     async def rerank(self, request: rerank_pb2.RerankRequest, *, timeout: float | None) -> rerank_pb2.RerankResponse:
         name = requested_model(request.model)
-        if name and any(m.name == name and m.kind not in (BI_ENCODER, CROSS_ENCODER) for m in self.catalog.models):
+        if name and any(m.name == name and m.kind not in RERANKERS for m in self.catalog.models):
             kind = next(m.kind for m in self.catalog.models if m.name == name).replace("_", " ")
-            rerankers = ", ".join(m.name for m in self.catalog.models if m.kind in (BI_ENCODER, CROSS_ENCODER)) or "none"
+            rerankers = ", ".join(m.name for m in self.catalog.models if m.kind in RERANKERS) or "none"
             article = "an" if kind[0] in "aeiou" else "a"
             raise InvalidInput(f"model {name!r} is {article} {kind} model, not a reranker; rerankers: {rerankers}")
-        model = self.catalog.get(name, (BI_ENCODER, CROSS_ENCODER))
+        model = self.catalog.get(name, RERANKERS)
         if not request.query.strip():
             raise InvalidInput("query is empty: send the text to rank the documents against")
         documents = list(request.documents)
@@ -75,6 +81,8 @@ class RerankService(rerank_pb2_grpc.RerankServicer):
         if top_n == 0:
             raise InvalidInput("top_n must be at least 1 (leave it unset for all documents)")
         truncate = truncate_mode(request.truncate)
+        if model.kind == LLM_RERANKER:
+            self.llm.check(model, len(documents), request.chunk_long_documents)
 
         pieces = [[d] for d in documents]
         if request.chunk_long_documents:
@@ -87,6 +95,8 @@ class RerankService(rerank_pb2_grpc.RerankServicer):
         if model.kind == BI_ENCODER:
             raw, prompt_tokens = await self._bi_encoder(model, request.query, unique, truncate, timeout)
             relevance = (raw + 1.0) / 2.0
+        elif model.kind == LLM_RERANKER:
+            relevance, raw, prompt_tokens = await self.llm.scores(model, request.query, unique, truncate, timeout)
         else:
             raw, prompt_tokens = await self._cross_encoder(model, request.query, unique, truncate, timeout)
             relevance = 1.0 / (1.0 + np.exp(-raw))
