@@ -239,12 +239,20 @@ def model_infos(response: models_pb2.ListModelsResponse) -> list[ModelInfo]:
             raw_score_range=(m.raw_score_range.min, m.raw_score_range.max) if m.HasField("raw_score_range") else None,
             revision=m.revision,
             encodings=tuple(ENCODING_NAMES[e] for e in m.encodings if e in ENCODING_NAMES),
+            pooling=POOLING_NAMES.get(m.pooling, ""),
+            normalized_by_model=m.normalized_by_model,
         )
         for m in response.models
     ]
 
 
 INPUT_TYPE_NAMES = {value: name for name, value in INPUT_TYPE.items() if name}
+# Pooling enum values -> "mean", "cls", "last_token", "max", "mean_sqrt_len".
+POOLING_NAMES = {
+    value.number: value.name.removeprefix("POOLING_").lower()
+    for value in models_pb2.Pooling.DESCRIPTOR.values
+    if value.number
+}
 
 
 FINISH_REASON = {

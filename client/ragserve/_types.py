@@ -68,7 +68,9 @@ class ModelInfo:
     request (longer calls are split); `max_tokens_per_batch` = rows x `max_input_tokens`.
     Embedding models: `input_types` ({"query": prefix, "passage": prefix}, "" = none),
     `dimensions_may_be_cut` (Embed's `dimensions`), `matryoshka_dimensions` (sizes it was
-    trained to be cut to; empty: cutting allowed but not trained for), `encodings`.
+    trained to be cut to; empty: cutting allowed but not trained for), `encodings`, `pooling`
+    ("mean", "cls", "last_token", "max", "mean_sqrt_len"), `normalized_by_model` (its vectors
+    are unit length even with normalize=False).
     Rerankers: `score_range` of `relevance_score`, `raw_score_range` of `raw_score`."""
 
     name: str
@@ -86,6 +88,8 @@ class ModelInfo:
     raw_score_range: tuple[float, float] | None = None
     revision: str = ""
     encodings: tuple[str, ...] = ()
+    pooling: str = ""  # "" for models that do not pool (or a gateway older than the field)
+    normalized_by_model: bool = False
 
     @property
     def max_batch(self) -> int:

@@ -8,6 +8,10 @@ model's version folder by `ragserve_server.models.repository`; its config.pbtxt 
     hf_dir  the Hugging Face folder (absolute, or relative to the model's folder)
     head    mean_pool: AutoModel + mean pooling over the attention mask, unnormalised
             (the gateway normalises) -> output `embedding` [n, dim]
+            embedding: AutoModel + the registry's `pooling` (mean, cls, max, last_token,
+            mean_sqrt_len_tokens; over the attention mask, either padding side) and, with
+            `normalize` 1, L2 normalisation -> output `embedding` [n, dim]: the ONNX graph
+            scripts/export_encoder.py writes, in PyTorch
             logits: AutoModelForSequenceClassification -> output `logits` [n, labels]
     dtype   float16 (default) or float32 on a GPU; a CPU instance always runs float32
 
@@ -24,6 +28,7 @@ misreads its arrays' item size: under numpy 2 (every current CUDA image has it) 
 from a numpy array reaches Triton empty. DLPack tensors carry their own dtype and shape.
 """
 
+import inspect
 import json
 from pathlib import Path
 
@@ -32,7 +37,25 @@ import triton_python_backend_utils as pb_utils
 from torch.nn.functional import pad
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-HEADS = ("mean_pool", "logits")
+HEADS = ("mean_pool", "embedding", "logits")
+POOLINGS = ("mean", "cls", "max", "last_token", "mean_sqrt_len_tokens")
+
+
+def pool(hidden, attention_mask, pooling):
+    """A copy of scripts/export_encoder.py `pool` (this file runs alone in Triton)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    if pooling == "mean_sqrt_len_tokens":
+        return (hidden * mask).sum(1) / torch.sqrt(mask.sum(1).clamp(min=1e-9))
+    if pooling == "max":
+        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(1).values
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+    if pooling == "cls":  # the first real token
+        index = attention_mask.shape[1] - (attention_mask * (attention_mask.shape[1] - positions)).max(1).values
+    else:  # last_token: the last real token
+        index = (attention_mask * positions).max(1).values
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -44,6 +67,10 @@ class TritonPythonModel:
         self.head = params.get("head", "mean_pool")
         if self.head not in HEADS:
             raise pb_utils.TritonModelException(f"model {name!r}: parameter head={self.head!r}; use one of {', '.join(HEADS)}")
+        self.pooling = "mean" if self.head == "mean_pool" else params.get("pooling", "mean")
+        if self.pooling not in POOLINGS:
+            raise pb_utils.TritonModelException(f"model {name!r}: parameter pooling={self.pooling!r}; use one of {', '.join(POOLINGS)}")
+        self.normalize = self.head == "embedding" and params.get("normalize", "0") == "1"
         dtype_name = params.get("dtype", "float16")
         if dtype_name not in DTYPES:
             raise pb_utils.TritonModelException(f"model {name!r}: parameter dtype={dtype_name!r}; use one of {', '.join(DTYPES)}")
@@ -71,8 +98,10 @@ class TritonPythonModel:
 
         from transformers import AutoModel, AutoModelForSequenceClassification
 
-        loader = AutoModel if self.head == "mean_pool" else AutoModelForSequenceClassification
+        loader = AutoModelForSequenceClassification if self.head == "logits" else AutoModel
         self.model = loader.from_pretrained(str(hf_dir), dtype=dtype).to(self.device).eval()
+        # A decoder embedder builds no KV cache it would throw away.
+        self.extra = {"use_cache": False} if "use_cache" in inspect.signature(self.model.forward).parameters else {}
 
         # Only the inputs the config declares (token_type_ids where the model takes them).
         self.inputs = [i["name"] for i in config["input"]]
@@ -98,10 +127,11 @@ class TritonPythonModel:
             for name, tensors in parts.items()
         }
         with torch.inference_mode():
-            if self.head == "mean_pool":
-                hidden = self.model(**feed).last_hidden_state.float()  # pool in fp32: sums over up to 512 tokens
-                mask = feed["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                result = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if self.head != "logits":
+                hidden = self.model(**feed, **self.extra).last_hidden_state.float()  # pool in fp32: sums over up to 512 tokens
+                result = pool(hidden, feed["attention_mask"], self.pooling)
+                if self.normalize:
+                    result = torch.nn.functional.normalize(result, p=2, dim=1)
             else:
                 result = self.model(**feed).logits.float()
         result = result.cpu().contiguous()

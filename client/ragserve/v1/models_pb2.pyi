@@ -15,11 +15,26 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_CROSS_ENCODER: _ClassVar[ModelKind]
     MODEL_KIND_BI_ENCODER: _ClassVar[ModelKind]
     MODEL_KIND_GENERATION: _ClassVar[ModelKind]
+
+class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POOLING_UNSPECIFIED: _ClassVar[Pooling]
+    POOLING_MEAN: _ClassVar[Pooling]
+    POOLING_CLS: _ClassVar[Pooling]
+    POOLING_LAST_TOKEN: _ClassVar[Pooling]
+    POOLING_MAX: _ClassVar[Pooling]
+    POOLING_MEAN_SQRT_LEN: _ClassVar[Pooling]
 MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_EMBEDDING: ModelKind
 MODEL_KIND_CROSS_ENCODER: ModelKind
 MODEL_KIND_BI_ENCODER: ModelKind
 MODEL_KIND_GENERATION: ModelKind
+POOLING_UNSPECIFIED: Pooling
+POOLING_MEAN: Pooling
+POOLING_CLS: Pooling
+POOLING_LAST_TOKEN: Pooling
+POOLING_MAX: Pooling
+POOLING_MEAN_SQRT_LEN: Pooling
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -42,7 +57,7 @@ class ScoreRange(_message.Message):
     def __init__(self, min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "dimensions", "max_input_tokens", "max_batch", "is_default", "max_inputs_per_call", "max_batch_rows", "max_tokens_per_batch", "input_types", "dimensions_may_be_cut", "matryoshka_dimensions", "score_range", "raw_score_range", "revision", "encodings")
+    __slots__ = ("name", "kind", "dimensions", "max_input_tokens", "max_batch", "is_default", "max_inputs_per_call", "max_batch_rows", "max_tokens_per_batch", "input_types", "dimensions_may_be_cut", "matryoshka_dimensions", "score_range", "raw_score_range", "revision", "encodings", "pooling", "normalized_by_model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +74,8 @@ class ModelInfo(_message.Message):
     RAW_SCORE_RANGE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_BY_MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     dimensions: int
@@ -75,7 +92,9 @@ class ModelInfo(_message.Message):
     raw_score_range: ScoreRange
     revision: str
     encodings: _containers.RepeatedScalarFieldContainer[_embed_pb2.EmbeddingEncoding]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., is_default: bool = ..., max_inputs_per_call: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_tokens_per_batch: _Optional[int] = ..., input_types: _Optional[_Iterable[_Union[InputTypePrefix, _Mapping]]] = ..., dimensions_may_be_cut: bool = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., score_range: _Optional[_Union[ScoreRange, _Mapping]] = ..., raw_score_range: _Optional[_Union[ScoreRange, _Mapping]] = ..., revision: _Optional[str] = ..., encodings: _Optional[_Iterable[_Union[_embed_pb2.EmbeddingEncoding, str]]] = ...) -> None: ...
+    pooling: Pooling
+    normalized_by_model: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., is_default: bool = ..., max_inputs_per_call: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_tokens_per_batch: _Optional[int] = ..., input_types: _Optional[_Iterable[_Union[InputTypePrefix, _Mapping]]] = ..., dimensions_may_be_cut: bool = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., score_range: _Optional[_Union[ScoreRange, _Mapping]] = ..., raw_score_range: _Optional[_Union[ScoreRange, _Mapping]] = ..., revision: _Optional[str] = ..., encodings: _Optional[_Iterable[_Union[_embed_pb2.EmbeddingEncoding, str]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalized_by_model: bool = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

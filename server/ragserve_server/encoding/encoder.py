@@ -38,7 +38,8 @@ class EncoderRunner:
         *,
         timeout: float | None,
     ) -> np.ndarray:
-        """Mean-pooled, unnormalised embeddings (n, dim) in the order of `sequences`."""
+        """Pooled embeddings (n, dim) in the order of `sequences`, as the model's graph gives them
+        (its registry entry says how it pools and whether it normalises)."""
         return await self.rows(model, tokenizer, sequences, output="embedding", timeout=timeout)
 
     async def rows(
@@ -67,10 +68,11 @@ class EncoderRunner:
         request_record.add_padding(real=real, padded=sum(w * len(r) for w, r in chunks))
 
         priority = current_priority()
+        side = model.spec.padding_side if model.spec is not None else "right"
 
         async def run(width: int, rows: list[int]) -> tuple[list[int], np.ndarray]:
             batch = tokenizer.pad(
-                [sequences[i] for i in rows], width, None if type_ids is None else [type_ids[i] for i in rows]
+                [sequences[i] for i in rows], width, None if type_ids is None else [type_ids[i] for i in rows], side=side
             )
             inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
             if type_ids is not None:

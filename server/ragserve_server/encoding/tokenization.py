@@ -131,13 +131,17 @@ class EncoderTokenizer:
                     f"{self.max_tokens}; shorten it or set truncate to TRUNCATE_END or TRUNCATE_START"
                 )
 
-    def pad(self, sequences: list[list[int]], width: int, type_ids: list[list[int]] | None = None) -> TokenBatch:
+    def pad(
+        self, sequences: list[list[int]], width: int, type_ids: list[list[int]] | None = None, *, side: str = "right"
+    ) -> TokenBatch:
+        """Rows padded to `width` on `side` (the model's padding_side: its graph pools over the mask)."""
         ids = np.full((len(sequences), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(sequences), width), dtype=np.int64)
         types = np.zeros((len(sequences), width), dtype=np.int64)
         for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
+            span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+            ids[row, span] = seq
+            mask[row, span] = 1
             if type_ids is not None:
-                types[row, : len(seq)] = type_ids[row]
+                types[row, span] = type_ids[row]
         return TokenBatch(ids, mask, types)

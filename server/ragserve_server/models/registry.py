@@ -74,6 +74,13 @@ TOKEN_INPUTS = (
 )
 TOKEN_TYPE_INPUT = TensorSpec("token_type_ids", "TYPE_INT64", (-1,))
 
+# How an embedding model's graph turns token vectors into one vector (sentence-transformers'
+# Pooling modes of the same names; "last_token" is its "lasttoken"). Each pools over the
+# attention mask, so the side the gateway pads on never changes the answer.
+MEAN, CLS, MAX, LAST_TOKEN, MEAN_SQRT_LEN = "mean", "cls", "max", "last_token", "mean_sqrt_len_tokens"
+POOLINGS = (MEAN, CLS, MAX, LAST_TOKEN, MEAN_SQRT_LEN)
+PADDING_SIDES = ("right", "left")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -111,6 +118,16 @@ class ModelSpec:
     # A MULTI_VECTOR model also serves Rerank by MaxSim under this name ("" = not); "{name}" in
     # it stands for the model's served name (an exported model's "{name}-maxsim").
     maxsim_reranker: str = ""
+    # Embedding models: the pooling built into the graph (POOLINGS), and whether the graph
+    # L2-normalises its output (the model ends with a Normalize module: Embed's normalize=false
+    # still gives unit vectors, as sentence-transformers does). MiniLM's graph does not
+    # normalise: the gateway does (Embed's normalize, on by default).
+    pooling: str = MEAN
+    normalize: bool = False
+    # The side the gateway pads token rows on. The exported graphs find the first / last real
+    # token from the attention mask, so "right" (positions of real tokens as unpadded) serves
+    # them all; "left" is for a graph that takes the last column as the last token.
+    padding_side: str = "right"
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -187,6 +204,10 @@ class ModelSpec:
             raise ValueError(f"{where}: cpu_instances must be >= 1, got {self.cpu_instances}")
         if self.kind == EMBEDDING and self.dimensions < 1:
             raise ValueError(f"{where}: an embedding model needs its dimensions (>= 1)")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"{where}: unknown pooling {self.pooling!r}; use one of {', '.join(POOLINGS)}")
+        if self.padding_side not in PADDING_SIDES:
+            raise ValueError(f"{where}: unknown padding_side {self.padding_side!r}; use one of {', '.join(PADDING_SIDES)}")
         bad = [d for d in self.matryoshka_dimensions if not 1 <= d <= self.dimensions]
         if bad:
             raise ValueError(f"{where}: matryoshka_dimensions {bad} are not between 1 and dimensions {self.dimensions}")
@@ -232,6 +253,8 @@ def encoder_spec(
     fused_onnx_built_by: str = "",
     cores: int = 2,
     description: str = "",
+    pooling: str = MEAN,
+    normalize: bool = False,
 ) -> ModelSpec:
     """An ONNX encoder (embedding model or cross-encoder) with its three variants.
 
@@ -243,7 +266,12 @@ def encoder_spec(
     """
     if cores < 1:
         raise ValueError(f"model {name!r}: cores must be >= 1, got {cores}")
-    head = "mean_pool" if kind == EMBEDDING else "logits"
+    if kind != EMBEDDING:
+        torch_head = {"head": "logits"}
+    elif pooling == MEAN and not normalize:
+        torch_head = {"head": "mean_pool"}
+    else:
+        torch_head = {"head": "embedding", "pooling": pooling, "normalize": "1" if normalize else "0"}
     ort_files = {"model.onnx": onnx_built_by, "model.py": "a copy of scripts/templates/ort_model.py"}
     if fused_onnx_built_by:
         ort_files[FUSED_ONNX] = fused_onnx_built_by
@@ -272,10 +300,12 @@ def encoder_spec(
                 **({"few_rows_intra_op_threads": str(cores), "few_rows_max_rows": str(FEW_ROWS_MAX_ROWS)} if cores > 1 else {}),
                 "allow_spinning": ORT_ALLOW_SPINNING,
             },
-            TORCH_CUDA: {"head": head, "dtype": "float16"},  # hf_dir: the weights folder, set when rendered
+            TORCH_CUDA: {**torch_head, "dtype": "float16"},  # hf_dir: the weights folder, set when rendered
             TENSORRT: {},
         },
         cpu_instances=cores,
         weights_dir=Path(weights_dir) if weights_dir else None,
         description=description,
+        pooling=pooling,
+        normalize=normalize,
     )

@@ -5,9 +5,19 @@ from __future__ import annotations
 from ragserve.v1 import models_pb2, models_pb2_grpc
 from ragserve_server.encoding import quantize
 from ragserve_server.models.catalog import EMBEDDING, Catalog, ServedModel
+from ragserve_server.models.registry import CLS, LAST_TOKEN, MAX, MEAN, MEAN_SQRT_LEN
 from ragserve_server.services.common import INPUT_TYPES, MODEL_KINDS
 from ragserve_server.services.embed import ENCODING_VALUES
 
+
+# The registry's poolings and the API's values.
+POOLINGS = {
+    MEAN: models_pb2.POOLING_MEAN,
+    CLS: models_pb2.POOLING_CLS,
+    LAST_TOKEN: models_pb2.POOLING_LAST_TOKEN,
+    MAX: models_pb2.POOLING_MAX,
+    MEAN_SQRT_LEN: models_pb2.POOLING_MEAN_SQRT_LEN,
+}
 
 
 def model_info(m: ServedModel, is_default: bool) -> models_pb2.ModelInfo:
@@ -25,8 +35,13 @@ def model_info(m: ServedModel, is_default: bool) -> models_pb2.ModelInfo:
     )
     if m.kind == EMBEDDING:
         info.input_types.extend(
-            models_pb2.InputTypePrefix(input_type=value, prefix=m.prefixes.get(name, "")) for value, name in INPUT_TYPES.items() if name
+            models_pb2.InputTypePrefix(input_type=value, prefix=m.prefixes.get(name, ""))
+            for value, name in INPUT_TYPES.items()
+            if name or m.prefixes.get(name)  # no input type: listed where the model has a default prompt
         )
+        if m.spec is not None:
+            info.pooling = POOLINGS[m.spec.pooling]
+            info.normalized_by_model = m.spec.normalize
         info.dimensions_may_be_cut = True
         info.matryoshka_dimensions.extend(m.matryoshka_dimensions)
         info.encodings.extend(ENCODING_VALUES[e] for e in quantize.encodings_of(m.int8_calibration is not None))
