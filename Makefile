@@ -34,9 +34,10 @@ models: $(MINILM_ONNX) $(MINILM_FUSED) $(SMOLLM2_HF) $(MINILM_CALIBRATION)
 configs: $(STAMP)
 	$(PY) -m ragserve_server.models.repository --device cpu
 
-# The GPU repository for NVIDIA's Triton container: configs rendered for the GPU, artifacts
-# copied in, FP16 TensorRT plans built from the same ONNX files. Needs an NVIDIA GPU and the
-# `tensorrt` Python package (e.g. inside nvcr.io/nvidia/tritonserver:24.10-py3); see README.
+# The GPU repository for NVIDIA's Triton container: FP16 TensorRT plans built from the same
+# ONNX files, each checked against ONNX Runtime, then configs and artifacts. Needs an NVIDIA GPU,
+# tensorrt-cu12==10.5.0 in .venv (the TensorRT of nvcr.io/nvidia/tritonserver:24.10-py3, which
+# serves the plans; server/ragserve_server/models/gpu_versions.py) and torch with CUDA; see README.
 GPU_REPOSITORY ?= build/model_repository_gpu
 engines: models
 	$(PY) scripts/build_engines.py --out $(GPU_REPOSITORY) \

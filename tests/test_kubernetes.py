@@ -463,7 +463,9 @@ def test_gpu_overlay_runs_nvidias_triton_on_gpus():
     spec = t["spec"]["template"]["spec"]
     c = container(t, "triton")
     readme_images = set(re.findall(r"nvcr\.io/nvidia/tritonserver:[\w.-]+", (ROOT / "README.md").read_text()))
-    assert c["image"] in readme_images, f"{c['image']} is not the Triton image the README names: {readme_images}"
+    # The derived image: NVIDIA's Triton the README names + the generation engine's packages.
+    base = re.search(r"ARG TRITON_IMAGE=(\S+)", (KUBE / "overlays" / "gpu" / "triton-gpu.Dockerfile").read_text()).group(1)
+    assert c["image"].split(":")[0] == "ragserve-triton-gpu" and base in readme_images, (c["image"], base, readme_images)
     resources = c["resources"]
     assert int(resources["limits"][GPU]) >= 1 and resources["requests"].get(GPU, resources["limits"][GPU]) == resources["limits"][GPU]
     assert any(t["key"] == GPU for t in spec.get("tolerations", [])) or spec.get("nodeSelector")

@@ -71,6 +71,7 @@ import collections
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -90,6 +91,10 @@ log = logging.getLogger("ragserve.engine")
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_STOP_WORD = "stop_word"  # the sequence ends with one of its stop words (kept, as TensorRT-LLM does)
+# Triton's cancel probes (request.is_cancelled) are a round trip to its parent process each:
+# asked at most this often (per engine, every sequence at once), outside the engine's lock.
+# In-process cancels (Sequence.cancel, a failed send) are seen at the next step regardless.
+CANCEL_POLL_INTERVAL_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ class Sequence:
     params: SamplingParams
     on_token: TokenCallback
     on_abort: AbortCallback = lambda kind, msg: None
-    # Polled once per engine step; Triton passes request.is_cancelled.
+    # Polled at most every CANCEL_POLL_INTERVAL_S; Triton passes request.is_cancelled.
     is_cancelled: Callable[[], bool] = lambda: False
     end_id: int | None = None  # None = the checkpoint's EOS ids
     ignore_eos: bool = False  # benchmarks: always run to max_tokens
@@ -141,9 +146,12 @@ class Sequence:
     def reserved(self) -> int:
         return len(self.prompt) + self.max_tokens
 
-    def cancelled(self) -> bool:
+    def cancelled(self, probe: bool = True) -> bool:
+        """The in-process flag; with `probe`, also the caller's is_cancelled."""
         if self._cancel:
             return True
+        if not probe:
+            return False
         try:
             return bool(self.is_cancelled())
         except Exception:  # a broken cancel probe must not kill the engine loop
@@ -153,11 +161,17 @@ class Sequence:
 
 class Engine:
     def __init__(self, model_dir: str | os.PathLike, config: EngineConfig,
-                 on_stats: Callable[[EngineStats], None] | None = None):
+                 on_stats: Callable[[EngineStats], None] | None = None, *,
+                 device_index: int | None = None, clock: Callable[[], float] = time.monotonic):
         """``on_stats(stats)`` is called from the engine thread after every step that
-        generated tokens or changed the running/waiting counts (for metrics)."""
+        generated tokens or changed the running/waiting counts (for metrics).
+        ``device_index``: the GPU on CUDA (Triton's model_instance_device_id); ``clock``
+        paces the cancel probes (CANCEL_POLL_INTERVAL_S)."""
         self.config = config
-        self.device = config.torch_device()
+        self.device = config.torch_device(device_index)
+        self._clock = clock
+        self._next_cancel_poll = float("-inf")
+        self.cancel_polls = 0  # rounds of is_cancelled probes (tests)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -264,6 +278,8 @@ class Engine:
     # ---------------------------------------------------------------- engine loop
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # per thread: nothing strays onto GPU 0
         last = None
         while True:
             with self._cv:
@@ -306,13 +322,24 @@ class Engine:
         return produced
 
     def _drop_cancelled(self) -> None:
-        for seq in [s for s in self.running + self._prefilling() if s.cancelled()]:
+        now = self._clock()
+        probe = now >= self._next_cancel_poll
+        if probe:
+            self._next_cancel_poll = now + CANCEL_POLL_INTERVAL_S
+            self.cancel_polls += 1
+        for seq in [s for s in self.running + self._prefilling() if s.cancelled(probe)]:
             self._retire(seq)
             self._safe(seq.on_abort, "cancelled", "CANCELLED: request cancelled")
         with self._cv:
-            gone = [s for s in self.waiting if s.cancelled()]
-            for seq in gone:
-                self.waiting.remove(seq)
+            waiting = list(self.waiting)
+        # Probed without the lock (submit must not wait on Triton round trips); only this
+        # thread takes from the queue, so what was waiting is still there to remove.
+        gone = [s for s in waiting if s.cancelled(probe)]
+        if gone:
+            with self._cv:
+                for seq in gone:
+                    if seq in self.waiting:  # stop() may have emptied the queue meanwhile
+                        self.waiting.remove(seq)
         for seq in gone:
             self._safe(seq.on_abort, "cancelled", "CANCELLED: request cancelled")
 
@@ -369,11 +396,11 @@ class Engine:
         copied down to slot n if needed) and its first token is emitted; then the batch's
         tokens, in slot order. A sequence that joins here decodes from the next step on."""
         seqs = list(self.running)
-        tokens = torch.tensor([s.generated[-1] for s in seqs], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.cache_len for s in seqs], dtype=torch.long, device=self.device)
+        tokens, positions = self._batch_inputs(seqs)
         done = start + todo == len(seq.prompt)
         logits, last = self.model.step(tokens, positions, seq.prompt[start:start + todo], seq.slot, start,
-                                       self.kv.k, self.kv.v, chunk_logits=done)
+                                       self.kv.k, self.kv.v, chunk_logits=done,
+                                       max_position=max(s.cache_len for s in seqs))
         self.mixed_steps += 1
         # Every cache length first: a retirement below moves the last slot's K/V by its length.
         for s in seqs:
@@ -429,14 +456,21 @@ class Engine:
 
     def _decode_step(self) -> int:
         seqs = list(self.running)
-        tokens = torch.tensor([s.generated[-1] for s in seqs], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.cache_len for s in seqs], dtype=torch.long, device=self.device)
-        logits = self.model.decode(tokens, positions, self.kv.k, self.kv.v)
+        tokens, positions = self._batch_inputs(seqs)
+        logits = self.model.decode(tokens, positions, self.kv.k, self.kv.v,
+                                   max_position=max(s.cache_len for s in seqs))
         for s in seqs:
             s.cache_len += 1
         for seq, token in zip(seqs, self.sampler.choose(logits, [s.sampling for s in seqs])):
             self._emit(seq, token)
         return len(seqs)
+
+    def _batch_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode rows' last tokens and positions on the device, copied from the host
+        without waiting for the device (the positions' max is passed from the host too)."""
+        host = torch.tensor([[s.generated[-1] for s in seqs], [s.cache_len for s in seqs]], dtype=torch.long, device="cpu")
+        both = host.to(self.device, non_blocking=True)
+        return both[0], both[1]
 
     def _ends(self, seq: Sequence, token: int) -> bool:
         if seq.ignore_eos:

@@ -62,10 +62,22 @@ class EngineConfig:
                 values[f.name] = raw
         return cls(**values)
 
-    def torch_device(self) -> torch.device:
+    def torch_device(self, index: int | None = None) -> torch.device:
+        """The engine's device; on CUDA, GPU `index` (the Triton instance's device id)."""
         if self.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
                 "engine parameter device is 'cuda' but PyTorch sees no CUDA device "
                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
                 "run on a GPU machine with a CUDA build of torch, or set device to 'cpu'")
+        if self.device == "cuda" and index is not None:
+            return torch.device("cuda", index)
         return torch.device(self.device)
+
+
+def instance_device_index(args: Mapping[str, str]) -> int | None:
+    """The GPU of a Triton model instance (the python backend's initialize args): Triton
+    places one KIND_GPU instance per GPU and says which in model_instance_device_id; None for
+    a CPU instance."""
+    if str(args.get("model_instance_kind", "")).upper() != "GPU":
+        return None
+    return int(args.get("model_instance_device_id", "0") or 0)

@@ -182,11 +182,12 @@ class Llama:
                 attn_mask=mask, scale=self.scale).view(H, T, D)
         return attn.transpose(0, 1).reshape(T, H * D)
 
-    def _decode_setup(self, positions: torch.Tensor, capacity: int):
-        """Cache rows, mask and RoPE tables of one decode token for each of slots 0..n-1."""
+    def _decode_setup(self, positions: torch.Tensor, capacity: int, max_position: int | None = None):
+        """Cache rows, mask and RoPE tables of one decode token for each of slots 0..n-1.
+        ``max_position``: ``positions.max()`` known on the host (no device sync on CUDA)."""
         w = self.w
         n, KV = positions.shape[0], w.n_kv
-        L = int(positions.max()) + 1  # longest valid cache length after this step
+        L = (int(positions.max()) if max_position is None else max_position) + 1  # longest valid cache length after this step
         # Flat row of (slot, kv head, position) in a layer's cache viewed as [-1, head_dim]:
         # index_copy_ there is far cheaper than advanced-index assignment.
         slots = torch.arange(n, device=self.device)[:, None]
@@ -243,10 +244,10 @@ class Llama:
         return self._logits(x[-1:])[0]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor) -> torch.Tensor:
+               v_cache: torch.Tensor, max_position: int | None = None) -> torch.Tensor:
         """One token for each of slots 0..n-1 (row i = slot i); fp32 logits [n, vocab]."""
         w = self.w
-        setup = self._decode_setup(positions, k_cache.shape[3])
+        setup = self._decode_setup(positions, k_cache.shape[3], max_position)
         x = w.embed[tokens]  # [n, hidden]
         for li, layer in enumerate(w.layers):
             q, k, v = self._qkv(x, layer)
@@ -257,7 +258,7 @@ class Llama:
 
     def step(self, decode_tokens: torch.Tensor, decode_positions: torch.Tensor, chunk_tokens: list[int],
              chunk_slot: int, chunk_start: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             chunk_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+             chunk_logits: bool = True, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``decode`` of slots 0..n-1 and ``prefill(chunk_tokens, slot=chunk_slot,
         start=chunk_start)`` in ONE pass (a mixed batch): per layer, RMSNorm, the qkv and o
         projections and the MLP run once over the n decode rows followed by the T chunk rows
@@ -269,7 +270,7 @@ class Llama:
         n, T = decode_tokens.shape[0], len(chunk_tokens)
         if not n or not T:
             raise ValueError("step: a mixed pass needs decode rows and chunk tokens")
-        decode_setup = self._decode_setup(decode_positions, k_cache.shape[3])
+        decode_setup = self._decode_setup(decode_positions, k_cache.shape[3], max_position)
         chunk_setup = self._chunk_setup(T, chunk_start)
         ids = torch.cat([decode_tokens, torch.tensor(chunk_tokens, dtype=torch.long, device=self.device)])
         x = w.embed[ids]  # [n + T, hidden]: the decode rows, then the chunk's

@@ -45,8 +45,9 @@ context length or > the KV budget, token id out of range, bad sampling values; T
 INVALID_ARG), ``RESOURCE_EXHAUSTED: ...`` (waiting queue full; Triton code UNAVAILABLE:
 this Triton has no RESOURCE_EXHAUSTED code), ``INTERNAL: ...`` (engine failure).
 
-Cancellation: the engine polls every running and waiting request once per step; a
-cancelled one is dropped within one decode step, its slot and KV reservation freed, and
+Cancellation: the engine asks Triton whether running and waiting requests were cancelled at
+most every few milliseconds (engine.CANCEL_POLL_INTERVAL_S), outside its lock; a cancelled
+one is dropped at the next step after that, its slot and KV reservation freed, and
 its stream is closed with an empty final response (``send(flags=FINAL)``) when Triton
 still accepts it.
 
@@ -70,7 +71,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # engine.py, llama.py, sampler.py
 
 from engine import FINISH_STOP, Engine, EngineStats, Sequence  # noqa: E402
-from engine_config import EngineConfig  # noqa: E402
+from engine_config import EngineConfig, instance_device_index  # noqa: E402
 from sampler import RequestError, SamplingParams, TokenLogprobs  # noqa: E402
 from scoring import ScoreRequest  # noqa: E402
 
@@ -180,9 +181,10 @@ class TritonPythonModel:
         if not os.path.isfile(os.path.join(hf_dir, "config.json")):
             raise pb_utils.TritonModelException(
                 f"{hf_dir} not built: run scripts/convert_smollm2.py --out {hf_dir}")
+        device_index = instance_device_index(args)  # KIND_GPU: one instance per GPU, this one's
         try:
             engine_config = EngineConfig.from_parameters(params)
-            engine_config.torch_device()
+            engine_config.torch_device(device_index)
         except (ValueError, RuntimeError) as exc:
             raise pb_utils.TritonModelException(f"{name}: {exc} (config.pbtxt parameters)") from exc
 
@@ -209,7 +211,7 @@ class TritonPythonModel:
         self._running, self._waiting, self._prefilling, self._kv_reserved, self._tokens = (
             f.Metric(labels=labels) for f in self._families)
 
-        self.engine = Engine(hf_dir, engine_config, on_stats=self._record).start()
+        self.engine = Engine(hf_dir, engine_config, on_stats=self._record, device_index=device_index).start()
         pb_utils.Logger.log_info(
             f"{name} engine ready: hf={hf_dir} {engine_config} "
             f"context={self.engine.context_length} eos={sorted(self.engine.eos)}")

@@ -25,7 +25,14 @@ transformers depends on steps 1 and 3 only:
 A sequence is greedy when `runtime_top_k == 1`, when top-k and top-p are both off (as in
 TensorRT-LLM), or when `temperature == 0`. Every sequence has its own generator seeded from
 the request (default 0, as in TensorRT-LLM), so a seeded request gives the same tokens alone
-or in any batch. Plain greedy rows of a step share one batched argmax.
+or in any batch.
+
+Every step is batched over the rows that need it (one sort for all top-p rows, one top-k,
+one softmax), and the only host transfer is the chosen tokens at the end (plus, when asked
+for, their log probs): no per-row sync, which on a GPU would wait for the device once per
+row. The draw of step 8 is `torch.multinomial`'s own for one sample (an Exp(1) variate per
+token from the row's generator, then argmax of probs / variate), so a batch draws exactly
+the tokens each row would alone (tests/test_gpu_unit.py checks it against the per-row path).
 """
 
 from __future__ import annotations
@@ -146,50 +153,92 @@ class Sampler:
 
     def choose(self, logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
         """Next token per row of `logits` [n, vocab] (fp32), in the order of the module docstring."""
-        out = logits.argmax(-1).tolist()
-        for i, state in enumerate(states):
-            if state.plain_greedy:
-                continue  # the batched argmax above
-            p = state.params
-            row = logits[i]
-            if state.seen is not None:
-                penalised = torch.where(row < 0, row * p.repetition_penalty, row / p.repetition_penalty)
-                row = torch.where(state.seen, penalised, row)
-            if state.counts is not None:
-                row = row - p.frequency_penalty * state.counts - p.presence_penalty * (state.counts > 0).to(row.dtype)
-            if p.greedy:
-                out[i] = int(row.argmax())
+        tokens = logits.argmax(-1)
+        rows = [i for i, state in enumerate(states) if not state.plain_greedy]
+        if not rows:
+            return tokens.tolist()
+        special = [states[i] for i in rows]
+        index = self._index(rows)
+        scores = self._penalise(logits.index_select(0, index), special)
+        picked = scores.argmax(-1)
+        drawn = [j for j, state in enumerate(special) if not state.params.greedy]
+        if drawn:
+            at = self._index(drawn)
+            picked = picked.index_copy(0, at, self._sample(scores.index_select(0, at), [special[j] for j in drawn]))
+        tokens = tokens.index_copy(0, index, picked)
+        wanted = [j for j, state in enumerate(special) if state.params.logprobs]
+        if wanted:
+            self._logprobs(logits.index_select(0, index), picked, [special[j] for j in wanted], wanted)
+        return tokens.tolist()
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        """Row numbers on the device, copied without waiting for the device's queue."""
+        return torch.tensor(rows, dtype=torch.long, device="cpu").to(self.device, non_blocking=True)
+
+    def _column(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device="cpu").to(self.device, non_blocking=True)[:, None]
+
+    def _penalise(self, rows: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Steps 1 and 2; rows without a penalty get neutral values (x / 1, x - 0: unchanged)."""
+        if any(state.seen is not None for state in states):
+            none = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+            seen = torch.stack([none if state.seen is None else state.seen for state in states])
+            factor = self._column([state.params.repetition_penalty if state.seen is not None else 1.0 for state in states])
+            rows = torch.where(seen, torch.where(rows < 0, rows * factor, rows / factor), rows)
+        if any(state.counts is not None for state in states):
+            none = torch.zeros(self.vocab, dtype=torch.float32, device=self.device)
+            counts = torch.stack([none if state.counts is None else state.counts for state in states])
+            on = [state.counts is not None for state in states]
+            frequency = self._column([s.params.frequency_penalty if o else 0.0 for s, o in zip(states, on)])
+            presence = self._column([s.params.presence_penalty if o else 0.0 for s, o in zip(states, on)])
+            rows = rows - frequency * counts - presence * (counts > 0).to(rows.dtype)
+        return rows
+
+    def _logprobs(self, raw: torch.Tensor, picked: torch.Tensor, states: list[SamplingState], wanted: list[int]) -> None:
+        """Step 0 for the rows in `wanted`: one log_softmax, one top-k, one transfer."""
+        at = self._index(wanted)
+        logprobs = torch.log_softmax(raw.index_select(0, at).float(), dim=-1)
+        chosen = logprobs.gather(1, picked.index_select(0, at)[:, None])[:, 0].tolist()
+        k = max(state.params.top_logprobs for state in states)
+        if k:
+            top = torch.topk(logprobs, k)
+            ids, values = top.indices.tolist(), top.values.tolist()
+        for n, state in enumerate(states):
+            want = state.params.top_logprobs
+            if not want:
+                state.last = TokenLogprobs(chosen[n])
             else:
-                out[i] = self._sample(row, state)
-            if p.logprobs:
-                state.last = self._logprobs(logits[i], out[i], p.top_logprobs)
-        return out
+                state.last = TokenLogprobs(chosen[n], tuple(ids[n][:want]), tuple(values[n][:want]))
 
-    @staticmethod
-    def _logprobs(raw: torch.Tensor, token: int, k: int) -> TokenLogprobs:
-        logprobs = torch.log_softmax(raw.float(), dim=-1)
-        if not k:
-            return TokenLogprobs(float(logprobs[token]))
-        top = torch.topk(logprobs, k)
-        return TokenLogprobs(float(logprobs[token]), tuple(top.indices.tolist()), tuple(top.values.tolist()))
-
-    @staticmethod
-    def _sample(row: torch.Tensor, state: SamplingState) -> int:
-        p = state.params
-        if p.temperature != 1.0:
-            row = row / p.temperature
-        if p.min_p > 0:
-            probs = F.softmax(row, dim=-1)
-            row = row.masked_fill(probs < p.min_p * probs.max(), -math.inf)
-        if p.top_k > 0:
-            kth = torch.topk(row, min(p.top_k, row.shape[-1])).values[-1]
-            row = row.masked_fill(row < kth, -math.inf)
-        if p.top_p_on:
-            sorted_logits, sorted_idx = torch.sort(row, descending=False)
+    def _sample(self, rows: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Steps 4-8 for sampled rows [m, vocab]; each row with its own parameters and generator."""
+        params = [state.params for state in states]
+        if any(p.temperature != 1.0 for p in params):
+            rows = rows / self._column([p.temperature for p in params])
+        if any(p.min_p > 0 for p in params):
+            probs = F.softmax(rows, dim=-1)
+            floor = self._column([p.min_p for p in params]) * probs.amax(-1, keepdim=True)
+            rows = rows.masked_fill(probs < floor, -math.inf)
+        if any(p.top_k > 0 for p in params):
+            k = min(max(p.top_k for p in params), rows.shape[-1])
+            values = torch.topk(rows, k).values
+            kth = values.gather(1, self._index([max(0, min(p.top_k, k) - 1) for p in params])[:, None])
+            off = self._column([0.0 if p.top_k > 0 else 1.0 for p in params]).bool()
+            rows = rows.masked_fill((rows < kth) & ~off, -math.inf)
+        nucleus = [j for j, p in enumerate(params) if p.top_p_on]
+        if nucleus:
+            at = self._index(nucleus)
+            part = rows.index_select(0, at)
+            sorted_logits, sorted_idx = torch.sort(part, dim=-1, descending=False)
             cum = sorted_logits.softmax(-1).cumsum(-1)
-            remove_sorted = cum <= (1 - p.top_p)
-            remove_sorted[-1:] = False  # keep at least one token
-            remove = remove_sorted.scatter(0, sorted_idx, remove_sorted)
-            row = row.masked_fill(remove, -math.inf)
-        probs = F.softmax(row, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=state.generator))
+            remove_sorted = cum <= self._column([1 - params[j].top_p for j in nucleus])
+            remove_sorted[:, -1] = False  # keep at least one token
+            remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+            rows = rows.index_copy(0, at, part.masked_fill(remove, -math.inf))
+        probs = F.softmax(rows, dim=-1)
+        # torch.multinomial(probs, 1, generator) row by row, without its host sync per row.
+        noise = torch.stack([
+            torch.empty(rows.shape[-1], dtype=probs.dtype, device=self.device).exponential_(1, generator=state.generator)
+            for state in states
+        ])
+        return (probs / noise).argmax(-1)

@@ -136,6 +136,29 @@ ENGINE_PARAMETERS: dict[str, str] = {
     "hf_dir": "1/hf",
 }
 
+# On CUDA (the `torch_cuda` variant) these replace the values above, which were measured on 2
+# CPU cores. A GPU decode step of this 135M model costs about the same for 1 or 64 rows (it is
+# bound by kernel launches and weight reads, not by rows), so the batch is as wide as Triton's
+# max_batch_size; a step with a 512-token prefill chunk stays a few milliseconds, so a
+# 1,500-token prompt takes 3 steps to its first token instead of ~47 with 32-token chunks.
+# The KV budget is every slot at the full context: 64 x 2048 tokens x 30 layers x 3 KV heads
+# x 64 dims x 2 (K, V) x 2 bytes = 3 GiB of fp16 cache at most (it grows with the longest request).
+# Not yet measured on a GPU (issue 24: bench/gpu_check.sh when a device is lent).
+ENGINE_PARAMETERS_CUDA: dict[str, str] = {
+    "max_running_sequences": str(MAX_BATCH_SIZE),
+    "max_kv_tokens": str(MAX_BATCH_SIZE * int(ENGINE_PARAMETERS["context_length"])),
+    "max_waiting": "256",
+    "prefill_tokens_per_step": "512",
+    "prefill_whole_tokens": "512",
+}
+
+
+def engine_parameters(device: str) -> dict[str, str]:
+    """The engine's config.pbtxt parameters on `device` ("cpu" or "cuda"), `device` included."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"engine device must be cpu or cuda, got {device!r}")
+    return {**ENGINE_PARAMETERS, **(ENGINE_PARAMETERS_CUDA if device == "cuda" else {}), "device": device}
+
 # Finish reasons, named as in our API (FinishReason): STOP is the end of sequence.
 STOP, LENGTH, STOP_SEQUENCE, CANCELLED = "stop", "length", "stop_sequence", "cancelled"
 

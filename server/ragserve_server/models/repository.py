@@ -38,7 +38,10 @@ from ragserve_server.models.tensorrt_profiles import profile_plan
 
 # Dynamic batching on a GPU: a short wait fills bigger batches for a device that is much
 # faster per row at batch 32-64 than at 1; the queue is bounded and expired work is dropped.
-GPU_PREFERRED_BATCH = (16, 32, 64)
+# No preferred batch sizes: with them Triton holds rows back to hit a listed size (40 rows
+# queued: 32 sent, 8 wait), and its guide sets them only where one size is much faster, which
+# a TensorRT plan with a profile per shape is not. Without them a batch takes every queued row
+# up to max_batch_size.
 GPU_QUEUE_DELAY_US = 200
 GPU_MAX_QUEUE_SIZE = 1024
 # CPU: ~64 requests of up to 64 rows already take seconds to compute on 2 cores.
@@ -74,7 +77,6 @@ def triton_config(spec: ModelSpec, variant: str) -> model_config_pb2.ModelConfig
     else:
         batching = config.dynamic_batching
         if on_gpu:
-            batching.preferred_batch_size.extend(b for b in GPU_PREFERRED_BATCH if b <= spec.max_batch)
             batching.max_queue_delay_microseconds = GPU_QUEUE_DELAY_US
         else:
             # CPU: requests of equal shape (same length bucket) are batched. A queue delay only

@@ -6,6 +6,13 @@ exactly: (1..max_batch, width) for each width. A profile per width, with its opt
 batch that keeps tokens per batch near `OPT_TOKENS`, lets TensorRT tune kernels for each
 shape that will really run; Triton picks the matching profile per request.
 `scripts/build_engines.py` builds the plan from this list after `check_coverage` passes.
+
+Memory: Triton makes one execution context per listed profile and instance, and TensorRT
+sizes each context's activations for the largest shape of ANY profile. So the largest shape,
+rows x tokens, is bounded (`MAX_PROFILE_TOKENS`): a model whose `max_batch` rows at its full
+length exceed it is refused before building, with the fix (fewer rows per Triton request).
+Profile rows cannot be cut per width instead: Triton's dynamic batcher merges requests of one
+shape up to `max_batch_size` rows whatever their width, so every profile must take them.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from ragserve_server.models.buckets import bucket_widths
 
 # Tokens per batch TensorRT tunes for at each width: 64 rows of 16..128 tokens, 32 of 256.
 OPT_TOKENS = 8192
+# The most rows x tokens one batch of a plan may hold: 64 rows of 512 tokens (a 512-token
+# cross-encoder at the default max_batch). all-MiniLM-L6-v2 uses half (64 x 256).
+MAX_PROFILE_TOKENS = 32768
 
 
 @dataclass(frozen=True)
@@ -63,8 +73,23 @@ def required_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
     return shapes
 
 
+def max_rows(spec: ModelSpec) -> int:
+    """The most rows per Triton request a plan of this model may take (MAX_PROFILE_TOKENS)."""
+    return max(1, MAX_PROFILE_TOKENS // max(bucket_widths(spec.max_input_tokens)))
+
+
 def check_coverage(spec: ModelSpec, profiles: list[Profile]) -> None:
-    """Raises ValueError naming the model, the uncovered shape and the fix."""
+    """Raises ValueError naming the model, the uncovered or oversized shape and the fix."""
+    widest = max(bucket_widths(spec.max_input_tokens))
+    if spec.max_batch * widest > MAX_PROFILE_TOKENS:
+        raise ValueError(
+            f"model {spec.name!r}: {spec.max_batch} rows x {widest} tokens = {spec.max_batch * widest} tokens per batch, "
+            f"more than a TensorRT profile may hold ({MAX_PROFILE_TOKENS}; every execution context is sized for the "
+            f"largest profile): export it with --max-batch {max_rows(spec)} (or lower max_input_tokens) in its registry entry"
+        )
+    for profile in profiles:
+        if profile.max[0] * profile.max[1] > MAX_PROFILE_TOKENS:
+            raise ValueError(f"model {spec.name!r}: profile {profile} holds more than {MAX_PROFILE_TOKENS} tokens per batch")
     for profile in profiles:
         if not all(lo <= opt <= hi for lo, opt, hi in zip(profile.min, profile.opt, profile.max)):
             raise ValueError(f"model {spec.name!r}: profile {profile} is not ordered min <= opt <= max")
