@@ -82,6 +82,15 @@ def template(monkeypatch):
     return load_template(monkeypatch, "torch_encoder_model.py")
 
 
+@pytest.mark.parametrize(("version", "keyword"), [("4.46.3", "torch_dtype"), ("4.55.4", "torch_dtype"), ("4.56.0", "dtype"), ("5.23.0", "dtype")])
+def test_template_names_the_dtype_as_the_installed_transformers_does(template, monkeypatch, version, keyword):
+    import torch
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert template.dtype_argument(torch.float16) == {keyword: torch.float16}
+
+
 def _args(tmp_path, kind: str, parameters: dict[str, str]) -> dict:
     spec = minilm_spec()
     render_repository([spec], GPU, tmp_path, encoder_backend=TORCH_CUDA)

@@ -59,6 +59,15 @@ def pool(hidden, attention_mask, pooling):
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
+def dtype_argument(dtype: torch.dtype) -> dict:
+    """`from_pretrained`'s dtype keyword: `dtype` since transformers 4.56, `torch_dtype` before
+    (older versions pass an unknown `dtype` on to the model's config, and load fp32)."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -99,7 +108,7 @@ class TritonPythonModel:
         from transformers import AutoModel, AutoModelForSequenceClassification
 
         loader = AutoModelForSequenceClassification if self.head == "logits" else AutoModel
-        self.model = loader.from_pretrained(str(hf_dir), dtype=dtype).to(self.device).eval()
+        self.model = loader.from_pretrained(str(hf_dir), **dtype_argument(dtype)).to(self.device).eval()
         # A decoder embedder builds no KV cache it would throw away.
         self.extra = {"use_cache": False} if "use_cache" in inspect.signature(self.model.forward).parameters else {}
 
