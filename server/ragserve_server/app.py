@@ -10,16 +10,17 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc, rerank_pb2, rerank_pb2_grpc
-from ragserve.v1 import tokenize_pb2, tokenize_pb2_grpc
+from ragserve.v1 import embed_pb2_grpc, generate_pb2_grpc, models_pb2_grpc, rerank_pb2_grpc, tokenize_pb2_grpc
 from ragserve_server.security import tls
 from ragserve_server.calls.admission import Admission
-from ragserve_server.security.auth import AuthInterceptor, auth_interceptors
+from ragserve_server.security.auth import Authenticator, auth_interceptors
+from ragserve_server.security.keys import SERVICES
 from ragserve_server.calls.call_scope import CallGuard
-from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, LLM_RERANKER, Catalog
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, LLM_RERANKER, MAXSIM, Catalog
 from ragserve_server.encoding.encoder import EncoderRunner
 from ragserve_server.backend.health import HealthMonitor
-from ragserve_server.transport.http_front import HttpFront
+from ragserve_server.transport.http.routes import HttpFront
+from ragserve_server.transport.http.server import HttpServer
 from ragserve_server.transport.grpc_interceptor import GatewayInterceptor
 from ragserve_server.observability.metrics import GatewayMetrics
 from ragserve_server.services.embed import EmbedService
@@ -32,13 +33,7 @@ from ragserve_server.settings import Settings
 from ragserve_server.encoding.tokenization import EncoderTokenizer
 from ragserve_server.backend.protocol import InferenceBackend
 
-SERVICE_NAMES = {
-    "embed": embed_pb2.DESCRIPTOR.services_by_name["Embed"].full_name,
-    "rerank": rerank_pb2.DESCRIPTOR.services_by_name["Rerank"].full_name,
-    "generate": generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name,
-    "models": models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
-    "tokenize": tokenize_pb2.DESCRIPTOR.services_by_name["Tokenize"].full_name,
-}
+SERVICE_NAMES = {short.lower(): full for short, full in SERVICES.items()}  # security/keys.py's one list
 
 
 @dataclass
@@ -50,7 +45,7 @@ class Gateway:
     executor: ThreadPoolExecutor
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     background: list[asyncio.Task] = field(default_factory=list)
-    http: HttpFront | None = None  # the OpenAI/Cohere-compatible HTTP front (--http-port)
+    http: HttpServer | None = None  # the OpenAI/Cohere-compatible HTTP front (--http-port)
 
     @property
     def http_port(self) -> int:
@@ -78,14 +73,18 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         raise ValueError(f"--lanes {settings.lanes!r}: use two or one")
     admission = Admission(settings.max_concurrent_requests, settings.max_bulk_requests, shared=settings.lanes == "one")
     metrics = GatewayMetrics()  # served over HTTP by main (--metrics-port); tests read metrics.registry
-    guard = CallGuard(admission, on_finish=metrics.call_finished, on_start=metrics.call_started)  # gRPC and HTTP
-    auth = auth_interceptors(settings.api_keys_file, settings.reflection)
+    auth = Authenticator.from_settings(settings.api_keys_file, settings.reflection)
+    # One guard for gRPC and HTTP: the key check, per-key quotas, admission, errors, metrics.
+    guard = CallGuard(admission, on_finish=metrics.call_finished, on_start=metrics.call_started, auth=auth if auth.keys else None)
     server = grpc.aio.server(
         interceptors=[
-            GatewayInterceptor(guard),
-            *auth,  # inside the gateway's scope: refusals are mapped and counted there
+            GatewayInterceptor(guard, max_open_streams=settings.max_open_streams),
+            *auth_interceptors(settings.api_keys_file, settings.reflection, auth),  # reflection's gate
         ],
         options=[
+            # HTTP/2 streams (calls) one connection may have open at once: one client cannot
+            # open thousands of calls on one connection.
+            ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
             # Off, so a second gateway on a taken port fails to bind; on for --workers (workers.py).
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -127,7 +126,7 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     if generators:
         generate = GenerateService(catalog, backend, executor)
         generate_pb2_grpc.add_GenerateServicer_to_server(generate, server)
-    rerankers = catalog.by_kind(BI_ENCODER) + catalog.by_kind(CROSS_ENCODER) + catalog.by_kind(LLM_RERANKER)
+    rerankers = catalog.by_kind(BI_ENCODER) + catalog.by_kind(CROSS_ENCODER) + catalog.by_kind(LLM_RERANKER) + catalog.by_kind(MAXSIM)
     if rerankers:
         llm = LlmRerankers(catalog.by_kind(LLM_RERANKER), backend, executor) if catalog.by_kind(LLM_RERANKER) else None
         rerank = RerankService(catalog, tokenizers, encoder, executor, settings.max_documents_per_call, llm=llm)
@@ -156,9 +155,17 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     await health.start()
     http = None
     if settings.http_port:  # the same services, guard and keys over HTTP
-        http = HttpFront(
+        front = HttpFront(
             guard, catalog, embed=embed, rerank=rerank, generate=generate, models=models, health=health,
-            auth=next((i for i in auth if isinstance(i, AuthInterceptor)), None), max_body_bytes=settings.max_message_bytes,
+            max_body_bytes=settings.max_http_body_bytes, receive_timeout=settings.http_receive_timeout,
+        )
+        http = HttpServer(
+            front.app,
+            tls=tls.https_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+            max_connections=settings.http_max_connections,
+            keep_alive=settings.http_keep_alive,
+            receive_timeout=settings.http_receive_timeout,
+            on_drain=lambda: setattr(front, "draining", True),
         )
         try:
             await http.start(settings.host, settings.http_port, settings.drain_seconds, reuse_port=settings.workers > 1)

@@ -137,6 +137,30 @@ async def check_triton_configs(backend: ReplicaSet, specs: list[ModelSpec]) -> N
         )
 
 
+def check_exposure(settings: Settings) -> None:
+    """Safe defaults: refuses settings that would serve more openly than they look."""
+    if settings.trust_network not in ("yes", "no"):
+        raise StartupError(f"--trust-network {settings.trust_network!r}: use yes or no")
+    for name in ("max_http_body_bytes", "max_message_bytes", "http_max_connections", "grpc_max_concurrent_streams"):
+        if getattr(settings, name) < 1:
+            raise StartupError(f"--{name.replace('_', '-')} must be at least 1")
+    if settings.http_receive_timeout <= 0 or settings.http_keep_alive <= 0:
+        raise StartupError("--http-receive-timeout and --http-keep-alive must be above 0 seconds")
+    if settings.is_loopback() or settings.trust_network == "yes":
+        return
+    if not settings.api_keys_file and not settings.tls_cert:
+        raise StartupError(
+            f"--host {settings.host} is reachable from the network, and neither --api-keys-file nor --tls-cert (with "
+            "--tls-client-ca) says who may call: anyone who reaches the port could use the models. Set keys and/or "
+            "mTLS, or pass --trust-network yes when only trusted callers can reach this address"
+        )
+    if settings.api_keys_file and not settings.tls_cert:
+        raise StartupError(
+            f"--host {settings.host} with --api-keys-file but no --tls-cert: keys would cross the network in clear text. "
+            "Set --tls-cert/--tls-key, or pass --trust-network yes (e.g. TLS ends at a proxy or mesh in front of the gateway)"
+        )
+
+
 async def serve(settings: Settings, argv: list[str] | None = None) -> None:
     """`argv`: the command line, for the workers worker 0 starts (--workers)."""
     triton = None
@@ -151,6 +175,7 @@ async def serve(settings: Settings, argv: list[str] | None = None) -> None:
             max_bulk_requests=workers.share(settings.max_bulk_requests, settings.workers),
             metrics_port=workers.metrics_port(settings.metrics_port, settings.worker_index),
         )
+    check_exposure(settings)
     specs = select_specs(settings)
     try:  # TLS files and the keys file are checked before anything starts
         triton_credentials = tls.triton_channel_credentials(settings.triton_tls_ca, settings.triton_tls_cert, settings.triton_tls_key)

@@ -17,7 +17,14 @@ from ragserve_server.paths import REPO_ROOT
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = field(default="127.0.0.1", metadata={"help": "address the gateway listens on"})
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "address the gateway listens on; an address other than loopback needs --api-keys-file or --tls-cert, or --trust-network"},
+    )
+    trust_network: str = field(
+        default="no",
+        metadata={"help": "yes: serve a non-loopback --host without keys and without TLS (a network only trusted callers reach); no: refuse to start so"},
+    )
     port: int = field(default=50051, metadata={"help": "gateway gRPC port (0 = any free port)"})
     metrics_port: int = field(default=9000, metadata={"help": "Prometheus metrics HTTP port (0 = off)"})
     triton_url: str = field(
@@ -46,7 +53,7 @@ class Settings:
         metadata={"help": "cpu, or gpu: the bundled Triton runs a GPU repository rendered from the registry (PyTorch fp16 on CUDA); with --triton-url, the repository of `make engines`"},
     )
     triton_models: str = field(
-        default="minilm,smollm2",
+        default="minilm,minilm_tokens,smollm2",
         metadata={"help": "comma-separated built-in models to serve, by Triton model name (server/ragserve_server/models/registry.py)"},
     )
     cross_encoders: str = field(
@@ -72,8 +79,25 @@ class Settings:
     max_inputs_per_call: int = field(default=2048, metadata={"help": "most texts in one Embed call"})
     max_documents_per_call: int = field(default=1000, metadata={"help": "most documents in one Rerank call"})
     max_message_bytes: int = field(
-        default=64 * 1024 * 1024,
-        metadata={"help": "largest request message the gateway reads, in bytes; a larger one is answered RESOURCE_EXHAUSTED"},
+        default=8 * 1024 * 1024,
+        metadata={"help": "largest gRPC request message the gateway reads, in bytes; a larger one is answered RESOURCE_EXHAUSTED (the largest Embed call, 2048 texts of 512 tokens, is about 4 MiB)"},
+    )
+    max_http_body_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata={"help": "largest HTTP request body, in bytes (by Content-Length and as it streams in); a larger one is answered 413"},
+    )
+    http_receive_timeout: float = field(
+        default=10.0, metadata={"help": "seconds an HTTP request's headers, and then its body, may take to arrive (slow senders are cut off: 408 or a closed connection)"}
+    )
+    http_max_connections: int = field(
+        default=1024, metadata={"help": "open HTTP connections; beyond that requests are answered 503 and the connection closed"}
+    )
+    http_keep_alive: float = field(default=5.0, metadata={"help": "seconds an idle HTTP keep-alive connection stays open"})
+    grpc_max_concurrent_streams: int = field(
+        default=256, metadata={"help": "gRPC calls one client connection may have open at once (HTTP/2 max_concurrent_streams)"}
+    )
+    max_open_streams: int = field(
+        default=64, metadata={"help": "EmbedStream calls open at once in this gateway (each message still takes a bulk permit); beyond that RESOURCE_EXHAUSTED"}
     )
     coalesce_in_flight: int = field(
         default=2,
@@ -126,6 +150,10 @@ class Settings:
     triton_trace_rate: int = field(default=1, metadata={"help": "bundled Triton: trace one request in this many (with --triton-trace-url)"})
     log_format: str = field(default="auto", metadata={"help": "json, console, or auto (console when a terminal)"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    @classmethod
+    def is_loopback(self) -> bool:
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, env: dict[str, str] | None = None) -> "Settings":

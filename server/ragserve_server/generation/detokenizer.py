@@ -10,6 +10,9 @@ become one, so that a stop sequence never leaks into the output, even in part.
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
+
 from tokenizers import Tokenizer
 
 
@@ -43,47 +46,101 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
+    """Aho-Corasick over the stop sequences, fed one character at a time: the work per
+    delta is linear in the delta (amortised), whatever the stops' lengths. The automaton's
+    state is the longest tail of the text that is a prefix of some stop sequence, which is
+    exactly what must be held back. Of several matches, the one starting earliest in the text
+    wins (ties: the first in `stops`), as `str.find` over the whole text would choose."""
+
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
-        self.text = ""  # everything decoded so far
-        self.emitted = 0  # chars of `text` already released to the caller
+        self._pending: deque[str] = deque()  # characters decoded, not yet released (the held-back tail)
         self.stopped = False
         self.matched = ""  # the stop sequence found (the earliest in the text)
+        self._longest = max((len(s) for s in self.stops), default=0)
+        self._build()
+        self._state = 0
+
+    def _build(self) -> None:
+        # Node 0 is the root. goto: per node, char -> node; fail: the longest proper suffix
+        # that is a node; depth: the node's length; out: the best stop ending at the node
+        # (the longest, i.e. the earliest start; ties by order in `stops`), as (length, index).
+        self._goto: list[dict[str, int]] = [{}]
+        self._fail = [0]
+        self._depth = [0]
+        self._out: list[tuple[int, int] | None] = [None]
+        for index, stop in enumerate(self.stops):
+            node = 0
+            for char in stop:
+                nxt = self._goto[node].get(char)
+                if nxt is None:
+                    nxt = len(self._goto)
+                    self._goto.append({})
+                    self._fail.append(0)
+                    self._depth.append(self._depth[node] + 1)
+                    self._out.append(None)
+                    self._goto[node][char] = nxt
+                node = nxt
+            if self._out[node] is None:  # a repeated stop keeps its first index
+                self._out[node] = (len(stop), index)
+        queue = list(self._goto[0].values())
+        for node in queue:  # breadth first: a node's fail link is set before its children's
+            for char, child in self._goto[node].items():
+                fail = self._fail[node]
+                while fail and char not in self._goto[fail]:
+                    fail = self._fail[fail]
+                target = self._goto[fail].get(char, 0)
+                self._fail[child] = target if target != child else 0
+                inherited = self._out[self._fail[child]]
+                if self._out[child] is None:
+                    self._out[child] = inherited  # a shorter stop that is a suffix of this one
+                queue.append(child)
+
+    def _step(self, char: str) -> int:
+        state, goto, fail = self._state, self._goto, self._fail
+        while state and char not in goto[state]:
+            state = fail[state]
+        state = goto[state].get(char, 0)
+        self._state = state
+        return state
 
     def feed(self, delta: str) -> str:
         """Adds decoded text; returns what may be released now. After a stop sequence is
         found, `stopped` is True and nothing more is released."""
         if self.stopped or not delta:
             return ""
-        self.text += delta
-        longest = max((len(s) for s in self.stops), default=0)
-        search_from = max(0, self.emitted - longest + 1)
-        hits = [(i, s) for i, s in ((self.text.find(s, search_from), s) for s in self.stops) if i >= 0]
-        if hits:
+        if not self.stops:
+            return delta
+        pending = self._pending
+        base = len(pending)  # delta's chars are at base + i in pending
+        pending.extend(delta)
+        best: tuple[int, int] | None = None  # (start in text, index in stops)
+        for i, char in enumerate(delta):
+            position = base + i
+            if best is not None and position - self._longest + 1 > best[0]:
+                break  # no later match can start before the one found
+            out = self._out[self._step(char)]
+            if out is not None:
+                length, index = out
+                candidate = (position - length + 1, index)
+                if best is None or candidate < best:
+                    best = candidate
+        if best is not None:
             self.stopped = True
-            end, self.matched = min(hits, key=lambda hit: hit[0])
-        else:
-            end = len(self.text) - self._held_back()
-        released = self.text[self.emitted : end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-        if self.stopped:
-            self.text = self.text[:end]
-        return released
+            start, index = best
+            self.matched = self.stops[index]
+            released = "".join(itertools.islice(pending, start))
+            pending.clear()
+            return released
+        keep = self._depth[self._state]  # the tail that may still become a stop sequence
+        # Only what leaves the buffer is touched: linear in the text, not in the stops' length.
+        return "".join(pending.popleft() for _ in range(len(pending) - keep))
 
     def flush(self) -> str:
         """At the end of the sequence: a held-back tail that did not become a stop sequence."""
         if self.stopped:
             return ""
-        released = self.text[self.emitted :]
-        self.emitted = len(self.text)
+        released = "".join(self._pending)
+        self._pending.clear()
+        self._state = 0
         return released
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop sequence."""
-        best = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
-                if self.text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best

@@ -12,6 +12,7 @@ Metrics scraped from the gateway (`--metrics-port`, default 9000):
     ragserve_request_duration_seconds{service,method}       whole call, histogram
     ragserve_stage_duration_seconds{service,method,stage}   admission, tokenize, triton, respond
     ragserve_rejections_total{service,reason}               overload, invalid_input, deadline, ...
+    ragserve_key_requests_total{key,code}                   calls by API key name (keys on) and status
     ragserve_tokens_total{service,kind}                     kind: prompt, completion
     ragserve_triton_input_tokens_total{service,kind}        kind: real, padding (bucket padding)
     ragserve_padding_efficiency_ratio{service}              real / padded tokens per call
@@ -89,6 +90,9 @@ class GatewayMetrics:
         self.rejections = Counter(
             "ragserve_rejections", "Calls answered with an error, by reason.", ["service", "reason"], registry=r
         )
+        self.key_requests = Counter(
+            "ragserve_key_requests", "Calls by API key name and final status (quota refusals: RESOURCE_EXHAUSTED).", ["key", "code"], registry=r
+        )
         self.tokens = Counter("ragserve_tokens", "Tokens processed: prompt or completion.", ["service", "kind"], registry=r)
         self.triton_tokens = Counter(
             "ragserve_triton_input_tokens",
@@ -148,6 +152,8 @@ class GatewayMetrics:
             child(self.stage_duration, service, method, stage).observe(seconds)
         if record.error_reason is not None:
             child(self.rejections, service, record.error_reason).inc()
+        if record.key_name is not None:
+            child(self.key_requests, record.key_name, code).inc()
         if record.prompt_tokens:
             child(self.tokens, service, "prompt").inc(record.prompt_tokens)
         if record.completion_tokens:

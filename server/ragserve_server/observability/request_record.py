@@ -37,6 +37,7 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)
     duration: float = 0.0  # whole call, set by the interceptor when it ends
     error_reason: str | None = None  # RagserveError.reason (or "internal") of a failed call
+    key_name: str | None = None  # the caller's API key's name (keys on), for per-key metrics
 
     def add_stage(self, name: str, seconds: float) -> None:
         self.stages[name] = self.stages.get(name, 0.0) + seconds

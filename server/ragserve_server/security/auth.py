@@ -1,150 +1,135 @@
-"""API-key authentication and per-service permission, as a server interceptor.
+"""API-key authentication and per-service permission: a plain check of (service, headers).
 
-A caller sends its key as `authorization: Bearer <key>` or `x-api-key: <key>`. No key or an
-unknown one is answered UNAUTHENTICATED, a key whose entry does not list the service
-PERMISSION_DENIED; grpc.health.v1 is always open (probes carry no keys) and reflection is
-open, keyed or off (`--reflection`).
+    auth = Authenticator(KeyStore(path, KEYED_SERVICES))
+    outcome = auth.check("ragserve.v1.Embed", headers)   # an Identity, or the refusal to raise
 
-It sits after the GatewayInterceptor in the server's chain: a refused call is then raised as
-a typed error inside the gateway's scope, so the one error table, the rejection metric
-(reasons `unauthenticated`, `permission_denied`), the request id and the access log treat it
-like any other refusal. It binds `api_key_name` to structlog's context (the access log line
-names the key's name); the key itself is never logged.
+A caller sends its key as `authorization: Bearer <key>` or `x-api-key: <key>` (gRPC metadata
+or HTTP headers: any mapping with lower-case names, or (name, value) pairs). No key or an
+unknown one is UNAUTHENTICATED, a key whose entry does not list the service
+PERMISSION_DENIED. The call guard of each front (calls/call_scope.py) runs the check before
+anything else is done for the call: the refusal is then mapped, counted and logged like any
+other. Health is never guarded; reflection (not a guarded call) has its own small gRPC
+interceptor here, `ReflectionGate` (open, keyed or off). Keys never reach the log: the
+identity carries the key's name only.
 """
 
 from __future__ import annotations
 
-import contextvars
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import grpc
-import structlog
 
-from ragserve.v1 import embed_pb2, generate_pb2, models_pb2, rerank_pb2, tokenize_pb2
 from ragserve_server.errors import PermissionDenied, RagserveError, Unauthenticated
-from ragserve_server.security.keys import KeyStore
+from ragserve_server.security.keys import KEYED_SERVICES, SERVICES, ApiKey, KeyStore
 
-KEYED_SERVICES = frozenset(
-    module.DESCRIPTOR.services_by_name[name].full_name
-    for module, name in (
-        (embed_pb2, "Embed"), (rerank_pb2, "Rerank"), (generate_pb2, "Generate"), (models_pb2, "Models"), (tokenize_pb2, "Tokenize"),
-    )
-)
+__all__ = ["Authenticator", "Identity", "KEYED_SERVICES", "REFLECTION_MODES", "ReflectionGate", "auth_interceptors", "presented_key"]
+
 REFLECTION_MODES = ("open", "keyed", "off")
-# The refusal of the call running in this task, for the gateway's scope to raise before it
-# takes an admission permit (`raise_refusal()`); the refusing handler raises it anyway.
-_REFUSAL: contextvars.ContextVar[RagserveError | None] = contextvars.ContextVar("ragserve_auth_refusal", default=None)
-_HEALTH_PREFIX = "/grpc.health."
 _REFLECTION_PREFIX = "/grpc.reflection."
 
 
-def presented_key(metadata) -> str | None:
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: `key` None when the gateway needs no keys."""
+
+    key: ApiKey | None = None
+
+    @property
+    def name(self) -> str | None:
+        return self.key.name if self.key is not None else None
+
+
+ANONYMOUS = Identity()
+
+
+def presented_key(headers: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> str | None:
     """The caller's key from `authorization: Bearer <key>` (first) or `x-api-key`."""
-    api_key = None
-    for name, value in metadata or ():
-        if name == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-        elif name == "x-api-key" and isinstance(value, str) and value.strip():
-            api_key = value.strip()
-    return api_key
+    if headers is None:
+        return None
+    if not hasattr(headers, "get"):
+        pairs = list(headers)
+        headers = {name: value for name, value in reversed(pairs) if isinstance(value, str)}  # the first wins
+    authorization = headers.get("authorization")
+    if isinstance(authorization, str):
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    api_key = headers.get("x-api-key")
+    return api_key.strip() if isinstance(api_key, str) and api_key.strip() else None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """`keys` None: every call is open (reflection still follows `reflection`)."""
+class Authenticator:
+    """`keys` None: every call is open."""
 
     def __init__(self, keys: KeyStore | None, reflection: str = "open") -> None:
         if reflection not in REFLECTION_MODES:
             raise ValueError(f"--reflection {reflection!r}: use one of {', '.join(REFLECTION_MODES)}")
+        if keys is None and reflection == "keyed":
+            raise ValueError("--reflection keyed needs --api-keys-file")
         self.keys = keys
         self.reflection = reflection
 
-    def check(self, method_path: str, metadata) -> RagserveError | None:
-        """The refusal for a call, or None when it may go on (its key's name then bound)."""
-        if method_path.startswith(_HEALTH_PREFIX):
-            return None
-        reflection = method_path.startswith(_REFLECTION_PREFIX)
-        if reflection and self.reflection == "open":
-            return None
+    @classmethod
+    def from_settings(cls, api_keys_file: str, reflection: str) -> "Authenticator":
+        """Raises KeysFileError (a ValueError) for a keys file that cannot be read."""
+        if not api_keys_file and reflection == "keyed":
+            raise ValueError("--reflection keyed needs --api-keys-file")
+        return cls(KeyStore(api_keys_file, KEYED_SERVICES) if api_keys_file else None, reflection)
+
+    def check(self, service: str, headers) -> Identity | RagserveError:
+        """`service`: a full gRPC service name (or a short one: "Embed"); `service=None`
+        asks only for a valid key (reflection)."""
         if self.keys is None:
-            return None
-        key = presented_key(metadata)
+            return ANONYMOUS
+        key = presented_key(headers)
         if key is None:
-            return Unauthenticated("an API key is required: metadata 'authorization: Bearer <key>' or 'x-api-key'")
+            return Unauthenticated("an API key is required: 'authorization: Bearer <key>' or 'x-api-key'")
         entry = self.keys.lookup(key)
         if entry is None:
             return Unauthenticated("the API key is not valid")
-        structlog.contextvars.bind_contextvars(api_key_name=entry.name)
-        service = method_path.lstrip("/").partition("/")[0]
-        if not reflection and not entry.may_call(service):
-            return PermissionDenied(f"the API key {entry.name!r} may not call {service}")
-        return None
+        if service is not None:
+            service = SERVICES.get(service, service)
+            if not entry.may_call(service):
+                refusal = PermissionDenied(f"the API key {entry.name!r} may not call {service}")
+                refusal.key_name = entry.name  # the access log names the key of a refused call too
+                return refusal
+        return Identity(entry)
+
+
+class ReflectionGate(grpc.aio.ServerInterceptor):
+    """Server reflection open, behind any valid key, or off (UNIMPLEMENTED)."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method_path = handler_call_details.method
-        if method_path.startswith(_REFLECTION_PREFIX) and self.reflection == "off":
-            return _aborting(handler, grpc.StatusCode.UNIMPLEMENTED, "server reflection is off (--reflection)")
-        error = self.check(method_path, handler_call_details.invocation_metadata)
-        if error is None:
+        if handler is None or not handler_call_details.method.startswith(_REFLECTION_PREFIX) or self.auth.reflection == "open":
             return handler
-        if method_path.startswith(_REFLECTION_PREFIX):  # not guarded by the gateway's interceptor
-            return _aborting(handler, error.code, error.message)
-        _REFUSAL.set(error)
-        return _raising(handler, error)
-
-
-def raise_refusal() -> None:
-    """Raises this call's UNAUTHENTICATED / PERMISSION_DENIED, if it has one: lets the gateway's
-    scope refuse before admission, so a refused caller never holds or waits for a permit."""
-    error = _REFUSAL.get()
-    if error is not None:
-        raise error
-
-
-def _raising(handler: grpc.RpcMethodHandler, error: RagserveError) -> grpc.RpcMethodHandler:
-    """A handler of the same kind that raises `error` (the gateway's interceptor maps it).
-    The request is not parsed: a refused caller costs no deserialisation."""
-
-    async def unary(request, context):
-        raise error
-
-    async def streaming(request, context):
-        raise error
-        yield  # an async generator, like the handler it stands for
-
-    return _same_kind(handler, unary, streaming)
+        if self.auth.reflection == "off":
+            return _aborting(handler, grpc.StatusCode.UNIMPLEMENTED, "server reflection is off (--reflection)")
+        outcome = self.auth.check(None, handler_call_details.invocation_metadata)
+        if isinstance(outcome, RagserveError):
+            return _aborting(handler, outcome.code, outcome.message)
+        return handler
 
 
 def _aborting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def unary(request, context):
-        await context.abort(code, message)
-
     async def streaming(request, context):
         await context.abort(code, message)
         yield
 
-    return _same_kind(handler, unary, streaming)
+    async def unary(request, context):
+        await context.abort(code, message)
 
-
-def _same_kind(handler: grpc.RpcMethodHandler, unary, streaming) -> grpc.RpcMethodHandler:
     serializer = handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, response_serializer=serializer)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, response_serializer=serializer)
-    return grpc.stream_stream_rpc_method_handler(streaming, response_serializer=serializer)
+    if handler.stream_stream:  # reflection's one method
+        return grpc.stream_stream_rpc_method_handler(streaming, response_serializer=serializer)
+    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serializer)
 
 
-def auth_interceptors(api_keys_file: str, reflection: str) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors to append after the gateway's: none when everything is open."""
-    if not api_keys_file and reflection == "open":
-        return []
-    if not api_keys_file and reflection == "keyed":
-        raise ValueError("--reflection keyed needs --api-keys-file")
-    keys = KeyStore(api_keys_file, KEYED_SERVICES) if api_keys_file else None
-    return [AuthInterceptor(keys, reflection)]
+def auth_interceptors(api_keys_file: str, reflection: str, auth: Authenticator | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """The gRPC interceptors auth needs (reflection's gate; none when reflection is open)."""
+    auth = auth or Authenticator.from_settings(api_keys_file, reflection)
+    return [] if auth.reflection == "open" else [ReflectionGate(auth)]

@@ -4,9 +4,14 @@ The keys file holds one JSON object per line (blank lines and `#` comments are s
 
     {"name": "search-backend", "sha256": "<64 hex>", "services": ["ragserve.v1.Embed", "ragserve.v1.Rerank"]}
     {"name": "ops", "sha256": "<64 hex>"}
+    {"name": "tenant-a", "sha256": "<64 hex>", "max_concurrent": 8, "rate": 20, "burst": 40}
 
 `name` is what the access log and metrics show; `services` (optional, default all) lists the
-full gRPC service names the key may call. Only the SHA-256 of each key is stored. A fast hash
+full gRPC service names the key may call (KEYED_SERVICES). Per-key quotas (optional, see
+quotas.py): `max_concurrent` calls of this key at once, and a token bucket of `rate` calls a
+second holding at most `burst` (default: max(1, rate)); beyond either the call is refused
+RESOURCE_EXHAUSTED with a retry hint. A deleted or emptied file fails closed: every keyed
+call is then refused until the file is back (the keys are not kept from memory). Only the SHA-256 of each key is stored. A fast hash
 is right here, not bcrypt or scrypt: keys are 256-bit random tokens made by this module, so no
 guess can be checked faster than the key space allows, and a slow hash would cost
 milliseconds of CPU on every call. The lookup is by digest: timing can only reveal facts about
@@ -33,7 +38,18 @@ from pathlib import Path
 
 import structlog
 
+from ragserve.v1 import embed_pb2, generate_pb2, models_pb2, rerank_pb2, tokenize_pb2
+
 log = structlog.get_logger("ragserve.keys")
+
+# The one list of service names: short name (the metrics' `service` label) -> full gRPC name.
+SERVICES = {
+    name: module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (embed_pb2, "Embed"), (rerank_pb2, "Rerank"), (generate_pb2, "Generate"), (models_pb2, "Models"), (tokenize_pb2, "Tokenize"),
+    )
+}
+KEYED_SERVICES = frozenset(SERVICES.values())
 
 KEY_PREFIX = "rs_"  # lets secret scanners and people recognise a ragserve key
 _HEX = frozenset("0123456789abcdef")
@@ -48,6 +64,9 @@ class ApiKey:
     name: str
     sha256: str
     services: frozenset[str] | None  # None: every service
+    max_concurrent: int | None = None  # calls at once; None: no share of its own
+    rate: float | None = None  # calls a second (token bucket); None: no rate
+    burst: float | None = None  # the bucket's size
 
     def may_call(self, service: str) -> bool:
         return self.services is None or service in self.services
@@ -84,9 +103,9 @@ def parse_keys(text: str, source: str = "keys file", known_services: Iterable[st
             raise KeysFileError(f"{where}: not a JSON object ({exc.msg})") from None
         if not isinstance(entry, dict):
             raise KeysFileError(f"{where}: not a JSON object")
-        unknown = set(entry) - {"name", "sha256", "services"}
+        unknown = set(entry) - _FIELDS
         if unknown:
-            raise KeysFileError(f"{where}: unknown fields {sorted(unknown)} (name, sha256, services)")
+            raise KeysFileError(f"{where}: unknown fields {sorted(unknown)} ({', '.join(sorted(_FIELDS))})")
         name, hexdigest, services = entry.get("name"), entry.get("sha256"), entry.get("services")
         if not isinstance(name, str) or not name:
             raise KeysFileError(f"{where}: 'name' must be a non-empty string")
@@ -102,15 +121,37 @@ def parse_keys(text: str, source: str = "keys file", known_services: Iterable[st
             if known is not None and (bad := sorted(set(services) - known)):
                 raise KeysFileError(f"{where}: unknown services {bad}; known: {sorted(known)}")
             services = frozenset(services)
+        quota = _quota(entry, where)
         names.add(name)
-        keys[hexdigest] = ApiKey(name, hexdigest, services)
+        keys[hexdigest] = ApiKey(name, hexdigest, services, *quota)
     return keys
+
+
+_FIELDS = frozenset({"name", "sha256", "services", "max_concurrent", "rate", "burst"})
+
+
+def _quota(entry: dict, where: str) -> tuple[int | None, float | None, float | None]:
+    concurrent, rate, burst = entry.get("max_concurrent"), entry.get("rate"), entry.get("burst")
+    if concurrent is not None and (isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1):
+        raise KeysFileError(f"{where}: 'max_concurrent' must be a whole number of calls, at least 1")
+    for field, value in (("rate", rate), ("burst", burst)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9):
+            raise KeysFileError(f"{where}: {field!r} must be a number of calls above 0")
+    if burst is not None and rate is None:
+        raise KeysFileError(f"{where}: 'burst' needs 'rate' (calls a second)")
+    if rate is not None and burst is None:
+        burst = max(1.0, float(rate))
+    if burst is not None and burst < 1:
+        raise KeysFileError(f"{where}: 'burst' must be at least 1 call")
+    return concurrent, None if rate is None else float(rate), None if burst is None else float(burst)
 
 
 class KeyStore:
     """The keys of a keys file, re-read when the file changes (checked at most once per
     `check_interval` seconds, on the calls themselves: no thread). A file that turns bad
-    keeps the last good keys and is logged; a bad file at start-up raises KeysFileError."""
+    keeps the last good keys and is logged; a deleted or emptied file fails closed (no key is
+    valid until it is back: removing the file is how an operator revokes every key at once);
+    a bad file at start-up raises KeysFileError."""
 
     def __init__(self, path: Path | str, known_services: Iterable[str] | None = None, check_interval: float = 1.0) -> None:
         self.path = Path(path)
@@ -148,7 +189,8 @@ class KeyStore:
         if signature == self._signature:
             return
         if signature is None:
-            log.error("api_keys_file_missing", path=str(self.path), keeping=len(self._keys))
+            log.error("api_keys_file_missing", path=str(self.path), keeping=0)
+            self._keys, self._signature = {}, None  # fail closed: no file, no keys
             return
         try:
             keys = self._read()
@@ -158,7 +200,7 @@ class KeyStore:
         finally:
             self._signature = signature  # a bad file is reported once, not on every call
         self._keys = keys
-        log.info("api_keys_reloaded", path=str(self.path), keys=len(keys))
+        (log.info if keys else log.error)("api_keys_reloaded", path=str(self.path), keys=len(keys))
 
     def lookup(self, key: str) -> ApiKey | None:
         self._maybe_reload()
@@ -180,8 +222,6 @@ def main(argv: list[str] | None = None) -> None:
     key = new_key() if args.command == "new" else sys.stdin.readline().strip()
     if not key:
         parser.error("no key on stdin")
-    from ragserve_server.security.auth import KEYED_SERVICES  # the CLI checks names like the gateway does
-
     line = key_line(args.name, key, args.services)
     try:
         parse_keys(line, "the new line", KEYED_SERVICES)

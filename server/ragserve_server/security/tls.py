@@ -8,6 +8,10 @@ and match. New connections get the new certificate; open connections keep theirs
 close (the gateway's --max-connection-age bounds how long). A half-written pair is not taken:
 it is tried again on the next handshake, and the last good pair is served meanwhile.
 
+The HTTP front serves the same files (`https_context`): its own CertificateFiles re-reads
+them the same way, at each TLS handshake (the context's SNI callback, called for every
+ClientHello), and hands the new context to the connection.
+
 Client certificates (mTLS, --tls-client-ca): gRPC Python can only require and verify one or
 not ask for one (grpc_ssl_client_certificate_request_type has no optional mode in its API), so
 --tls-client-auth takes `required` only and `optional` is refused with that reason.
@@ -61,6 +65,7 @@ class _Loaded:
     signature: tuple
     config: grpc.ServerCertificateConfiguration
     fingerprint: str
+    context: ssl.SSLContext  # the same material, for the HTTP front
 
 
 class CertificateFiles:
@@ -89,6 +94,8 @@ class CertificateFiles:
     def _load(self) -> _Loaded:
         before = self._signature()
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])
         try:
             context.load_cert_chain(self.cert, self.key, password=_no_password)
         except (ssl.SSLError, OSError) as exc:
@@ -98,12 +105,13 @@ class CertificateFiles:
                 context.load_verify_locations(cafile=self.client_ca)
             except (ssl.SSLError, OSError) as exc:
                 raise TlsConfigError(f"--tls-client-ca {self.client_ca}: {exc}") from None
+            context.verify_mode = ssl.CERT_REQUIRED
         cert, key = _read(self.cert, "--tls-cert"), _read(self.key, "--tls-key")
         client_ca = _read(self.client_ca, "--tls-client-ca") if self.client_ca else None
         if self._signature() != before:
             raise TlsConfigError("the certificate files changed while being read")
         config = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
-        return _Loaded(before, config, fingerprint(cert))
+        return _Loaded(before, config, fingerprint(cert), context)
 
     @property
     def initial(self) -> grpc.ServerCertificateConfiguration:
@@ -129,6 +137,30 @@ class CertificateFiles:
         self._current = loaded
         log.info("tls_certificate_reloaded", cert=str(self.cert), fingerprint=loaded.fingerprint)
         return loaded.config
+
+    def current_context(self) -> ssl.SSLContext:
+        """The HTTP front's SSL context for a new handshake (re-read like `fetch`)."""
+        self.fetch()
+        return self._current.context
+
+
+def https_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext | None:
+    """The HTTP front's server context on the gRPC port's files; None when TLS is off. New
+    connections get re-read files: the SNI callback (run for every ClientHello, SNI or not)
+    switches the connection to the context of the current files."""
+    if not cert:
+        return None
+    files = CertificateFiles(cert, key, client_ca or None)
+    base = files._current.context
+
+    def on_hello(connection: ssl.SSLObject, server_name, context) -> None:
+        current = files.current_context()
+        if current is not connection.context:
+            connection.context = current
+        return None
+
+    base.sni_callback = on_hello
+    return base
 
 
 def server_credentials(cert: str, key: str, client_ca: str = "", client_auth: str = "required") -> grpc.ServerCredentials | None:

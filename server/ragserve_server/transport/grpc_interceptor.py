@@ -1,29 +1,29 @@
 """The gateway's one server interceptor: request id and log context, admission, error mapping.
 
 Every call, whatever its kind (unary, server stream, bidirectional stream), goes through
-the same steps: take the `x-request-id` (or make one) and send it back; bind it with the
-service and method to structlog's context; take an admission permit (RESOURCE_EXHAUSTED
+the same steps: take the `x-request-id` (or make one; one that is not a short plain token is
+replaced, as over HTTP) and send it back; check the caller's key (before the request message
+is parsed: a refused caller costs no deserialisation); bind the id with the service and method
+to structlog's context; take an admission permit (RESOURCE_EXHAUSTED
 at once when full); run the handler; map a typed error to its status code exactly once;
 hand the per-request record to the metrics module and write one access log line. Those
-steps are call_scope.CallGuard's, shared with the HTTP front (http_api.py); this module
-says how their outcome travels over gRPC (metadata, trailers, the status).
+steps are call_scope.CallGuard's, shared with the HTTP front (transport/http/); this module
+says how their outcome travels over gRPC (metadata, trailers, the status). An EmbedStream
+takes a permit per message; the stream itself counts against `max_open_streams`.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from ragserve_server.security import auth
-
 from ragserve_server.observability import tracing
 from ragserve_server.calls.admission import BULK, INTERACTIVE, Admission
-from ragserve_server.calls.call_scope import CallFailed, CallGuard
-from ragserve_server.errors import Cancelled, DeadlineExceeded, InvalidInput
+from ragserve_server.calls.call_scope import CallFailed, CallGuard, request_id_or_new
+from ragserve_server.errors import Cancelled, DeadlineExceeded, InvalidInput, Overloaded, RagserveError
 from ragserve_server.transport.pushback import retry_trailers
 from ragserve_server.observability.request_record import RequestRecord
 
@@ -62,6 +62,10 @@ def _safe_deserializer(deserialize: Callable | None) -> Callable | None:
     return parse
 
 
+def _skip(data: bytes) -> None:
+    return None
+
+
 async def _checked_messages(request_iterator):
     async for message in request_iterator:
         if isinstance(message, Undecodable):
@@ -75,9 +79,12 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         admission: Admission | CallGuard,
         on_finish: Callable[[RequestRecord, str], None] | None = None,
         on_start: Callable[[RequestRecord], None] | None = None,
+        max_open_streams: int = 0,
     ) -> None:
         self.guard = admission if isinstance(admission, CallGuard) else CallGuard(admission, on_finish, on_start)
         self.admission = self.guard.admission
+        self.max_open_streams = max_open_streams  # EmbedStreams open at once; 0 = no bound
+        self.open_streams = 0
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -87,8 +94,12 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         service, _, method = method_path.lstrip("/").rpartition("/")
         service = service.rsplit(".", 1)[-1]
         metadata = dict(handler_call_details.invocation_metadata or ())
-        deserializer = _safe_deserializer(handler.request_deserializer)
-        call = _Call(self.guard, service, method, metadata.get("x-request-id"), metadata if tracing.enabled() else None)
+        identity = self.guard.authenticate(service, metadata)
+        if isinstance(identity, RagserveError):
+            deserializer = _skip if handler.request_deserializer is not None else None  # refused: never parsed
+        else:
+            deserializer = _safe_deserializer(handler.request_deserializer)
+        call = _Call(self.guard, service, method, metadata.get("x-request-id"), metadata if tracing.enabled() else None, identity)
 
         if handler.unary_unary:
             inner = handler.unary_unary
@@ -119,9 +130,16 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.stream_stream
 
             async def stream_stream(request_iterator, context):
-                async with call.scope(context, admit=method not in PER_MESSAGE_ADMISSION, lane=BULK):
-                    async for response in inner(_checked_messages(request_iterator), context):
-                        yield response
+                per_message = method in PER_MESSAGE_ADMISSION
+                async with call.scope(context, admit=not per_message, lane=BULK):
+                    if per_message and self.max_open_streams and self.open_streams >= self.max_open_streams:
+                        raise Overloaded(f"{self.open_streams} {method} streams are open, the most this gateway keeps (--max-open-streams)")
+                    self.open_streams += per_message
+                    try:
+                        async for response in inner(_checked_messages(request_iterator), context):
+                            yield response
+                    finally:
+                        self.open_streams -= per_message
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, request_deserializer=deserializer, response_serializer=handler.response_serializer
@@ -132,12 +150,13 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
 class _Call:
     """One intercepted call: its identity and the scope every kind of handler runs in."""
 
-    def __init__(self, guard: CallGuard, service: str, method: str, request_id: str | None, carrier=None) -> None:
+    def __init__(self, guard: CallGuard, service: str, method: str, request_id: str | None, carrier=None, identity=None) -> None:
         self.guard = guard
         self.service = service
         self.method = method
-        self.request_id = request_id or uuid.uuid4().hex
+        self.request_id = request_id_or_new(request_id)
         self.carrier = carrier  # the caller's metadata, for its traceparent (tracing on)
+        self.identity = identity  # the key check's outcome (guard.authenticate)
 
     @asynccontextmanager
     async def scope(
@@ -172,7 +191,7 @@ class _Call:
                 self.request_id,
                 lane=lane,
                 admit=admit,
-                authorize=auth.raise_refusal,
+                identity=self.identity,
                 deadline_passed=deadline_passed,
                 carrier=self.carrier,
                 enter=send_request_id,

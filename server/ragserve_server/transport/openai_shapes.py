@@ -1,4 +1,4 @@
-"""OpenAI / Cohere JSON shapes <-> ragserve.v1 messages, for the HTTP front (http_api.py).
+"""OpenAI / Cohere JSON shapes <-> ragserve.v1 messages, for the HTTP front (transport/http/).
 
 Only the shape is checked here (types, fields ragserve cannot honour): what the values mean
 (empty inputs, too many, dimensions out of range, unknown model, over-long prompts) is the
@@ -86,6 +86,9 @@ def embed_request(body: Mapping) -> tuple[embed_pb2.EmbedRequest, str]:
 
 
 def embed_response(response: embed_pb2.EmbedResponse, encoding: str) -> dict:
+    if response.sparse_embeddings or response.multi_vector_embeddings:
+        what = "sparse" if response.sparse_embeddings else "multi-vector (per-token)"
+        raise InvalidInput(f"model {response.model!r} gives {what} vectors, which /v1/embeddings cannot carry; use the gRPC Embed call")
     data = []
     for index, embedding in enumerate(response.embeddings):
         if encoding == "base64":  # little-endian float32, as OpenAI sends it
