@@ -182,3 +182,20 @@ def test_left_padding_puts_the_tokens_at_the_end():
     batch = tokenizer.pad([[101, 7, 102], [101, 102]], 4, side="left")
     assert batch.input_ids.tolist() == [[0, 101, 7, 102], [0, 0, 101, 102]]
     assert batch.attention_mask.tolist() == [[0, 1, 1, 1], [0, 0, 1, 1]]
+
+
+def test_a_default_prompt_and_prompts_become_prefixes_checked_against_sentence_transformers(tmp_path):
+    """sentence-transformers applies `default_prompt_name`'s prompt to every text given without
+    one: the entry's prefix for no input type, which the export's check compares with encode."""
+    from sentence_transformers import SentenceTransformer
+
+    from ragserve_server.models.manifest import exported_spec
+
+    folder = st_bert(tmp_path / "st", "cls", normalize=True, prompts={"query": "query: ", "document": "doc: ", "classify": "cls: "})
+    st = SentenceTransformer(str(folder), device="cpu")
+    st.default_prompt_name = "classify"
+    st.save(str(folder))
+    export_encoder.export(folder, tmp_path / "repo" / "dflt", name="dflt", cores=1)
+    spec = exported_spec(tmp_path / "repo" / "dflt")
+    assert dict(spec.prefixes) == {"query": "query: ", "passage": "doc: ", "": "cls: "}
+    assert (spec.pooling, spec.normalize, spec.padding_side) == (CLS, True, "right")
