@@ -8,6 +8,8 @@ MINILM_ONNX := model_repository/minilm/1/model.onnx
 # What ONNX Runtime runs: the same graph with ONNX Runtime's fused transformer kernels
 MINILM_FUSED := model_repository/minilm/1/model_fused.onnx
 SMOLLM2_HF := model_repository/smollm2/1/hf/config.json
+# MiniLM's per-token vectors (multi-vector Embed, the MaxSim reranker): its own Triton model
+MINILM_TOKENS_ONNX := model_repository/minilm_tokens/1/model.onnx
 # int8/uint8 embeddings: MiniLM's calibration ranges (scripts/calibrate_embeddings.py)
 MINILM_CALIBRATION := model_repository/minilm/1/calibration.json
 
@@ -27,7 +29,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt client/pyproject.toml server/
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
-models: $(MINILM_ONNX) $(MINILM_FUSED) $(SMOLLM2_HF) $(MINILM_CALIBRATION)
+models: $(MINILM_ONNX) $(MINILM_FUSED) $(SMOLLM2_HF) $(MINILM_CALIBRATION) $(MINILM_TOKENS_ONNX)
 
 # Every config.pbtxt is rendered from server/ragserve_server/models/registry.py (every fact about a
 # model lives there); tests/test_registry.py checks the committed CPU configs are up to date.
@@ -54,6 +56,9 @@ gpu-check-smoke: setup models
 
 $(MINILM_ONNX): scripts/export_minilm.py scripts/export_encoder.py $(STAMP)
 	$(PY) scripts/export_minilm.py --out $@
+
+$(MINILM_TOKENS_ONNX): scripts/export_multivector.py scripts/export_encoder.py $(STAMP)
+	$(PY) scripts/export_multivector.py --builtin minilm
 
 $(MINILM_FUSED): $(MINILM_ONNX) scripts/fuse_onnx.py
 	$(PY) scripts/fuse_onnx.py --builtin minilm
@@ -87,7 +92,7 @@ bench: setup models
 	$(PY) bench/embed_bench.py
 
 clean:
-	rm -rf $(VENV) build reports $(MINILM_ONNX) $(MINILM_FUSED) $(MINILM_CALIBRATION) model_repository/smollm2/1/hf
+	rm -rf $(VENV) build reports $(MINILM_ONNX) $(MINILM_TOKENS_ONNX) $(MINILM_FUSED) $(MINILM_CALIBRATION) model_repository/smollm2/1/hf
 
 # Where an Embed call's CPU goes at concurrency 64: per process and thread, py-spy samples by part, and
 # two no-model floors under the same load (echo server; gateway on the fake backend).

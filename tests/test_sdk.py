@@ -38,6 +38,7 @@ def test_exported_members():
             "RerankResult",
             "GenerateResult",
             "ServerError",
+            "SparseEmbedding",
             "TextDelta",
             "TokenLogprob",
             "TopLogprob",

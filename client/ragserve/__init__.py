@@ -16,6 +16,7 @@ from ragserve._errors import (
 from ragserve._types import EmbedResult, GenerateResult, ModelInfo, RankedDocument, RerankResult, TextDelta, Usage
 from ragserve._types import TokenLogprob, TopLogprob
 from ragserve._types import EmbedBatch, TokenizedText, TokenizeResult
+from ragserve._types import SparseEmbedding
 
 __all__ = [
     "AsyncClient",
@@ -34,6 +35,7 @@ __all__ = [
     "RankedDocument",
     "RerankResult",
     "ServerError",
+    "SparseEmbedding",
     "TextDelta",
     "TokenLogprob",
     "TokenizeResult",

@@ -18,7 +18,9 @@ class EmbedOptions(TypedDict, total=False):
         one packed blob and read without a copy: a read-only array, `.copy()` to write), "float"
         (the same numbers as repeated floats), "int8" / "uint8" (calibrated scalar quantisation,
         (n, d); needs the model's calibration, see ModelInfo.encodings), "binary" (int8) /
-        "ubinary" (uint8): sign bits packed 8 to a byte, (n, ceil(d / 8))."""
+        "ubinary" (uint8): sign bits packed 8 to a byte, (n, ceil(d / 8)).
+    sparse_top_k, sparse_threshold: sparse (SPLADE) models only: keep each input's K largest
+        weights / the weights above the threshold (default: every non-zero weight)."""
 
     model: str | None
     normalize: bool | None
@@ -26,6 +28,8 @@ class EmbedOptions(TypedDict, total=False):
     dimensions: int | None
     input_type: str | None
     encoding: str
+    sparse_top_k: int | None
+    sparse_threshold: float | None
 
 
 class RerankOptions(TypedDict, total=False):

@@ -18,6 +18,7 @@ from ragserve._types import (
     TokenizedText,
     TokenizeResult,
     RerankResult,
+    SparseEmbedding,
     TextDelta,
     TokenLogprob,
     TopLogprob,
@@ -53,6 +54,7 @@ MODEL_KIND = {
     models_pb2.MODEL_KIND_CROSS_ENCODER: "cross_encoder",
     models_pb2.MODEL_KIND_BI_ENCODER: "bi_encoder",
     models_pb2.MODEL_KIND_GENERATION: "generation",
+    models_pb2.MODEL_KIND_MAXSIM: "maxsim",
 }
 
 
@@ -85,6 +87,8 @@ def embed_request(
     dimensions: int | None = None,
     input_type: str | None = None,
     encoding: str = DEFAULT_ENCODING,
+    sparse_top_k: int | None = None,
+    sparse_threshold: float | None = None,
 ) -> embed_pb2.EmbedRequest:
     request = embed_pb2.EmbedRequest(
         model=model or "",
@@ -99,6 +103,12 @@ def embed_request(
         if dimensions < 0:
             raise InvalidArgumentError(f"dimensions must be positive, got {dimensions}")
         request.dimensions = dimensions
+    if sparse_top_k is not None:
+        if sparse_top_k < 1:
+            raise InvalidArgumentError(f"sparse_top_k must be at least 1, got {sparse_top_k}")
+        request.sparse_top_k = sparse_top_k
+    if sparse_threshold is not None:
+        request.sparse_threshold = sparse_threshold
     return request
 
 
@@ -139,6 +149,16 @@ def embed_result(response: embed_pb2.EmbedResponse, request_id: str | None = Non
         request_id=request_id,
         encoding=ENCODING_NAMES.get(response.encoding, "float"),
         dimensions=response.packed.dimensions if packed else embeddings.shape[1],
+        sparse=[
+            SparseEmbedding(np.array(s.indices, dtype=np.uint32), np.array(s.values, dtype=np.float32))
+            for s in response.sparse_embeddings
+        ] if response.sparse_embeddings else None,
+        token_embeddings=[
+            np.array([v.values for v in m.vectors], dtype=np.float32).reshape(len(m.vectors), -1 if m.vectors else 0)
+            for m in response.multi_vector_embeddings
+        ] if response.multi_vector_embeddings else None,
+        token_ids=[np.array(m.token_ids, dtype=np.uint32) for m in response.multi_vector_embeddings]
+        if response.multi_vector_embeddings else None,
     )
 
 

@@ -28,6 +28,21 @@ class EmbedResult:
     # "binary" is ubinary - 128, so unpack (embeddings.astype(np.int16) + 128).astype(np.uint8)).
     encoding: str = "float32"
     dimensions: int = 0
+    # Sparse (SPLADE) models: one SparseEmbedding per input (`embeddings` is then empty).
+    sparse: list["SparseEmbedding"] | None = None
+    # Multi-vector models: per input, float32 (tokens, dimensions) unit vectors of its content
+    # tokens (special tokens left out) and their token ids (`embeddings` is then empty).
+    token_embeddings: list[np.ndarray] | None = None
+    token_ids: list[np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class SparseEmbedding:
+    """One input's sparse vector: vocabulary `indices` (uint32) and their `values` (float32),
+    largest value first."""
+
+    indices: np.ndarray
+    values: np.ndarray
 
 
 @dataclass(frozen=True)

@@ -17,31 +17,35 @@ _sym_db = _symbol_database.Default()
 from ragserve.v1 import common_pb2 as ragserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ragserve/v1/embed.proto\x12\x0bragserve.v1\x1a\x18ragserve/v1/common.proto\"\xab\x02\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\'\n\x08truncate\x18\x04 \x01(\x0e\x32\x15.ragserve.v1.Truncate\x12\x17\n\ndimensions\x18\x05 \x01(\rH\x01\x88\x01\x01\x12*\n\ninput_type\x18\x06 \x01(\x0e\x32\x16.ragserve.v1.InputType\x12\'\n\x08priority\x18\x07 \x01(\x0e\x32\x15.ragserve.v1.Priority\x12\x30\n\x08\x65ncoding\x18\x08 \x01(\x0e\x32\x1e.ragserve.v1.EmbeddingEncodingB\x0c\n\n_normalizeB\r\n\x0b_dimensions\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x83\x01\n\x10PackedEmbeddings\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x03 \x01(\r\x12.\n\x0c\x65lement_type\x18\x04 \x01(\x0e\x32\x18.ragserve.v1.ElementType\x12\x12\n\ndimensions\x18\x05 \x01(\r\"\xce\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\nembeddings\x18\x02 \x03(\x0b\x32\x16.ragserve.v1.Embedding\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.ragserve.v1.Usage\x12\x30\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1e.ragserve.v1.EmbeddingEncoding\x12-\n\x06packed\x18\x05 \x01(\x0b\x32\x1d.ragserve.v1.PackedEmbeddings\"L\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.ragserve.v1.EmbedRequest\"\x87\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.ragserve.v1.EmbedResponseH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.ragserve.v1.StreamErrorH\x00\x42\t\n\x07outcome*U\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10INPUT_TYPE_QUERY\x10\x01\x12\x16\n\x12INPUT_TYPE_PASSAGE\x10\x02*\xf5\x01\n\x11\x45mbeddingEncoding\x12\"\n\x1e\x45MBEDDING_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45MBEDDING_ENCODING_FLOAT\x10\x01\x12$\n EMBEDDING_ENCODING_FLOAT32_BYTES\x10\x02\x12\x1b\n\x17\x45MBEDDING_ENCODING_INT8\x10\x03\x12\x1c\n\x18\x45MBEDDING_ENCODING_UINT8\x10\x04\x12\x1d\n\x19\x45MBEDDING_ENCODING_BINARY\x10\x05\x12\x1e\n\x1a\x45MBEDDING_ENCODING_UBINARY\x10\x06*t\n\x0b\x45lementType\x12\x1c\n\x18\x45LEMENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x45LEMENT_TYPE_INT8\x10\x02\x12\x16\n\x12\x45LEMENT_TYPE_UINT8\x10\x03\x32\x9d\x01\n\x05\x45mbed\x12>\n\x05\x45mbed\x12\x19.ragserve.v1.EmbedRequest\x1a\x1a.ragserve.v1.EmbedResponse\x12T\n\x0b\x45mbedStream\x12\x1f.ragserve.v1.EmbedStreamRequest\x1a .ragserve.v1.EmbedStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ragserve/v1/embed.proto\x12\x0bragserve.v1\x1a\x18ragserve/v1/common.proto\"\x8b\x03\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\'\n\x08truncate\x18\x04 \x01(\x0e\x32\x15.ragserve.v1.Truncate\x12\x17\n\ndimensions\x18\x05 \x01(\rH\x01\x88\x01\x01\x12*\n\ninput_type\x18\x06 \x01(\x0e\x32\x16.ragserve.v1.InputType\x12\'\n\x08priority\x18\x07 \x01(\x0e\x32\x15.ragserve.v1.Priority\x12\x30\n\x08\x65ncoding\x18\x08 \x01(\x0e\x32\x1e.ragserve.v1.EmbeddingEncoding\x12\x19\n\x0csparse_top_k\x18\t \x01(\rH\x02\x88\x01\x01\x12\x1d\n\x10sparse_threshold\x18\n \x01(\x02H\x03\x88\x01\x01\x42\x0c\n\n_normalizeB\r\n\x0b_dimensionsB\x0f\n\r_sparse_top_kB\x13\n\x11_sparse_threshold\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"2\n\x0fSparseEmbedding\x12\x0f\n\x07indices\x18\x01 \x03(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"R\n\x14MultiVectorEmbedding\x12\'\n\x07vectors\x18\x01 \x03(\x0b\x32\x16.ragserve.v1.Embedding\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\x83\x01\n\x10PackedEmbeddings\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x03 \x01(\r\x12.\n\x0c\x65lement_type\x18\x04 \x01(\x0e\x32\x18.ragserve.v1.ElementType\x12\x12\n\ndimensions\x18\x05 \x01(\r\"\xcb\x02\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\nembeddings\x18\x02 \x03(\x0b\x32\x16.ragserve.v1.Embedding\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.ragserve.v1.Usage\x12\x30\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1e.ragserve.v1.EmbeddingEncoding\x12-\n\x06packed\x18\x05 \x01(\x0b\x32\x1d.ragserve.v1.PackedEmbeddings\x12\x37\n\x11sparse_embeddings\x18\x06 \x03(\x0b\x32\x1c.ragserve.v1.SparseEmbedding\x12\x42\n\x17multi_vector_embeddings\x18\x07 \x03(\x0b\x32!.ragserve.v1.MultiVectorEmbedding\"L\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.ragserve.v1.EmbedRequest\"\x87\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.ragserve.v1.EmbedResponseH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.ragserve.v1.StreamErrorH\x00\x42\t\n\x07outcome*U\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10INPUT_TYPE_QUERY\x10\x01\x12\x16\n\x12INPUT_TYPE_PASSAGE\x10\x02*\xf5\x01\n\x11\x45mbeddingEncoding\x12\"\n\x1e\x45MBEDDING_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45MBEDDING_ENCODING_FLOAT\x10\x01\x12$\n EMBEDDING_ENCODING_FLOAT32_BYTES\x10\x02\x12\x1b\n\x17\x45MBEDDING_ENCODING_INT8\x10\x03\x12\x1c\n\x18\x45MBEDDING_ENCODING_UINT8\x10\x04\x12\x1d\n\x19\x45MBEDDING_ENCODING_BINARY\x10\x05\x12\x1e\n\x1a\x45MBEDDING_ENCODING_UBINARY\x10\x06*t\n\x0b\x45lementType\x12\x1c\n\x18\x45LEMENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x45LEMENT_TYPE_INT8\x10\x02\x12\x16\n\x12\x45LEMENT_TYPE_UINT8\x10\x03\x32\x9d\x01\n\x05\x45mbed\x12>\n\x05\x45mbed\x12\x19.ragserve.v1.EmbedRequest\x1a\x1a.ragserve.v1.EmbedResponse\x12T\n\x0b\x45mbedStream\x12\x1f.ragserve.v1.EmbedStreamRequest\x1a .ragserve.v1.EmbedStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ragserve.v1.embed_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INPUTTYPE']._serialized_start=956
-  _globals['_INPUTTYPE']._serialized_end=1041
-  _globals['_EMBEDDINGENCODING']._serialized_start=1044
-  _globals['_EMBEDDINGENCODING']._serialized_end=1289
-  _globals['_ELEMENTTYPE']._serialized_start=1291
-  _globals['_ELEMENTTYPE']._serialized_end=1407
+  _globals['_INPUTTYPE']._serialized_start=1313
+  _globals['_INPUTTYPE']._serialized_end=1398
+  _globals['_EMBEDDINGENCODING']._serialized_start=1401
+  _globals['_EMBEDDINGENCODING']._serialized_end=1646
+  _globals['_ELEMENTTYPE']._serialized_start=1648
+  _globals['_ELEMENTTYPE']._serialized_end=1764
   _globals['_EMBEDREQUEST']._serialized_start=67
-  _globals['_EMBEDREQUEST']._serialized_end=366
-  _globals['_EMBEDDING']._serialized_start=368
-  _globals['_EMBEDDING']._serialized_end=395
-  _globals['_PACKEDEMBEDDINGS']._serialized_start=398
-  _globals['_PACKEDEMBEDDINGS']._serialized_end=529
-  _globals['_EMBEDRESPONSE']._serialized_start=532
-  _globals['_EMBEDRESPONSE']._serialized_end=738
-  _globals['_EMBEDSTREAMREQUEST']._serialized_start=740
-  _globals['_EMBEDSTREAMREQUEST']._serialized_end=816
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=819
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=954
-  _globals['_EMBED']._serialized_start=1410
-  _globals['_EMBED']._serialized_end=1567
+  _globals['_EMBEDREQUEST']._serialized_end=462
+  _globals['_EMBEDDING']._serialized_start=464
+  _globals['_EMBEDDING']._serialized_end=491
+  _globals['_SPARSEEMBEDDING']._serialized_start=493
+  _globals['_SPARSEEMBEDDING']._serialized_end=543
+  _globals['_MULTIVECTOREMBEDDING']._serialized_start=545
+  _globals['_MULTIVECTOREMBEDDING']._serialized_end=627
+  _globals['_PACKEDEMBEDDINGS']._serialized_start=630
+  _globals['_PACKEDEMBEDDINGS']._serialized_end=761
+  _globals['_EMBEDRESPONSE']._serialized_start=764
+  _globals['_EMBEDRESPONSE']._serialized_end=1095
+  _globals['_EMBEDSTREAMREQUEST']._serialized_start=1097
+  _globals['_EMBEDSTREAMREQUEST']._serialized_end=1173
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=1176
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=1311
+  _globals['_EMBED']._serialized_start=1767
+  _globals['_EMBED']._serialized_end=1924
 # @@protoc_insertion_point(module_scope)

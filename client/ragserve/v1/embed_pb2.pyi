@@ -46,7 +46,7 @@ ELEMENT_TYPE_INT8: ElementType
 ELEMENT_TYPE_UINT8: ElementType
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("model", "inputs", "normalize", "truncate", "dimensions", "input_type", "priority", "encoding")
+    __slots__ = ("model", "inputs", "normalize", "truncate", "dimensions", "input_type", "priority", "encoding", "sparse_top_k", "sparse_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,8 @@ class EmbedRequest(_message.Message):
     INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
     normalize: bool
@@ -63,13 +65,31 @@ class EmbedRequest(_message.Message):
     input_type: InputType
     priority: _common_pb2.Priority
     encoding: EmbeddingEncoding
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., normalize: bool = ..., truncate: _Optional[_Union[_common_pb2.Truncate, str]] = ..., dimensions: _Optional[int] = ..., input_type: _Optional[_Union[InputType, str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., encoding: _Optional[_Union[EmbeddingEncoding, str]] = ...) -> None: ...
+    sparse_top_k: int
+    sparse_threshold: float
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., normalize: bool = ..., truncate: _Optional[_Union[_common_pb2.Truncate, str]] = ..., dimensions: _Optional[int] = ..., input_type: _Optional[_Union[InputType, str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., encoding: _Optional[_Union[EmbeddingEncoding, str]] = ..., sparse_top_k: _Optional[int] = ..., sparse_threshold: _Optional[float] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
     VALUES_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SparseEmbedding(_message.Message):
+    __slots__ = ("indices", "values")
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class MultiVectorEmbedding(_message.Message):
+    __slots__ = ("vectors", "token_ids")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    vectors: _containers.RepeatedCompositeFieldContainer[Embedding]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, vectors: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PackedEmbeddings(_message.Message):
     __slots__ = ("data", "rows", "columns", "element_type", "dimensions")
@@ -86,18 +106,22 @@ class PackedEmbeddings(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., element_type: _Optional[_Union[ElementType, str]] = ..., dimensions: _Optional[int] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("model", "embeddings", "usage", "encoding", "packed")
+    __slots__ = ("model", "embeddings", "usage", "encoding", "packed", "sparse_embeddings", "multi_vector_embeddings")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    MULTI_VECTOR_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     model: str
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     usage: _common_pb2.Usage
     encoding: EmbeddingEncoding
     packed: PackedEmbeddings
-    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., encoding: _Optional[_Union[EmbeddingEncoding, str]] = ..., packed: _Optional[_Union[PackedEmbeddings, _Mapping]] = ...) -> None: ...
+    sparse_embeddings: _containers.RepeatedCompositeFieldContainer[SparseEmbedding]
+    multi_vector_embeddings: _containers.RepeatedCompositeFieldContainer[MultiVectorEmbedding]
+    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., encoding: _Optional[_Union[EmbeddingEncoding, str]] = ..., packed: _Optional[_Union[PackedEmbeddings, _Mapping]] = ..., sparse_embeddings: _Optional[_Iterable[_Union[SparseEmbedding, _Mapping]]] = ..., multi_vector_embeddings: _Optional[_Iterable[_Union[MultiVectorEmbedding, _Mapping]]] = ...) -> None: ...
 
 class EmbedStreamRequest(_message.Message):
     __slots__ = ("id", "request")

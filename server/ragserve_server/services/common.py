@@ -13,7 +13,7 @@ from ragserve.v1 import common_pb2, embed_pb2, models_pb2
 from ragserve_server.observability import request_record
 from ragserve_server.errors import InvalidInput
 from ragserve_server.encoding.tokenization import TRUNCATE_END, TRUNCATE_NONE, TRUNCATE_START
-from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, LLM_RERANKER
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, LLM_RERANKER, MAXSIM
 
 T = TypeVar("T")
 
@@ -36,6 +36,7 @@ MODEL_KINDS = {
     # An LLM reranker reads the query and each document together, as a cross-encoder does (the
     # API has no kind of its own for it; its name says which method: models/llm_rerankers.py).
     LLM_RERANKER: models_pb2.MODEL_KIND_CROSS_ENCODER,
+    MAXSIM: models_pb2.MODEL_KIND_MAXSIM,
 }
 
 

@@ -17,6 +17,8 @@ from ragserve_server.encoding.encoder import EncoderRunner, finish_embeddings
 from ragserve_server.errors import InvalidInput, RagserveError, status_of
 from ragserve_server.services.common import check_texts, input_type_name, off_loop, requested_model, time_left, truncate_mode
 from ragserve_server.encoding.tokenization import EncoderTokenizer
+from ragserve_server.models.registry import DENSE
+from ragserve_server.services import embed_outputs
 
 ENCODINGS = {
     embed_pb2.EMBEDDING_ENCODING_UNSPECIFIED: quantize.FLOAT,  # the default: repeated float
@@ -144,6 +146,13 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
         model = self.catalog.get(requested_model(request.model), (EMBEDDING,))
         texts = list(request.inputs)
         check_texts(texts, self.max_inputs, stream_hint=True)
+        if model.embedding_output != DENSE:  # sparse or multi-vector: services/embed_outputs.py
+            prefix = model.prefixes.get(input_type_name(request.input_type), "")
+            return await embed_outputs.embed(
+                model, self.tokenizers[model.name], self.encoder, self.executor, request, [prefix + t for t in texts],
+                truncate_mode(request.truncate), timeout=timeout,
+            )
+        embed_outputs.check_dense(model, request)
         dimensions = request.dimensions if request.HasField("dimensions") else model.dimensions
         if not 1 <= dimensions <= model.dimensions:
             raise InvalidInput(f"dimensions must be between 1 and {model.dimensions} for {model.name}, got {dimensions}")

@@ -28,16 +28,17 @@ import numpy as np
 
 from ragserve.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
 from ragserve_server.observability import request_record
-from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, LLM_RERANKER, Catalog, ServedModel
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, LLM_RERANKER, MAXSIM, Catalog, ServedModel
 from ragserve_server.encoding.encoder import EncoderRunner, finish_embeddings
 from ragserve_server.errors import InvalidInput
 from ragserve_server.services.common import off_loop, requested_model, time_left, truncate_mode
 from ragserve_server.encoding.tokenization import TRUNCATE_END
 from ragserve_server.encoding.tokenization import EncoderTokenizer
+from ragserve_server.services import rerank_maxsim
 from ragserve_server.services.rerank_llm import LlmRerankers
 
 # The kinds Rerank serves (LLM_RERANKER: services/rerank_llm.py).
-RERANKERS = (BI_ENCODER, CROSS_ENCODER, LLM_RERANKER)
+RERANKERS = (BI_ENCODER, CROSS_ENCODER, LLM_RERANKER, MAXSIM)
 
 
 class RerankService(rerank_pb2_grpc.RerankServicer):
@@ -95,6 +96,10 @@ class RerankService(rerank_pb2_grpc.RerankServicer):
         if model.kind == BI_ENCODER:
             raw, prompt_tokens = await self._bi_encoder(model, request.query, unique, truncate, timeout)
             relevance = (raw + 1.0) / 2.0
+        elif model.kind == MAXSIM:
+            relevance, raw, prompt_tokens = await rerank_maxsim.scores(
+                self.catalog, self.tokenizers, self.encoder, self.executor, model, request.query, unique, truncate, timeout
+            )
         elif model.kind == LLM_RERANKER:
             relevance, raw, prompt_tokens = await self.llm.scores(model, request.query, unique, truncate, timeout)
         else:
@@ -126,7 +131,7 @@ class RerankService(rerank_pb2_grpc.RerankServicer):
             )
 
     def _chunks(self, model: ServedModel, query: str, documents: list[str]) -> list[list[str]]:
-        if model.kind == BI_ENCODER:
+        if model.kind in (BI_ENCODER, MAXSIM):
             embedding = self.catalog.get(model.embedding_model, (EMBEDDING,))
             tokenizer = self.tokenizers[embedding.name]
             return [tokenizer.chunks(d) for d in documents]

@@ -13,13 +13,13 @@ from concurrent.futures import Executor
 import grpc
 
 from ragserve.v1 import common_pb2, tokenize_pb2, tokenize_pb2_grpc
-from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, Catalog
+from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, MAXSIM, Catalog
 from ragserve_server.errors import InvalidInput
 from ragserve_server.services.common import check_texts, input_type_name, off_loop, requested_model, truncate_mode
 from ragserve_server.encoding.tokenization import EncoderTokenizer
 
 # The default model (empty name) is the default embedding model.
-KINDS = (EMBEDDING, CROSS_ENCODER, BI_ENCODER, GENERATION)
+KINDS = (EMBEDDING, CROSS_ENCODER, BI_ENCODER, GENERATION, MAXSIM)
 
 
 class TokenizeService(tokenize_pb2_grpc.TokenizeServicer):
@@ -31,7 +31,7 @@ class TokenizeService(tokenize_pb2_grpc.TokenizeServicer):
         self.max_inputs = max_inputs_per_call
         self.tokenizers: dict[str, EncoderTokenizer] = dict(tokenizers)
         for model in catalog.models:
-            if model.kind == BI_ENCODER:
+            if model.kind in (BI_ENCODER, MAXSIM):
                 self.tokenizers[model.name] = self.tokenizers[model.embedding_model]
             elif model.name not in self.tokenizers:
                 self.tokenizers[model.name] = EncoderTokenizer(model.model_dir / "tokenizer.json", model.max_input_tokens)

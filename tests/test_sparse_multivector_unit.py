@@ -1,0 +1,108 @@
+"""Sparse selection, MaxSim, their request checks and registry facts, without processes
+(tests/test_sparse_multivector_e2e.py runs them through Triton)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from ragserve.v1 import embed_pb2
+from ragserve_server.encoding import multivector, sparse
+from ragserve_server.errors import InvalidInput
+from ragserve_server.models.builtin import builtin_specs, minilm_spec
+from ragserve_server.models.catalog import MAXSIM, build_catalog
+from ragserve_server.models.registry import DENSE, MULTI_VECTOR, SPARSE
+from ragserve_server.services import embed_outputs
+from ragserve_server.settings import Settings
+
+
+def test_select_keeps_the_largest_first_with_ties_by_index():
+    weights = np.array([[0.0, 2.0, 0.5, 2.0, 0.0, 1.0]], dtype=np.float32)
+    ((indices, values),) = sparse.select(weights, sparse.options(top_k=None, threshold=None))
+    assert indices.tolist() == [1, 3, 5, 2] and values.tolist() == [2.0, 2.0, 1.0, 0.5]
+    ((indices, _),) = sparse.select(weights, sparse.options(top_k=2, threshold=None))
+    assert indices.tolist() == [1, 3]
+    ((indices, _),) = sparse.select(weights, sparse.options(top_k=None, threshold=0.5))
+    assert indices.tolist() == [1, 3, 5]  # strictly above the threshold
+    ((indices, values),) = sparse.select(np.zeros((1, 4), dtype=np.float32), sparse.options(top_k=3, threshold=None))
+    assert indices.size == 0 and values.size == 0
+
+
+@pytest.mark.parametrize(
+    ("top_k", "threshold", "words"),
+    [(0, None, "sparse_top_k must be at least 1"), (None, -0.1, "sparse_threshold"), (None, float("nan"), "finite")],
+)
+def test_bad_sparse_options(top_k, threshold, words):
+    with pytest.raises(InvalidInput, match=words):
+        sparse.options(top_k=top_k, threshold=threshold)
+
+
+def test_maxsim_is_the_sum_of_best_cosines():
+    rng = np.random.default_rng(0)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    query = unit(rng.normal(size=(3, 8)))
+    documents = [unit(rng.normal(size=(n, 8))) for n in (1, 5, 9)]
+    want = [sum(max(float(q @ d) for d in doc) for q in query) for doc in documents]
+    np.testing.assert_allclose(multivector.maxsim(query, documents), want, atol=1e-12)
+    assert multivector.maxsim(query, [np.zeros((0, 8))]).tolist() == [-3.0]  # no content token: the lowest score
+
+
+def _model(output: str):
+    from ragserve_server.models.catalog import served
+
+    return replace(served(minilm_spec())[0], name="m", embedding_output=output)
+
+
+def test_dense_model_refuses_sparse_options():
+    request = embed_pb2.EmbedRequest(inputs=["a"], sparse_top_k=3)
+    with pytest.raises(InvalidInput, match="sparse_top_k is for sparse models"):
+        embed_outputs.check_dense(_model(DENSE), request)
+
+
+@pytest.mark.parametrize(
+    ("output", "fields", "words"),
+    [
+        (SPARSE, {"dimensions": 4}, "dimensions cannot cut"),
+        (MULTI_VECTOR, {"dimensions": 4}, "dimensions cannot cut"),
+        (SPARSE, {"encoding": embed_pb2.EMBEDDING_ENCODING_UINT8}, "EMBEDDING_ENCODING_UINT8 is for dense vectors"),
+        (MULTI_VECTOR, {"normalize": False}, "unit-length token vectors"),
+        (SPARSE, {"normalize": True}, "not normalised"),
+        (MULTI_VECTOR, {"sparse_threshold": 0.1}, "sparse_threshold is for sparse models"),
+        (SPARSE, {"sparse_top_k": 0}, "at least 1"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused(output, fields, words):
+    with pytest.raises(InvalidInput, match=words):
+        embed_outputs.sparse_options(_model(output), embed_pb2.EmbedRequest(inputs=["a"], **fields))
+
+
+def test_sparse_options_accept_the_sdk_default_encoding():
+    request = embed_pb2.EmbedRequest(inputs=["a"], sparse_top_k=5, encoding=embed_pb2.EMBEDDING_ENCODING_FLOAT32_BYTES)
+    assert embed_outputs.sparse_options(_model(SPARSE), request) == sparse.SparseOptions(top_k=5, threshold=0.0)
+
+
+def test_make_run_serves_the_minilm_maxsim_reranker_by_default():
+    names = [n.strip() for n in Settings().triton_models.split(",")]
+    catalog = build_catalog(builtin_specs(names=names))
+    maxsim = catalog.get("all-minilm-l6-v2-maxsim", (MAXSIM,))
+    assert maxsim.triton_model == "minilm_tokens" and maxsim.embedding_model == "all-minilm-l6-v2-tokens"
+    assert catalog.get("all-minilm-l6-v2-tokens", ("embedding",)).embedding_output == MULTI_VECTOR
+    # MiniLM itself, its bi-encoder and the default reranker are as before.
+    assert catalog.get("", ("embedding",)).name == "all-minilm-l6-v2"
+    assert catalog.get("all-minilm-l6-v2", ("embedding",)).embedding_output == DENSE
+    assert catalog.defaults["bi_encoder"] == "all-minilm-l6-v2-bi-encoder"
+
+
+def test_registry_refuses_maxsim_without_token_vectors():
+    with pytest.raises(ValueError, match="maxsim_reranker needs a multi_vector model"):
+        replace(minilm_spec(), maxsim_reranker="x", bi_encoder=False).validate()
+    with pytest.raises(ValueError, match="unknown embedding_output"):
+        replace(minilm_spec(), embedding_output="ragged").validate()
+
+
+def test_an_exported_multi_vector_model_renamed_serves_its_reranker_under_the_new_name():
+    tokens = builtin_specs(names=["minilm_tokens"])[0]
+    catalog = build_catalog([replace(tokens, name="mine", maxsim_reranker="{name}-maxsim")])
+    assert [m.name for m in catalog.models] == ["mine", "mine-maxsim"]
