@@ -21,7 +21,9 @@ from ragserve.v1 import rerank_pb2, rerank_pb2_grpc
 from ragserve_server.transport.openai_shapes import _SCORE as SCORE_FIELD
 from ragserve_server.security.keys import key_line, new_key
 from ragserve_server.models.builtin import smollm2_spec
-from support import MODEL_REPOSITORY, GatewayProcess, free_port, start_triton
+from support import MODEL_REPOSITORY, GatewayProcess, free_port, start_triton, unavailable
+
+pytestmark = pytest.mark.integration
 
 EMBEDDER = "all-minilm-l6-v2"
 GENERATOR = "smollm2-135m-instruct"
@@ -45,7 +47,7 @@ def stack(tmp_path_factory):
     """One Triton with MiniLM and SmolLM2; a gateway serving both over gRPC and HTTP (greedy,
     short generations keep it fast)."""
     if smollm2_spec(MODEL_REPOSITORY).missing_artifacts(MODEL_REPOSITORY):
-        pytest.skip("SmolLM2 is not built: `make models`")
+        unavailable("SmolLM2 is not built: `make models`")
     work = tmp_path_factory.mktemp("http_stack")
     triton = start_triton(work, ["minilm", "smollm2"])
     gateway = HttpGateway(triton, ["minilm", "smollm2"], work / "gateway.log", metrics_port=free_port())
@@ -202,7 +204,7 @@ def test_errors_take_openais_shape_and_status(stack):
     _, gateway = stack
     url = gateway.base_url
     assert "empty" in _error(httpx.post(url + "/v1/embeddings", json={"input": [], "model": EMBEDDER}), 400, "invalid_request_error")["message"]
-    assert _error(httpx.post(url + "/v1/embeddings", content=b"{not json"), 400, "invalid_request_error")["code"] == "invalid_input"
+    assert _error(httpx.post(url + "/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_request_error")["code"] == "invalid_input"
     assert _error(httpx.post(url + "/v1/embeddings", json={"input": "x", "model": "nope"}), 404, "not_found_error")["code"] == "model_not_found"
     n2 = httpx.post(url + "/v1/chat/completions", json={"model": GENERATOR, "messages": MESSAGES, "n": 2})
     assert "n must be 1" in _error(n2, 400, "invalid_request_error")["message"]

@@ -360,7 +360,7 @@ def test_gateway_probes_use_its_grpc_health_service(overlay):
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc_probe = c[probe].get("grpc")
         assert grpc_probe, f"{probe} is not a gRPC health probe"
-        assert grpc_probe["port"] == settings.port
+        assert grpc_probe["port"] == (settings.health_port or settings.port)  # the kubelet cannot speak TLS
         assert grpc_probe.get("service", "") in {"", *SERVICE_NAMES.values()}
     assert c["readinessProbe"]["grpc"].get("service", "") == "", "readiness: the whole server"
 
@@ -618,3 +618,54 @@ def test_image_is_pinned_non_root_and_carries_the_sdk(overlay):
     assert "import ragserve, ragserve.v1.embed_pb2" in run, "the image checks the SDK stubs import"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "build", "model_repository/*/1/hf"} <= set(ignored)
+
+
+# --- the gateway's security: keys, TLS, its NetworkPolicy -----------------------------------
+
+
+def _mounted_secret(deployment: dict, container_spec: dict, path: str) -> dict:
+    """The Secret volume mounted at the folder holding `path`."""
+    mount = next(m for m in container_spec["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert mount.get("readOnly") is True
+    return volume["secret"]
+
+
+def test_gateway_ships_keys_and_tls_and_refuses_nothing_at_start_up(overlay):
+    _, docs = overlay
+    settings = gateway_settings(docs)
+    deployment = gateway(docs)
+    c = container(deployment, "gateway")
+    assert settings.api_keys_file and settings.tls_cert and settings.tls_key and settings.reflection == "keyed"
+    keys_secret = _mounted_secret(deployment, c, settings.api_keys_file)
+    shipped = one(docs, "Secret", keys_secret["secretName"])
+    from ragserve_server.security.keys import KEYED_SERVICES, parse_keys
+
+    text = shipped["stringData"][Path(settings.api_keys_file).name]
+    assert parse_keys(text, known_services=KEYED_SERVICES) == {}, "shipped without keys: fails closed until keys are added"
+    tls_secret = _mounted_secret(deployment, c, settings.tls_cert)
+    assert _mounted_secret(deployment, c, settings.tls_key) == tls_secret
+    assert {Path(settings.tls_cert).name, Path(settings.tls_key).name} == {"tls.crt", "tls.key"}  # kubernetes.io/tls keys
+    from ragserve_server.main import check_exposure
+
+    check_exposure(settings)  # 0.0.0.0 with keys and TLS: allowed without --trust-network
+    assert settings.trust_network == "no"
+    assert port_number(c, "health") == settings.health_port
+
+
+def test_network_policy_lets_only_labelled_clients_reach_the_gateway(overlay):
+    _, docs = overlay
+    g = gateway(docs)
+    settings = gateway_settings(docs)
+    c = container(g, "gateway")
+    policies = [p for p in objects(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"]["matchLabels"], pod_labels(g))]
+    assert len(policies) == 1 and "Ingress" in policies[0]["spec"]["policyTypes"]
+    reachable = set()
+    for rule in policies[0]["spec"]["ingress"]:
+        assert rule.get("ports") and rule.get("from"), "a rule without ports or peers opens everything"
+        ports = {p["port"] for p in rule["ports"]}
+        reachable |= ports
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer and peer.get("podSelector", {}).get("matchLabels"), peer
+    assert settings.port in reachable and settings.metrics_port in reachable
+    assert port_number(c, "grpc") in reachable

@@ -46,6 +46,7 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     background: list[asyncio.Task] = field(default_factory=list)
     http: HttpServer | None = None  # the OpenAI/Cohere-compatible HTTP front (--http-port)
+    health_server: grpc.aio.Server | None = None  # plaintext, health only (--health-port)
 
     @property
     def http_port(self) -> int:
@@ -56,6 +57,8 @@ class Gateway:
         await self.health.shutdown()
         http_stopped = asyncio.create_task(self.http.stop(grace)) if self.http is not None else None
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if http_stopped is not None:
             await http_stopped
         for task in self.background:
@@ -151,6 +154,13 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     port = tls.bind(server, f"{settings.host}:{settings.port}", settings)
     if port == 0:
         raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+    health_server = None
+    if settings.health_port:  # health says nothing secret: plaintext, no keys, no reflection
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, health_server)
+        if health_server.add_insecure_port(f"{settings.host}:{settings.health_port}") == 0:
+            raise RuntimeError(f"could not bind the health port {settings.host}:{settings.health_port}")
+        await health_server.start()
     await server.start()
     await health.start()
     http = None
@@ -171,6 +181,8 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
             await http.start(settings.host, settings.http_port, settings.drain_seconds, reuse_port=settings.workers > 1)
         except BaseException:
             await server.stop(None)
+            if health_server is not None:
+                await health_server.stop(None)
             raise
     poll = metrics.triton_batches.poll(backend, all_models, settings.triton_stats_interval)
-    return Gateway(server, port, health, backend, executor, metrics, [asyncio.create_task(poll)], http)
+    return Gateway(server, port, health, backend, executor, metrics, [asyncio.create_task(poll)], http, health_server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -200,6 +201,7 @@ async def serve(settings: Settings, argv: list[str] | None = None) -> None:
             REPO_ROOT / "build",
             trace_url=settings.triton_trace_url,
             trace_rate=settings.triton_trace_rate,
+            admin_key=secrets.token_urlsafe(24),  # model loading and the like closed to everyone (the gateway needs none)
         )
         triton.start()
         try:

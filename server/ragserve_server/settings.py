@@ -27,6 +27,10 @@ class Settings:
     )
     port: int = field(default=50051, metadata={"help": "gateway gRPC port (0 = any free port)"})
     metrics_port: int = field(default=9000, metadata={"help": "Prometheus metrics HTTP port (0 = off)"})
+    health_port: int = field(
+        default=0,
+        metadata={"help": "a plaintext gRPC port serving only grpc.health.v1, for probes that cannot speak TLS (the kubelet's); 0 = off (health is on --port as well)"},
+    )
     triton_url: str = field(
         default="",
         metadata={"help": "external Triton replicas: host:port[,host:port...] or dns:///name:port (e.g. a headless Service); empty = launch the bundled Triton"},

@@ -33,12 +33,16 @@ from ragserve.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 from ragserve_server.models import generation_contract as contract
 from ragserve_server.observability import request_record
 from ragserve_server.models.catalog import GENERATION, Catalog, ServedModel
+from ragserve_server.generation import chat_text
 from ragserve_server.generation.detokenizer import IncrementalDetokenizer, StopMatcher
 from ragserve_server.errors import InvalidInput
 from ragserve_server.services.common import off_loop, requested_model, time_left
 from ragserve_server.backend.protocol import InferenceBackend
 
 MAX_STOP_SEQUENCES = 4
+# A stop sequence is a few words; the bounds keep one call's matching work and held-back text small.
+MAX_STOP_CHARS = 512
+MAX_STOP_TOTAL_CHARS = 1024
 ROLES = ("system", "user", "assistant")
 _FINISH = {
     contract.STOP: generate_pb2.FINISH_REASON_STOP,
@@ -74,6 +78,7 @@ class ChatTokenizer:
         self.end_id = self.eos_ids[0]  # TensorRT-LLM takes one end id; the others still end a sequence here
         self.vocab_size = self.fast.get_vocab_size(with_added_tokens=True)
         self._pieces: dict[int, str] = {}
+        self._specials = chat_text.special_texts(self._hf)
 
     def piece(self, token: int) -> str:
         """One token decoded alone (U+FFFD where it holds part of a character), cached."""
@@ -94,8 +99,8 @@ class ChatTokenizer:
         return list(self._hf(prompt)["input_ids"])
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self._hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        """Special-token text in a message stays text (generation/chat_text.py)."""
+        return chat_text.encode_chat(self._hf, messages, self._specials)
 
 
 def _eos_ids(model_dir: Path, tokenizer_eos: int | None) -> list[int]:
@@ -253,6 +258,10 @@ def _sampling(request: generate_pb2.GenerateRequest, model: ServedModel) -> tupl
     for index, stop in enumerate(stops):
         if not stop:
             raise InvalidInput(f"stop sequence {index} is an empty string")
+        if len(stop) > MAX_STOP_CHARS:
+            raise InvalidInput(f"stop sequence {index} has {len(stop)} characters, at most {MAX_STOP_CHARS}")
+    if sum(map(len, stops)) > MAX_STOP_TOTAL_CHARS:
+        raise InvalidInput(f"the stop sequences have {sum(map(len, stops))} characters together, at most {MAX_STOP_TOTAL_CHARS}")
     return sampling, stops
 
 

@@ -63,6 +63,19 @@ def trace_flags(url: str, rate: int = 1) -> list[str]:
     ]
 
 
+# Triton's APIs the gateway never calls: loading and unloading models, registering shared
+# memory, changing trace and log settings. With an admin key they answer only a request that
+# carries the header `ragserve-admin-key: <key>` (Triton's --grpc-restricted-protocol /
+# --http-restricted-api): other local processes cannot load or unload models on the loopback ports.
+ADMIN_HEADER = "ragserve-admin-key"
+ADMIN_APIS = ("model-repository", "shared-memory", "trace", "logging")
+
+
+def restricted_api_flags(admin_key: str) -> list[str]:
+    rule = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}={admin_key}"
+    return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
+
+
 @dataclass(frozen=True)
 class TritonPorts:
     http: int = 8000
@@ -74,9 +87,11 @@ class TritonServer:
     """A bundled Triton process on loopback: `start()`, `wait_ready()`, `stop()`."""
 
     def __init__(
-        self, model_repository: Path, models: list[str], ports: TritonPorts, work_dir: Path, trace_url: str = "", trace_rate: int = 1
+        self, model_repository: Path, models: list[str], ports: TritonPorts, work_dir: Path, trace_url: str = "", trace_rate: int = 1,
+        admin_key: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository)
+        self.admin_key = admin_key  # restricts ADMIN_APIS to callers sending it (None: open, as tests use)
         self.trace_url = trace_url  # OTLP/HTTP endpoint for Triton's own spans; empty = no tracing
         self.trace_rate = trace_rate
         self.models = models
@@ -118,6 +133,8 @@ class TritonServer:
         cmd += [f"--load-model={m}" for m in self.models]
         if self.trace_url:
             cmd += trace_flags(self.trace_url, self.trace_rate)
+        if self.admin_key:
+            cmd += restricted_api_flags(self.admin_key)
         return cmd
 
     def environment(self) -> dict[str, str]:
