@@ -2,7 +2,9 @@
 # GPU check: Embed through the gateway and the bundled Triton running MiniLM on CUDA (PyTorch
 # fp16, the `torch_cuda` variant), concurrency 1/16/64, side by side with the raw PyTorch CUDA
 # model at its best batch (the ceiling), plus min cosine against a CPU fp32 reference.
-# What it measures and prints: bench/gpu_check.py.
+# What it measures and prints: bench/gpu_check.py. Then the generation engine on CUDA (fp16,
+# its CUDA settings) against itself on the CPU, greedy, and its tokens/s at 1 and 16 streams:
+# bench/gpu_engine_check.py (a random Llama of SmolLM2's shape: the weights cannot travel).
 #
 # 1. Here (this machine, network to PyPI), once: build what the GPU machine lacks into .whl/
 #    (git-ignored through .git/info/exclude), about 58 MiB:
@@ -128,7 +130,11 @@ EOF
   local work=/tmp/gpu_check_work
   rm -rf "$work"
   trap 'stop_leftovers '"$work" EXIT
-  timeout --signal=TERM --kill-after=20 420 python3 bench/gpu_check.py run --seconds 6 --reference .whl/gpu_check --work "$work" "$@"
+  local status=0
+  timeout --signal=TERM --kill-after=20 420 python3 bench/gpu_check.py run --seconds 6 --reference .whl/gpu_check --work "$work" "$@" || status=$?
+  # The generation engine on CUDA: greedy against the CPU engine, tokens/s at 1 and 16 streams.
+  timeout --signal=TERM --kill-after=20 240 python3 bench/gpu_engine_check.py ${OUT:+--out "$OUT/gpu_engine_check.md"} || status=$?
+  return "$status"
 }
 
 # Triton runs in its own session: if the check was killed before it stopped it, stop it here.
@@ -142,6 +148,8 @@ cpu_smoke() {
   if [[ -d "$STAGE/minilm/pkg" ]]; then pkg="$ROOT/$STAGE/minilm/pkg"; fi  # the weights that travel
   PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" timeout --signal=TERM --kill-after=20 420 \
     .venv/bin/python bench/gpu_check.py run --cpu-smoke --seconds 2 --reference .whl/gpu_check
+  timeout --signal=TERM --kill-after=20 240 \
+    .venv/bin/python bench/gpu_engine_check.py --cpu-smoke --prompts 4 --tokens 16 --streams 1,4 --decode-tokens 16
 }
 
 case "${1:-}" in

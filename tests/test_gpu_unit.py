@@ -83,7 +83,7 @@ def test_makefile_and_readme_name_the_same_versions():
 
 
 class FakeTensorRT(types.SimpleNamespace):
-    """The parts of the `tensorrt` module build_engines uses; plans are b"plan:<onnx path>"."""
+    """The parts of the `tensorrt` module build_engines uses, for one model; plans are b"plan"."""
 
     def __init__(self, version: str, spec):
         dtype = lambda name: types.SimpleNamespace(name=name)  # noqa: E731
@@ -173,8 +173,11 @@ needs_onnx = pytest.mark.skipif(not MINILM_ONNX.is_file(), reason="make models b
 
 @pytest.fixture()
 def no_generation(monkeypatch):
-    """The GPU repository without SmolLM2's 500 MB of weights (copied otherwise)."""
+    """The GPU repository of MiniLM alone: without SmolLM2's 500 MB of weights (copied
+    otherwise) and the other built-in encoders (their own tests)."""
     monkeypatch.setattr(build_engines, "generation_models", lambda source: [])
+    spec = minilm_spec()
+    monkeypatch.setattr(build_engines, "encoders", lambda source, cross, embedding: ([spec], {spec.name: Path(source) / spec.triton_model}))
 
 
 def ort_runner(noise: float = 0.0, seen: list | None = None):
@@ -453,3 +456,39 @@ def test_the_triton_image_carries_what_the_generation_engine_imports():
     assert third_party <= carried, f"the engine imports {sorted(third_party - carried)}, which the Triton image does not install"
     modules = re.search(r"import (engine[\w, ]+)\"", text).group(1)
     assert {"engine", "sampler", "llama"} <= {m.strip() for m in modules.split(",")}
+
+
+# --- bench/gpu_check.sh's prerequisites and the engine check's comparison --------------------------
+
+
+def test_the_gpu_check_names_each_missing_prerequisite():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check_preflight
+
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert not [m for m in gpu_check_preflight.missing(here) if m.startswith("python3")]
+    other = "3.99"
+    (line,) = [m for m in gpu_check_preflight.missing(other) if m.startswith("python3")]
+    assert f"python3 {other}: python3 is {here}" in line
+    header = (ROOT / "bench" / "gpu_check.sh").read_text().split("set -euo pipefail")[0]
+    for prerequisite in ("nvidia-smi -L", "python3 3.12", "shared libpython3.12", "torch with CUDA", "transformers",
+                         "tokenizers", "numpy >= 2", "tar, xz and timeout", ".whl/site.tar.xz"):
+        assert prerequisite in header, prerequisite
+
+
+def test_the_engine_check_forgives_only_near_ties():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_engine_check as check
+
+    def stream(tokens, margins):
+        s = check.Stream()
+        s.tokens, s.margins = tokens, margins
+        return s
+
+    # CPU streams with the margin of each step's choice; stream 0 parts at step 2, stream 1 at step 1.
+    cpu = [stream([1, 2, 3], [1.0, 1.0, 0.01]), stream([4, 5, 6], [1.0, 1.0, 1.0]), stream([7, 8], [1.0, 1.0])]
+    cuda = [stream([1, 2, 9], []), stream([4, 9, 6], []), stream([7, 8], [])]
+    assert check.compare(cpu, [cuda[0], cpu[1], cuda[2]], tie_margin=0.05) == (2, 1, [])  # parted at a near-tie
+    equal, ties, problems = check.compare(cpu, cuda, 0.05)
+    assert (equal, ties) == (1, 1) and len(problems) == 1 and "prompt 1: token 1 is 9, the CPU's 5" in problems[0]
+    assert check.compare(cpu, cuda, 0.0)[2][0].startswith("prompt 0: token 2 is 9")  # no tolerance: a mismatch
