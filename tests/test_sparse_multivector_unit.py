@@ -106,3 +106,68 @@ def test_an_exported_multi_vector_model_renamed_serves_its_reranker_under_the_ne
     tokens = builtin_specs(names=["minilm_tokens"])[0]
     catalog = build_catalog([replace(tokens, name="mine", maxsim_reranker="{name}-maxsim")])
     assert [m.name for m in catalog.models] == ["mine", "mine-maxsim"]
+
+
+# --- the PyTorch GPU variant's heads (scripts/templates/torch_encoder_model.py), run on the CPU ---
+
+
+def _torch_variant(monkeypatch, tmp_path, exporter, build, name):
+    """Exports a tiny model, renders its PyTorch (torch_cuda) config, and initialises the template on the CPU."""
+    import json
+    import sys
+
+    from google.protobuf import json_format
+
+    from support import ROOT, load_template
+    from ragserve_server.models import model_config
+    from ragserve_server.models.manifest import exported_spec
+    from ragserve_server.models.registry import GPU, TORCH_CUDA
+    from ragserve_server.models.repository import render_repository
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    module = __import__(exporter)
+    folder = build(tmp_path / "hf")
+    module.export(folder, tmp_path / "repo" / name, name=name, cores=1)
+    spec = exported_spec(tmp_path / "repo" / name)
+    render_repository([spec], GPU, tmp_path / "gpu", source=tmp_path / "repo", encoder_backend=TORCH_CUDA)
+    config = model_config.read(tmp_path / "gpu" / name / "config.pbtxt")
+    template = load_template(monkeypatch, "torch_encoder_model.py")
+    model = template.TritonPythonModel()
+    model.initialize({
+        "model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
+        "model_repository": str(tmp_path / "gpu" / name), "model_version": "1", "model_instance_kind": "CPU",
+        "model_instance_device_id": "0",
+    })
+    sys.modules.pop(exporter, None)
+    return spec, folder, model
+
+
+def _batch(folder, texts):
+    from ragserve_server.encoding.tokenization import TRUNCATE_END, EncoderTokenizer
+
+    tokenizer = EncoderTokenizer(folder / "tokenizer.json", 128)
+    encodings = tokenizer.encodings(texts, TRUNCATE_END)
+    return encodings, tokenizer.pad([e.ids for e in encodings], 64)
+
+
+def test_torch_variant_token_embeddings_head_matches_transformers(monkeypatch, tmp_path):
+    from support import BackendRequest
+    from test_sparse_multivector_e2e import TEXTS, build_tiny_colbert, colbert_projection, token_reference
+
+    _, folder, model = _torch_variant(monkeypatch, tmp_path, "export_multivector", build_tiny_colbert, "colbert")
+    encodings, batch = _batch(folder, TEXTS)
+    (response,) = model.execute([BackendRequest(input_ids=batch.input_ids, attention_mask=batch.attention_mask)])
+    got = response[0].array
+    for row, (encoding, (ids, want)) in enumerate(zip(encodings, token_reference(folder, TEXTS, colbert_projection(folder)))):
+        keep = np.array(encoding.special_tokens_mask) == 0
+        np.testing.assert_allclose(got[row, : len(encoding.ids)][keep], want, atol=1e-4, rtol=0)
+
+
+def test_torch_variant_splade_head_matches_transformers(monkeypatch, tmp_path):
+    from support import BackendRequest
+    from test_sparse_multivector_e2e import TEXTS, build_tiny_splade, splade_reference
+
+    _, folder, model = _torch_variant(monkeypatch, tmp_path, "export_sparse", build_tiny_splade, "splade")
+    _, batch = _batch(folder, TEXTS)
+    (response,) = model.execute([BackendRequest(input_ids=batch.input_ids, attention_mask=batch.attention_mask)])
+    np.testing.assert_allclose(response[0].array, splade_reference(folder, TEXTS), atol=1e-4, rtol=0)

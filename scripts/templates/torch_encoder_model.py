@@ -13,6 +13,11 @@ model's version folder by `ragserve_server.models.repository`; its config.pbtxt 
             `normalize` 1, L2 normalisation -> output `embedding` [n, dim]: the ONNX graph
             scripts/export_encoder.py writes, in PyTorch
             logits: AutoModelForSequenceClassification -> output `logits` [n, labels]
+            token_embeddings: AutoModel's last hidden state through the projections in
+            hf_dir/token_projections.safetensors (if any), L2-normalised per token -> output
+            `token_embeddings` [n, tokens, dim]: scripts/export_multivector.py's graph
+            splade: AutoModelForMaskedLM -> max over real tokens of log(1 + ReLU(logits)) ->
+            output `sparse_embedding` [n, vocabulary]: scripts/export_sparse.py's graph
     dtype   float16 (default) or float32 on a GPU; a CPU instance always runs float32
 
 A GPU instance runs on cuda:<model_instance_device_id>; it fails to load, with a clear
@@ -37,7 +42,8 @@ import triton_python_backend_utils as pb_utils
 from torch.nn.functional import pad
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-HEADS = ("mean_pool", "embedding", "logits")
+HEADS = ("mean_pool", "embedding", "logits", "token_embeddings", "splade")
+PROJECTIONS_FILE = "token_projections.safetensors"  # scripts/export_multivector.py writes it
 POOLINGS = ("mean", "cls", "max", "last_token", "mean_sqrt_len_tokens")
 
 
@@ -105,10 +111,18 @@ class TritonPythonModel:
             self.device = torch.device("cpu")
             dtype = torch.float32  # half precision on a CPU is slow and not what any reference uses
 
-        from transformers import AutoModel, AutoModelForSequenceClassification
+        from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-        loader = AutoModelForSequenceClassification if self.head == "logits" else AutoModel
+        loader = {"logits": AutoModelForSequenceClassification, "splade": AutoModelForMaskedLM}.get(self.head, AutoModel)
         self.model = loader.from_pretrained(str(hf_dir), **dtype_argument(dtype)).to(self.device).eval()
+        # Per-token projections ({i}.weight / {i}.bias, applied in order), in fp32.
+        self.projections = []
+        if self.head == "token_embeddings" and (hf_dir / PROJECTIONS_FILE).exists():
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(hf_dir / PROJECTIONS_FILE), device=str(self.device))
+            for index in range(sum(1 for key in tensors if key.endswith(".weight"))):
+                self.projections.append((tensors[f"{index}.weight"].float(), tensors.get(f"{index}.bias")))
         # A decoder embedder builds no KV cache it would throw away.
         self.extra = {"use_cache": False} if "use_cache" in inspect.signature(self.model.forward).parameters else {}
 
@@ -136,7 +150,15 @@ class TritonPythonModel:
             for name, tensors in parts.items()
         }
         with torch.inference_mode():
-            if self.head != "logits":
+            if self.head == "token_embeddings":
+                result = self.model(**feed, **self.extra).last_hidden_state.float()
+                for weight, bias in self.projections:
+                    result = torch.nn.functional.linear(result, weight, None if bias is None else bias.float())
+                result = torch.nn.functional.normalize(result, p=2, dim=-1)
+            elif self.head == "splade":
+                logits = self.model(**feed).logits.float()
+                result = (torch.log1p(torch.relu(logits)) * feed["attention_mask"].unsqueeze(-1).float()).max(1).values
+            elif self.head != "logits":
                 hidden = self.model(**feed, **self.extra).last_hidden_state.float()  # pool in fp32: sums over up to 512 tokens
                 result = pool(hidden, feed["attention_mask"], self.pooling)
                 if self.normalize:
@@ -155,4 +177,3 @@ class TritonPythonModel:
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
