@@ -106,3 +106,81 @@ def reference():
         return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
     return greedy
+
+
+# --- the `integration` marker, checked both ways: a test that starts a real Triton or gateway
+# (itself or through a fixture) carries it, and a test that carries it does so ---
+
+_RUNNING: list = [None]  # the test being set up, run or torn down
+_FIXTURES: list[str] = []  # the fixtures being set up now, innermost last
+_STARTING_FIXTURES: set[str] = set()  # fixtures that started a Triton or gateway
+_STARTED_BY: set[str] = set()  # tests that started one in their own body
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _RUNNING[0] = item
+    try:
+        yield
+    finally:
+        _RUNNING[0] = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    _FIXTURES.append(fixturedef.argname)
+    try:
+        yield
+    finally:
+        _FIXTURES.pop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.passed or item.get_closest_marker("integration") is None:
+        return
+    if item.nodeid in _STARTED_BY or _STARTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return
+    report.outcome = "failed"
+    report.longrepr = (
+        f"{item.nodeid} is marked `integration` but starts no Triton or gateway, itself or through "
+        "a fixture: take the marker off (or start the process through a fixture or subprocess)"
+    )
+
+
+def _starts_a_server(args) -> str | None:
+    """What `args` starts, when it is a Triton or a gateway process (`python -m ragserve_server`)."""
+    words = [str(a) for a in ([args] if isinstance(args, (str, bytes, Path)) else args)]
+    if len(words) == 1:
+        words = words[0].split()
+    for index, word in enumerate(words):
+        if Path(word).name == "tritonserver":
+            return "Triton"
+        if word == "-m" and index + 1 < len(words) and words[index + 1] == "ragserve_server":
+            return "a gateway"
+    return None
+
+
+_popen_init = subprocess.Popen.__init__
+
+
+def _checked_popen_init(self, args, *rest, **kwargs):
+    item = _RUNNING[0]
+    started = _starts_a_server(args)
+    if started and item is not None:
+        if item.get_closest_marker("integration") is None:
+            pytest.fail(
+                f"{item.nodeid} starts {started} but is not marked `integration` "
+                "(add @pytest.mark.integration or a module-level pytestmark)",
+                pytrace=False,
+            )
+        if _FIXTURES:
+            _STARTING_FIXTURES.update(_FIXTURES)
+        else:
+            _STARTED_BY.add(item.nodeid)
+    _popen_init(self, args, *rest, **kwargs)
+
+
+subprocess.Popen.__init__ = _checked_popen_init

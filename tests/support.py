@@ -59,6 +59,72 @@ def gateway_over(triton: TritonServer, models: list[str], work_dir: Path) -> Ite
         triton.stop()
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def unavailable(reason: str, allow_module_level: bool = False):
+    """A missing artifact or package: a skip on a developer's machine, a failure in CI
+    (`CI=true`), where everything the suite needs is built."""
+    import pytest
+
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing artifact or package fails the run)", pytrace=False)
+    pytest.skip(reason, allow_module_level=allow_module_level)
+
+
+def import_or_unavailable(name: str, allow_module_level: bool = False):
+    """`pytest.importorskip`, failing in CI."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        unavailable(f"cannot import {name}: {exc}", allow_module_level)
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "the condition", interval: float = 0.05):
+    """Polls `predicate` until it returns something truthy (returned); TimeoutError naming `what`
+    after `timeout` s. Tests wait on the condition itself, never on a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout}s")
+        time.sleep(interval)
+
+
+async def eventually(predicate, timeout: float = 30.0, what: str = "the condition", interval: float = 0.005):
+    """`wait_until` for in-process asyncio tests: yields to the event loop between polls."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def metric_value(metrics_url: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` at a Prometheus endpoint whose labels include `labels`
+    (0 when none)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
 def health_status(address: str, service: str = "", timeout: float = 2.0) -> int | None:
     with grpc.insecure_channel(address) as channel:
         try:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fakes import FakeBackend
+from support import eventually
 from ragserve_server.calls.admission import BULK, INTERACTIVE, TRITON_PRIORITY
 from ragserve_server.encoding.coalescer import SMALL_ROWS, Coalescer
 from ragserve_server.errors import BackendUnavailable, DeadlineExceeded
@@ -56,14 +57,17 @@ async def test_a_batch_never_exceeds_max_rows_and_multi_row_calls_stay_whole():
 
 
 async def test_a_big_call_goes_straight_to_the_model_even_when_the_slots_are_busy():
-    backend = FakeBackend(delay=0.05)
+    backend = FakeBackend(delay=30.0)  # the small call holds the only slot until the big one is back
     coalescer = Coalescer(backend, max_in_flight=1)
     small = asyncio.create_task(call(coalescer, 1))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: backend.calls == 1, what="the small call reaching the model")
+    backend.delay = 0.0
     rows = list(range(10, 10 + SMALL_ROWS + 1))
     big = await coalescer.infer("minilm", tokens(*rows), ["embedding"], max_rows=64, timeout=10.0)
     assert [float(v) for v in big["embedding"][:, 0] / 16] == [float(v) for v in rows]
-    assert await small == [1.0]
+    assert not small.done()  # the big call did not wait for the slot
+    small.cancel()
+    await asyncio.gather(small, return_exceptions=True)
     # It was sent while the small call was still with the model, not after it.
     assert [r["input_ids"].shape[0] for r in backend.requests] == [1, SMALL_ROWS + 1]
     assert backend.calls == 2
@@ -87,14 +91,15 @@ async def test_shapes_and_lanes_are_never_mixed():
 
 
 async def test_a_cancelled_or_expired_waiter_is_never_sent():
-    backend = FakeBackend(delay=0.1)
+    backend = FakeBackend(delay=1.0)
     coalescer = Coalescer(backend, max_in_flight=1)
     first = asyncio.create_task(call(coalescer, 1))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: backend.calls == 1, what="the first call reaching the model")
     cancelled = asyncio.create_task(call(coalescer, 2))
-    expired = asyncio.create_task(call(coalescer, 3, timeout=0.02))
+    expired = asyncio.create_task(call(coalescer, 3, timeout=0.1))
     kept = asyncio.create_task(call(coalescer, 4))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: coalescer.counts["minilm"][0] == 4, what="the three calls reaching the coalescer")
+    assert backend.calls == 1  # the first is still with the model: the three wait
     cancelled.cancel()
     assert await first == [1.0] and await kept == [4.0]
     with pytest.raises(asyncio.CancelledError):
@@ -109,9 +114,8 @@ async def test_a_failed_request_fails_each_of_its_callers_and_the_next_calls_go_
     backend = FakeBackend(delay=0.05)
     coalescer = Coalescer(backend, max_in_flight=1)
     first = asyncio.create_task(call(coalescer, 1))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: backend.calls == 1, what="the first call reaching the model")
     waiting = [asyncio.create_task(call(coalescer, v)) for v in (2, 3)]
-    await asyncio.sleep(0.01)
     backend.fail = BackendUnavailable("model server unavailable: test")
     assert await first == [1.0]  # already with the model when the failure started
     for task in waiting:
@@ -125,25 +129,26 @@ async def test_the_batch_gets_the_latest_deadline_of_its_callers():
     backend = FakeBackend(delay=0.05)
     coalescer = Coalescer(backend, max_in_flight=1)
     first = asyncio.create_task(call(coalescer, 1, timeout=5.0))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: backend.calls == 1, what="the first call reaching the model")
     others = [asyncio.create_task(call(coalescer, 2, timeout=3.0)), asyncio.create_task(call(coalescer, 3, timeout=8.0))]
     await asyncio.gather(first, *others)
     assert backend.timeouts[0] == 5.0
-    assert 7.5 < backend.timeouts[1] <= 8.0
+    assert 6.0 < backend.timeouts[1] <= 8.0  # the 8 s caller's, less the time it waited (not 3 or 5)
 
 
 async def test_a_sent_request_whose_callers_all_left_is_cancelled():
     backend = FakeBackend(delay=0.2)
     coalescer = Coalescer(backend, max_in_flight=1)
     first = asyncio.create_task(call(coalescer, 1))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: backend.calls == 1, what="the first call reaching the model")
     waiting = [asyncio.create_task(call(coalescer, v)) for v in (2, 3)]
-    await asyncio.sleep(0.25)  # the first is back: the two were sent together
-    assert await first == [1.0] and len(backend.requests) == 2
+    await eventually(lambda: coalescer.counts["minilm"][0] == 3, what="the two calls reaching the coalescer")
+    backend.delay = 60.0  # the joined request, once sent, would hold the slot for a minute
+    assert await first == [1.0]
+    await eventually(lambda: len(backend.requests) == 2, what="the two sent together")
     for task in waiting:
         task.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
-    await asyncio.sleep(0)
-    # The shape's slot is free again at once (the request was cancelled, not left to finish).
+    # The shape's slot is free again (the request was cancelled, not left to run its minute).
     backend.delay = 0.0
-    assert await asyncio.wait_for(call(coalescer, 4), 0.1) == [4.0]
+    assert await asyncio.wait_for(call(coalescer, 4), 20) == [4.0]

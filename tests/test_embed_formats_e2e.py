@@ -12,7 +12,7 @@ import pytest
 import ragserve
 from ragserve.v1 import embed_pb2, embed_pb2_grpc
 from reference import cosine_rows, minilm_embeddings
-from support import MODEL_REPOSITORY, GatewayProcess
+from support import MODEL_REPOSITORY, GatewayProcess, import_or_unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +148,7 @@ def test_packed_bits(stub, encoding, dtype, reference, dimensions):
 
 
 def test_matches_sentence_transformers_where_installed(stub, floats, ranges):
-    quantization = pytest.importorskip("sentence_transformers.util.quantization")
+    quantization = import_or_unavailable("sentence_transformers.util.quantization")
     for encoding, precision, dtype in (
         (E.EMBEDDING_ENCODING_INT8, "int8", "i1"),
         (E.EMBEDDING_ENCODING_UINT8, "uint8", "u1"),

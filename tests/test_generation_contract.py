@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from support import import_or_unavailable
+
 from ragserve_server.models import generation_contract as contract
 from ragserve_server.models import model_config
 from ragserve_server.errors import InvalidInput
@@ -157,7 +159,7 @@ def test_finish_reason():
 # ---------------------------------------------------------------- the CPU engine reads the same tensors
 @pytest.fixture(scope="module")
 def sampler():
-    pytest.importorskip("torch")
+    import_or_unavailable("torch")
     sys.path.insert(0, str(MODEL_DIR / "1"))
     import sampler as module
 

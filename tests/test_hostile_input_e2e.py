@@ -35,7 +35,7 @@ from ragserve.v1 import (
 from grpc_health.v1 import health_pb2
 from ragserve_server.models.builtin import smollm2_spec
 from ragserve_server.settings import Settings
-from support import MODEL_REPOSITORY, GatewayProcess, health_status, start_triton
+from support import MODEL_REPOSITORY, GatewayProcess, health_status, start_triton, unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ def channel(gateway):
 def generation_gateway(tmp_path_factory):
     """Triton with MiniLM and SmolLM2, and a gateway serving every service."""
     if smollm2_spec(MODEL_REPOSITORY).missing_artifacts(MODEL_REPOSITORY):
-        pytest.skip("SmolLM2 is not built: `make models`")
+        unavailable("SmolLM2 is not built: `make models`")
     work = tmp_path_factory.mktemp("hostile_generation")
     triton = start_triton(work, ["minilm", "smollm2"])
     gateway = GatewayProcess(triton.grpc_url, triton.models, work / "gateway.log")

@@ -17,6 +17,7 @@ from ragserve_server.errors import DeadlineExceeded, Overloaded
 from ragserve_server.models.builtin import minilm_spec
 from ragserve_server.settings import Settings
 from fakes import FakeBackend
+from support import eventually
 
 
 def test_lanes_have_separate_budgets_and_hints_follow_the_load():
@@ -54,10 +55,10 @@ async def test_waiting_for_a_permit_is_fifo_bounded_and_cancel_safe():
             await asyncio.sleep(0.01)
 
     waiters = [asyncio.create_task(take(n)) for n in "abc"]
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(admission.lanes[BULK].waiters) == 3, what="three waiters queueing")
     assert order == []
     cancelled = asyncio.create_task(take("never"))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(admission.lanes[BULK].waiters) == 4, what="the fourth waiter queueing")
     cancelled.cancel()
     admission.release(BULK, held)
     await asyncio.gather(*waiters)
@@ -115,8 +116,8 @@ async def test_each_stream_message_takes_a_bulk_permit(shedding_stack):
         for i in range(8):
             yield embed_pb2.EmbedStreamRequest(id=str(i), request=embed_pb2.EmbedRequest(inputs=[f"doc {i}"]))
 
-    stream = stub.EmbedStream(messages(), timeout=30)
-    await asyncio.sleep(0.05)
+    stream = stub.EmbedStream(messages(), timeout=60)
+    await eventually(lambda: backend.lanes.count(BULK) == 2, what="the stream holding both bulk permits")
     # 8 messages in flight but only 2 bulk permits: the interactive lane stays free.
     queries = await asyncio.gather(*(stub.Embed(embed_pb2.EmbedRequest(inputs=["q"]), timeout=10) for _ in range(2)))
     assert len(queries) == 2
@@ -133,10 +134,11 @@ async def test_a_cancelled_stream_leaves_no_work_behind(shedding_stack):
         for i in range(20):
             yield embed_pb2.EmbedStreamRequest(id=str(i), request=embed_pb2.EmbedRequest(inputs=[f"doc {i}"]))
 
-    call = stub.EmbedStream(messages(), timeout=30)
-    await asyncio.sleep(0.3)
+    call = stub.EmbedStream(messages(), timeout=60)
+    await eventually(lambda: backend.calls >= 2, what="the stream's first messages reaching the model")
     call.cancel()
     started = backend.calls
-    await asyncio.sleep(1.0)
+    # Twice the time the 20 messages would take two at a time (0.2 s each), had they been kept.
+    await asyncio.sleep(2 * 20 / 2 * backend.delay)
     # Messages waiting for a bulk permit were dropped with the stream, not sent to the model.
     assert backend.calls <= started + 2 < 20

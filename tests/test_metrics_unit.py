@@ -19,6 +19,7 @@ from ragserve_server.observability.metrics import GatewayMetrics, TritonBatchCol
 from ragserve_server.observability.request_record import RequestRecord
 from ragserve_server.settings import Settings
 from fakes import FakeBackend
+from support import eventually
 
 
 @pytest.fixture
@@ -71,10 +72,11 @@ async def test_calls_write_counters_stages_tokens_and_padding(stack):
 
 async def test_in_flight_gauge_counts_running_calls(stack):
     backend, client, gateway = stack
-    backend.delay = 0.5
+    backend.delay = 2.0
     call = asyncio.create_task(client.embed(["slow"]))
-    await asyncio.sleep(0.25)
+    await eventually(lambda: backend.calls == 1, what="the call reaching the model")
     assert value(samples(gateway.metrics.registry), "ragserve_requests_in_flight", service="Embed") == 1
+    assert not call.done()
     await call
     assert value(samples(gateway.metrics.registry), "ragserve_requests_in_flight", service="Embed") == 0
 
@@ -83,8 +85,8 @@ async def test_rejections_by_reason(stack):
     backend, client, gateway = stack
     with pytest.raises(ragserve.InvalidArgumentError):
         await client.embed([""])
-    backend.delay = 1.0
-    results = await asyncio.gather(*(client.embed([f"text {i}"], timeout=10) for i in range(4)), return_exceptions=True)
+    backend.delay = 3.0  # the two admitted calls hold both permits while the others arrive
+    results = await asyncio.gather(*(client.embed([f"text {i}"], timeout=30) for i in range(4)), return_exceptions=True)
     overloaded = sum(isinstance(r, ragserve.OverloadedError) for r in results)
     assert overloaded == 2  # capacity 2
     scrape = samples(gateway.metrics.registry)
@@ -96,7 +98,10 @@ async def test_rejections_by_reason(stack):
 
 async def test_triton_batch_sizes_from_statistics(stack):
     _, _, gateway = stack
-    await asyncio.sleep(0.2)  # a few polls
+    await eventually(
+        lambda: value(samples(gateway.metrics.registry), "ragserve_triton_batch_size_count", model="minilm") == 7,
+        what="the statistics poll",
+    )
     scrape = samples(gateway.metrics.registry)
     # fake statistics: 4 executions of 1 row, 2 of 8, 1 of 64
     assert value(scrape, "ragserve_triton_batch_size_bucket", model="minilm", le="1.0") == 4
@@ -189,10 +194,15 @@ async def test_spent_deadline_is_a_deadline_rejection_and_a_cancel_is_none(stack
     with pytest.raises(ragserve.DeadlineExceededError):
         await client.embed(["slow"], timeout=0.2)
     task = asyncio.create_task(client.embed(["cancelled by its caller"], timeout=10))
-    await asyncio.sleep(0.2)
+    await eventually(lambda: backend.calls == 2, what="the second call reaching the model")
     task.cancel()
-    await asyncio.sleep(0.3)  # the handlers see the deadline / the cancel and finish
-    scrape = samples(gateway.metrics.registry)
+
+    def both_counted():  # the handlers see the deadline / the cancel and finish
+        scrape = samples(gateway.metrics.registry)
+        codes = [value(scrape, "ragserve_requests_total", service="Embed", method="Embed", code=c) for c in ("DEADLINE_EXCEEDED", "CANCELLED")]
+        return scrape if codes == [1, 1] else None
+
+    scrape = await eventually(both_counted, what="both calls counted")
     assert value(scrape, "ragserve_requests_total", service="Embed", method="Embed", code="DEADLINE_EXCEEDED") == 1
     assert value(scrape, "ragserve_requests_total", service="Embed", method="Embed", code="CANCELLED") == 1
     assert value(scrape, "ragserve_rejections_total", service="Embed", reason="deadline") == 1

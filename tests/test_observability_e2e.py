@@ -19,7 +19,7 @@ import pytest
 
 import ragserve
 from ragserve_server.models.builtin import smollm2_spec
-from support import MODEL_REPOSITORY, ROOT, GatewayProcess, free_port, start_triton
+from support import MODEL_REPOSITORY, ROOT, GatewayProcess, free_port, start_triton, unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def prometheus(observed_gateway, triton, tmp_path_factory):
     """The Debian Prometheus on loopback scraping the gateway and Triton every second."""
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.skip("the prometheus binary is not installed (`make prometheus` installs the Debian package)")
+        unavailable("the prometheus binary is not installed (`make prometheus` installs the Debian package)")
     work = tmp_path_factory.mktemp("prometheus")
     config = work / "prometheus.yml"
     triton_metrics = f"127.0.0.1:{triton.ports.metrics}"
@@ -313,7 +313,7 @@ def test_short_locust_run_is_fully_accounted_for(observed_gateway, triton, tmp_p
 def generation_stack(tmp_path_factory):
     """Triton running SmolLM2 (the in-flight batching engine) and a gateway with metrics."""
     if smollm2_spec(MODEL_REPOSITORY).missing_artifacts(MODEL_REPOSITORY):
-        pytest.skip("SmolLM2 is not built: `make models`")
+        unavailable("SmolLM2 is not built: `make models`")
     work = tmp_path_factory.mktemp("generation_observed")
     triton = start_triton(work, ["smollm2"])
     gateway = GatewayProcess(triton.grpc_url, ["smollm2"], work / "gateway.log", metrics_port=free_port())

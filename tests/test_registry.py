@@ -194,6 +194,7 @@ def run_gateway(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.integration  # starts the gateway process (which refuses to start)
 def test_device_gpu_without_a_gpu_fails_at_start_up(tmp_path):
     done = run_gateway("--device", "gpu", "--triton-http-port", str(free_port()), "--triton-grpc-port", str(free_port()))
     assert done.returncode != 0
@@ -201,6 +202,7 @@ def test_device_gpu_without_a_gpu_fails_at_start_up(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.integration  # starts the gateway process (which refuses to start)
 def test_missing_artifact_stops_start_up_with_the_file_and_the_fix(tmp_path):
     (tmp_path / "minilm" / "1").mkdir(parents=True)
     (tmp_path / "minilm" / "1" / "model.py").write_text("")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import numpy as np
 import pytest
 
 from ragserve_server.errors import BackendUnavailable, InvalidInput
 from ragserve_server.backend.replicas import ReplicaSet, parse_targets
+from support import eventually
 
 
 class FakeReplica:
@@ -162,7 +162,6 @@ async def test_refresh_runs_in_the_background():
     await replicas.start()
     try:
         fakes["a:1"].down = True
-        await asyncio.sleep(0.2)
-        assert [s.up for s in replicas.stats()] == [False, True]
+        await eventually(lambda: [s.up for s in replicas.stats()] == [False, True], what="the background refresh marking a:1 down")
     finally:
         await replicas.close()

@@ -10,10 +10,11 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
-from support import GatewayProcess
+from support import GatewayProcess, eventually, metric_value
 
 pytestmark = pytest.mark.integration
 
+BUSY = 4  # calls of 64 long passages: two run (minilm has two instances), two wait
 LONG = "a long passage about retrieval augmented generation and vector search " * 20  # ~250 tokens
 
 
@@ -23,34 +24,50 @@ def minilm_stats(triton) -> dict[str, int]:
     return {key: int(inference.get(key, {}).get("count", 0)) for key in ("success", "fail", "queue", "compute_infer")}
 
 
+def pending(triton) -> float:
+    """Requests in minilm's Triton queue, not yet executing (Triton's own gauge)."""
+    return metric_value(triton.metrics_url, "nv_inference_pending_request_count", model="minilm")
+
+
+async def until(predicate, what: str, timeout: float = 60.0):
+    return await eventually(lambda: predicate(), timeout=timeout, what=what, interval=0.02)
+
+
 async def test_requests_expired_or_cancelled_in_the_queue_are_not_computed(gateway, triton):
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = embed_pb2_grpc.EmbedStub(channel)
         await stub.Embed(embed_pb2.EmbedRequest(inputs=["warm"]), timeout=30)
         before = minilm_stats(triton)
-        # Busy the model: 2 calls of 64 long passages (one Triton request each, seconds of compute).
+        instances = triton_grpc.InferenceServerClient(triton.grpc_url).get_model_config("minilm").config.instance_group[0].count
+        assert BUSY >= instances + 1
+        # Busy the model: BUSY calls of 64 long passages (one Triton request each, seconds of compute).
         busy = [
-            stub.Embed(embed_pb2.EmbedRequest(inputs=[f"{i} {LONG}"] * 64, truncate=common_pb2.TRUNCATE_END), timeout=120)
-            for i in range(2)
+            stub.Embed(embed_pb2.EmbedRequest(inputs=[f"{i} {LONG}"] * 64, truncate=common_pb2.TRUNCATE_END), timeout=300)
+            for i in range(BUSY)
         ]
         busy_tasks = [asyncio.ensure_future(call) for call in busy]
-        await asyncio.sleep(0.3)
+        # Proof the model is busy: every instance executes one, the others wait in Triton's queue.
+        await until(lambda: pending(triton) >= 1, "the busy work queueing in Triton")
         # Calls whose caller gives up (cancels) while they queue are cancelled in Triton too.
         abandoned = [
-            asyncio.ensure_future(stub.Embed(embed_pb2.EmbedRequest(inputs=[f"abandoned {i}"]), timeout=60)) for i in range(5)
+            asyncio.ensure_future(stub.Embed(embed_pb2.EmbedRequest(inputs=[f"abandoned {i}"]), timeout=120)) for i in range(5)
         ]
-        await asyncio.sleep(0.3)
+        # Two reach Triton's queue (the coalescer's two slots for their shape); it holds the rest.
+        busy_waiting = lambda: max(0, sum(not task.done() for task in busy_tasks) - instances)  # noqa: E731
+        await until(lambda: pending(triton) - busy_waiting() >= 2, "the abandoned calls queueing in Triton")
         for call in abandoned:
             call.cancel()
         await asyncio.gather(*abandoned, return_exceptions=True)
-        # Short queries with a 150 ms deadline queue behind the busy work (another length
+        # Short queries with a 0.5 s deadline queue behind the busy work (another length
         # bucket, so they are never batched with it) and expire there.
         short = await asyncio.gather(
-            *(stub.Embed(embed_pb2.EmbedRequest(inputs=[f"query {i}"]), timeout=0.15) for i in range(10)),
+            *(stub.Embed(embed_pb2.EmbedRequest(inputs=[f"query {i}"]), timeout=0.5) for i in range(10)),
             return_exceptions=True,
         )
+        assert not all(task.done() for task in busy_tasks), "the busy work ended before the short queries expired"
         await asyncio.gather(*busy_tasks)
-        await asyncio.sleep(1.5)  # queued requests are dropped when the scheduler next looks at them
+    # Queued requests are dropped when the scheduler next looks at them: wait for an empty queue.
+    await until(lambda: pending(triton) == 0, "Triton's queue emptying")
     expired = [r for r in short if isinstance(r, grpc.aio.AioRpcError)]
     assert expired and all(r.code() == grpc.StatusCode.DEADLINE_EXCEEDED for r in expired)
     after = minilm_stats(triton)
@@ -61,7 +78,7 @@ async def test_requests_expired_or_cancelled_in_the_queue_are_not_computed(gatew
     # there; the gateway's coalescer holds the rest (two requests per shape are in flight)
     # and drops them itself, so they never reach Triton at all.
     assert expired == short  # all 10 expired
-    assert computed == succeeded == 2
+    assert computed == succeeded == BUSY
     failed_in_triton = after["fail"] - before["fail"]
     assert failed_in_triton >= 2
     print(f"[expired work] {len(expired)} expired and {len(abandoned)} cancelled; Triton: {failed_in_triton} failed in its queue, {computed} computed, {succeeded} succeeded")

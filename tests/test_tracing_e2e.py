@@ -194,6 +194,7 @@ async def check_trace_down_to_triton(make_call, exporter: InMemorySpanExporter, 
     pytest.fail(f"Triton exported the spans of none of {TRACED_ATTEMPTS} traced calls")
 
 
+@pytest.mark.integration  # a real Triton, traced
 async def test_grpc_call_joins_the_callers_trace_down_to_triton(traced_gateway):
     gateway, tracer, exporter, receiver = traced_gateway
 
@@ -206,6 +207,7 @@ async def test_grpc_call_joins_the_callers_trace_down_to_triton(traced_gateway):
     await check_trace_down_to_triton(make_call, exporter, receiver, "ragserve.v1.Embed/Embed")
 
 
+@pytest.mark.integration  # a real Triton, traced
 async def test_http_call_joins_the_callers_trace_down_to_triton(traced_gateway):
     gateway, tracer, exporter, receiver = traced_gateway
 
@@ -222,6 +224,7 @@ async def test_http_call_joins_the_callers_trace_down_to_triton(traced_gateway):
     await check_trace_down_to_triton(make_call, exporter, receiver, "POST /v1/embeddings")
 
 
+@pytest.mark.integration  # a real Triton, traced
 async def test_a_joined_request_links_its_callers_and_triton_is_under_it(traced_gateway):
     gateway, tracer, exporter, receiver = traced_gateway
 
@@ -257,6 +260,7 @@ async def test_a_joined_request_links_its_callers_and_triton_is_under_it(traced_
     pytest.fail(f"Triton exported the request span of none of {TRACED_ATTEMPTS} joined requests")
 
 
+@pytest.mark.integration  # a real Triton, traced
 async def test_a_failed_call_is_an_error_span(traced_gateway):
     gateway, tracer, exporter, receiver = traced_gateway
     async with ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", retries=0) as client:

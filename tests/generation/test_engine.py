@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from support import import_or_unavailable, unavailable  # noqa: E402 (tests/ is on sys.path)
+
+torch = import_or_unavailable("torch", allow_module_level=True)
+transformers = import_or_unavailable("transformers", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION_DIR = ROOT / "model_repository" / "smollm2" / "1"
@@ -24,7 +26,7 @@ HF_DIR = VERSION_DIR / "hf"
 TIMEOUT = 120
 
 if not (HF_DIR / "model.safetensors").is_file():
-    pytest.skip(f"{HF_DIR} not built: run .venv/bin/python scripts/convert_smollm2.py "
+    unavailable(f"{HF_DIR} not built: run .venv/bin/python scripts/convert_smollm2.py "
                 f"--out model_repository/smollm2/1/hf", allow_module_level=True)
 
 
