@@ -9,9 +9,9 @@ serves with `--embedding-models NAME=OUT`: an encoder (BERT-like) or a decoder e
 How the model pools and whether it normalises are read from a sentence-transformers folder's
 `modules.json` and module configs (Transformer, Pooling, optional Normalize) and built into
 the graph; a folder without them (plain transformers) says so with `--pooling` and
-`--normalize`. What the graph cannot reproduce is refused, naming it: a Dense or any other
-module after the pooling, weighted-mean or concatenated poolings, a pooling that leaves the
-prompt's tokens out.
+`--normalize` (and `--append-eos` where the model wants its end token after every text).
+What the graph cannot reproduce is refused, naming it: a Dense or any other module after the
+pooling, weighted-mean or concatenated poolings, a pooling that leaves the prompt's tokens out.
 
 Writes OUT/ragserve.json (the model's registry entry: server/ragserve_server/models/registry.py,
 with its pooling, normalisation and prompts), OUT/config.pbtxt (rendered from it for the CPU),
@@ -213,15 +213,16 @@ def read_recipe(folder: Path, pooling: str | None, normalize: bool | None) -> Re
     return Recipe(hf_dir, found, has_normalize, prompts, default_prompt)
 
 
-def reference_model(folder: Path, recipe: Recipe):
+def reference_model(folder: Path, recipe: Recipe, plain_dir: Path | None = None):
     """sentence-transformers' model of the folder: the folder itself, or for a plain folder the
-    Transformer -> Pooling -> [Normalize] pipeline the flags describe."""
+    Transformer -> Pooling -> [Normalize] pipeline the flags describe (of `plain_dir`, the
+    exported copy, where the export changed the tokenizer)."""
     from sentence_transformers import SentenceTransformer, models
 
     if recipe.sentence_transformers:
         st = SentenceTransformer(str(folder), device="cpu")
     else:
-        transformer = models.Transformer(str(recipe.hf_dir))
+        transformer = models.Transformer(str(plain_dir or recipe.hf_dir))
         pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode=ST_NAMES[recipe.pooling])
         st = SentenceTransformer(
             modules=[transformer, pooling, *([models.Normalize()] if recipe.normalize else [])],
@@ -280,6 +281,7 @@ def export(
     pooling: str | None = None,
     normalize: bool | None = None,
     prompts: dict[str, str] | None = None,
+    append_eos: bool = False,
 ) -> None:
     from ragserve_server.models.catalog import max_tokens_of
     from ragserve_server.models.model_config import TensorSpec
@@ -292,6 +294,8 @@ def export(
     tokenizer = AutoTokenizer.from_pretrained(recipe.hf_dir, use_fast=True)
     if not tokenizer.is_fast:
         raise Refused(f"{recipe.hf_dir}: no fast tokenizer (tokenizer.json) could be built for this model")
+    if append_eos:
+        _append_eos(tokenizer, recipe)
     model = load(recipe.hf_dir, recipe.pooling, recipe.normalize)
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -305,7 +309,7 @@ def export(
                 shutil.copy2(hf_folder / extra, hf_dir / extra)
         # sentence-transformers' limit (sentence_bert_config.json, else the tokenizer's), within
         # the position embeddings.
-        st = reference_model(hf_folder, recipe)
+        st = reference_model(hf_folder, recipe, hf_dir if append_eos else None)
         max_tokens = min(int(st.max_seq_length), max_tokens_of(hf_dir)) if st.max_seq_length else max_tokens_of(hf_dir)
         st.max_seq_length = max_tokens
         # Input type -> prefix; "" (no input type) where the model names a default prompt.
@@ -345,6 +349,26 @@ def export(
     )
 
 
+def _append_eos(tokenizer, recipe: Recipe) -> None:
+    """Makes the tokenizer end every text with its end token (the gateway reads tokenizer.json,
+    so truncation keeps room for it), as decoder embedders trained that way need."""
+    if recipe.sentence_transformers:
+        raise Refused(
+            f"--append-eos: {recipe.hf_dir} is a sentence-transformers folder; its tokenizer already does what "
+            "sentence-transformers does (and the vectors must equal its encode); drop --append-eos"
+        )
+    if tokenizer.eos_token is None:
+        raise Refused(f"--append-eos: the tokenizer of {recipe.hf_dir} has no eos_token; not exported")
+    if tokenizer("a")["input_ids"][-1:] == [tokenizer.eos_token_id]:
+        return  # it appends one already
+    tokenizer.add_eos_token = True
+    if tokenizer("a")["input_ids"][-1:] != [tokenizer.eos_token_id]:
+        raise Refused(
+            f"--append-eos: the tokenizer of {recipe.hf_dir} ({type(tokenizer).__name__}) cannot be made to append "
+            f"{tokenizer.eos_token!r}; not exported"
+        )
+
+
 def _prompt(value: str) -> tuple[str, str]:
     name, sep, text = value.partition("=")
     if not sep or name not in ("query", "passage", ""):
@@ -365,10 +389,13 @@ def main() -> None:
     parser.add_argument("--prompt", type=_prompt, action="append", default=[], metavar="TYPE=TEXT",
                         help="text put before inputs of an input type (query / passage; an instruction such as "
                              "'Instruct: <task>\\nQuery: '); overrides the folder's prompts")
+    parser.add_argument("--append-eos", action="store_true",
+                        help="a folder without modules.json: end every text with the tokenizer's end token "
+                             "(decoder embedders trained so, e5-mistral style), written into the exported tokenizer")
     args = parser.parse_args()
     export(
         args.hf_folder, args.out, name=args.name or args.out.name, max_batch=args.max_batch, cores=args.cores,
-        pooling=args.pooling, normalize=args.normalize, prompts=dict(args.prompt),
+        pooling=args.pooling, normalize=args.normalize, prompts=dict(args.prompt), append_eos=args.append_eos,
     )
 
 

@@ -36,6 +36,7 @@ class Brought:
     pooling: str  # ModelInfo.pooling as the SDK names it
     normalized: bool
     query_prefix: str = ""
+    suffix: str = ""  # what the reference appends to each text (the export's --append-eos)
 
 
 def _models(root: Path) -> list[tuple[Brought, list[str]]]:
@@ -50,9 +51,9 @@ def _models(root: Path) -> list[tuple[Brought, list[str]]]:
             Brought(
                 "llama-plain", decoder_hf(root / "llama", family="llama", append_eos=False, seed=3),
                 {"pooling_mode": "lasttoken", "normalize": True, "prompts": {"query": LLAMA_QUERY_PROMPT}},
-                "last_token", True, LLAMA_QUERY_PROMPT,
+                "last_token", True, LLAMA_QUERY_PROMPT, suffix="<|endoftext|>",
             ),
-            ["--pooling", "last_token", "--normalize", "--prompt", f"query={LLAMA_QUERY_PROMPT}"],
+            ["--pooling", "last_token", "--normalize", "--append-eos", "--prompt", f"query={LLAMA_QUERY_PROMPT}"],
         ),
     ]
 
@@ -82,7 +83,7 @@ def brought(triton, model_repository, tmp_path_factory):
     gateway = GatewayProcess(
         triton.grpc_url, triton.models, root / "gateway.log", "--embedding-models", ",".join(served)
     ).wait_serving(timeout=120)
-    yield gateway, [m for m, _ in models]
+    yield gateway, [m for m, _ in models], {m.name: model_repository / f"byo-{m.name}" for m, _ in models}
     gateway.stop()
 
 
@@ -95,27 +96,29 @@ def _compare(got: np.ndarray, want: np.ndarray) -> None:
 def test_every_family_equals_sentence_transformers(brought):
     import ragserve
 
-    gateway, models = brought
+    gateway, models, _ = brought
     with ragserve.Client(gateway.address, timeout=60) as client:
         for model in models:
             st = reference(model.folder, **model.st_args)
             got = client.embed(TEXTS, model=model.name, normalize=False).embeddings
-            _compare(np.asarray(got), st.encode(TEXTS, convert_to_numpy=True))
+            _compare(np.asarray(got), st.encode([t + model.suffix for t in TEXTS], convert_to_numpy=True))
             if model.normalized:  # the model's own Normalize: unit vectors even with normalize=false
                 np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
             query = client.embed(TEXTS[:2], model=model.name, input_type="query").embeddings
-            _compare(np.asarray(query), st.encode(TEXTS[:2], prompt=model.query_prefix, normalize_embeddings=True))
+            want = st.encode([t + model.suffix for t in TEXTS[:2]], prompt=model.query_prefix, normalize_embeddings=True)
+            _compare(np.asarray(query), want)
 
 
 def test_a_truncated_text_equals_sentence_transformers_at_the_limit(brought):
-    """Over the limit, truncate=end cuts where sentence-transformers cuts (the decoder's EOS stays last)."""
+    """Over the limit, truncate=end cuts where sentence-transformers cuts; a decoder's end token
+    stays last (for --append-eos: sentence-transformers on the exported tokenizer, which appends it)."""
     import ragserve
 
-    gateway, models = brought
+    gateway, models, exported = brought
     long = " ".join(["the tokens go on and on"] * 120)
     with ragserve.Client(gateway.address, timeout=60) as client:
         for model in models:
-            st = reference(model.folder, **model.st_args)
+            st = reference(exported[model.name] / "hf" if model.suffix else model.folder, **model.st_args)
             got = client.embed([long], model=model.name, normalize=False, truncate="end").embeddings
             _compare(np.asarray(got), st.encode([long], convert_to_numpy=True))
 
@@ -123,7 +126,7 @@ def test_a_truncated_text_equals_sentence_transformers_at_the_limit(brought):
 def test_list_models_says_how_each_model_pools_normalises_and_prompts(brought):
     import ragserve
 
-    gateway, models = brought
+    gateway, models, _ = brought
     with ragserve.Client(gateway.address, timeout=30) as client:
         infos = {m.name: m for m in client.list_models()}
     for model in models:
