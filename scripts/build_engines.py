@@ -338,6 +338,7 @@ def tensorrt_runner(trt, logger, plan: bytes) -> PlanRunner:
                 out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtypes[engine.get_tensor_dtype(name).name], device="cuda")
                 context.set_tensor_address(name, out.data_ptr())
                 outputs[name] = out
+        torch.cuda.synchronize()  # the copies above ran on the default stream, the plan runs on `stream`
         if not context.execute_async_v3(stream.cuda_stream):
             raise BuildError("TensorRT could not run the plan on a reference batch; see its log above")
         stream.synchronize()

@@ -278,7 +278,7 @@ class Engine:
     # ---------------------------------------------------------------- engine loop
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # per thread: nothing strays onto GPU 0
         last = None
         while True:
