@@ -20,10 +20,10 @@ from ragserve_server.models.catalog import LLM_RERANKER, build_catalog
 from ragserve_server.models.llm_rerankers import LlmReranker, smollm2_rerankers
 from ragserve_server.services.rerank import RerankService
 from ragserve_server.services.rerank_llm import LlmRerankers
-from support import MODEL_REPOSITORY
+from support import MODEL_REPOSITORY, unavailable
 
 if not (MODEL_REPOSITORY / "smollm2" / "1" / "hf" / "tokenizer.json").is_file():
-    pytest.skip("SmolLM2's folder is not built (make models)", allow_module_level=True)
+    unavailable("SmolLM2's folder is not built (make models)", allow_module_level=True)
 
 LABELS = "ABCDEFGHIJKLMNOPQRST"
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from support import import_or_unavailable  # noqa: E402 (tests/ is on sys.path)
+
+torch = import_or_unavailable("torch", allow_module_level=True)
+transformers = import_or_unavailable("transformers", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION_DIR = ROOT / "model_repository" / "smollm2" / "1"
@@ -148,6 +150,18 @@ def test_bad_scoring_requests_are_invalid_argument(tiny):
         with pytest.raises(eng.RequestError, match="^INVALID_ARGUMENT:"):
             score(engine, prompt, candidates)
     assert not engine.scorer.pending
+
+
+def test_a_full_scoring_queue_is_resource_exhausted(tiny):
+    import scoring
+
+    engine = eng.Engine(tiny, dataclasses.replace(DEPLOYED, max_waiting=1, max_running_sequences=1))  # not started
+    limit = scoring.SCORE_QUEUE_FACTOR * 2
+    for _ in range(limit):
+        score(engine, [5, 6], [1])
+    with pytest.raises(eng.RequestError, match="^RESOURCE_EXHAUSTED:"):
+        score(engine, [5, 6], [1])
+    engine.stop()
 
 
 def test_cancelled_and_stopped_scoring_requests_are_closed(tiny):

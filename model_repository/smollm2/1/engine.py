@@ -81,7 +81,7 @@ from engine_config import EngineConfig
 from kv_slots import KVSlots
 from llama import Llama, eos_ids
 from sampler import RequestError, Sampler, SamplingParams, SamplingState
-from scoring import ScoreRequest, Scorer
+from scoring import SCORE_QUEUE_FACTOR, ScoreRequest, Scorer
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "FINISH_LENGTH", "FINISH_STOP", "FINISH_STOP_WORD",
            "RequestError", "SamplingParams", "ScoreRequest", "Sequence"]
@@ -192,7 +192,8 @@ class Engine:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
         # Prefill-only scoring requests (scoring.py): their own queue, one batched pass per step.
-        self.scorer = Scorer(self.model, self.max_waiting + self.max_running, self._cv)
+        # A pointwise Rerank call sends up to 32 prompts at once: the queue holds several calls'.
+        self.scorer = Scorer(self.model, SCORE_QUEUE_FACTOR * (self.max_waiting + self.max_running), self._cv)
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0

@@ -37,9 +37,12 @@ from sampler import RequestError
 log = logging.getLogger("ragserve.engine")
 
 # Prompt tokens scored per engine step (several prompts share the pass up to this; one longer
-# prompt goes alone). 1024: two 20-passage listwise windows of SmolLM2's FIRST prompt, or about
-# 10 pointwise prompts, per step.
+# prompt goes alone). 1024: about ten pointwise prompts of SmolLM2's (~90 tokens with a short
+# document), or one listwise window of 20 short passages (~600), per step.
 SCORE_TOKENS_PER_STEP = 1024
+# Scoring requests queued at most: this times (max_waiting + max_running_sequences); beyond,
+# RESOURCE_EXHAUSTED. Each holds only its prompt's ids until its pass.
+SCORE_QUEUE_FACTOR = 4
 MAX_CANDIDATES = 64  # candidate ids per request (FIRST's identifiers: at most 26 letters)
 
 
