@@ -124,7 +124,7 @@ class FakeEngine:
 @pytest.fixture
 async def fake_generation():
     engine = FakeEngine()
-    spec = dataclasses.replace(smollm2_spec(), max_input_tokens=64)
+    spec = dataclasses.replace(smollm2_spec(), max_input_tokens=64, llm_rerankers=())  # the generation model alone
     (model,) = served(spec)
     gateway = await create_gateway(Settings(port=0, health_poll_interval=0.05), engine, Catalog([model], {GENERATION: model.name}))
     client = ragserve.AsyncClient(f"127.0.0.1:{gateway.port}", timeout=10)

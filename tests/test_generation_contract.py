@@ -61,6 +61,8 @@ def test_the_table_is_tensorrt_llms():
         "num_top_logprobs": ("TYPE_INT32", (1,), True),
         "top_logprobs_ids": ("TYPE_INT32", (-1, -1, -1), True),
         "top_logprobs": ("TYPE_FP32", (-1, -1, -1), True),
+        "candidate_token_ids": ("TYPE_INT32", (-1,), True),
+        "candidate_logits": ("TYPE_FP32", (-1,), True),
     }
     scalar = ((1,), ())
     assert table == {
@@ -195,3 +197,21 @@ def test_every_request_the_gateway_accepts_the_engine_accepts_with_the_same_mean
         params.validate()
         assert params.greedy == (api.greedy or api.top_k == 1), api
     assert accepted == 3**4 * 2 * 2
+
+
+def test_score_tensors_follow_the_table_and_read_back():
+    """A prefill-only scoring request (the LLM rerankers'): the contract's dtypes and dims, and
+    its final response's candidate logits read back (absent or short: None)."""
+    import numpy as np
+
+    table = {s.name: s for s in contract.INPUTS}
+    tensors = contract.score_tensors(PROMPT, [10539, 5230])
+    assert set(tensors) == {"input_ids", "input_lengths", "request_output_len", "candidate_token_ids"}
+    for name, array in tensors.items():
+        assert array.dtype == table[name].numpy_dtype and array.shape[0] == 1, name
+    assert tensors["candidate_token_ids"].tolist() == [[10539, 5230]] and tensors["request_output_len"].tolist() == [[1]]
+    assert "candidate_logits" in contract.SCORE_OUTPUT_NAMES
+    logits = np.array([[1.5, -0.5]], dtype=np.float32)
+    assert contract.response_candidate_logits({"candidate_logits": logits}, 2).tolist() == [1.5, -0.5]
+    assert contract.response_candidate_logits({"candidate_logits": logits}, 3) is None
+    assert contract.response_candidate_logits({}, 2) is None
