@@ -160,3 +160,14 @@ def test_candidates_must_be_single_tokens_after_the_prompt(catalog):
     with pytest.raises(ValueError, match="not a single token"):
         LlmRerankers([broken], None, ThreadPoolExecutor(1))
     assert isinstance(model.llm_reranker, LlmReranker)
+
+
+def test_make_run_serves_both_llm_rerankers_by_default():
+    from ragserve_server.settings import Settings
+
+    names = [n.strip() for n in Settings().triton_models.split(",")]
+    catalog = build_catalog(builtin_specs(MODEL_REPOSITORY, names))
+    for name in ("smollm2-pointwise", "smollm2-listwise"):
+        model = catalog.get(name, (LLM_RERANKER,))
+        assert model.triton_model == "smollm2" and model.llm_reranker.name == name
+    assert catalog.defaults["bi_encoder"] == "all-minilm-l6-v2-bi-encoder"  # the default reranker is unchanged
