@@ -371,8 +371,11 @@ def _append_eos(tokenizer, recipe: Recipe) -> None:
 
 def _prompt(value: str) -> tuple[str, str]:
     name, sep, text = value.partition("=")
+    name = {"document": "passage"}.get(name, name)  # sentence-transformers' name for passages
     if not sep or name not in ("query", "passage", ""):
-        raise argparse.ArgumentTypeError(f"expected query=TEXT or passage=TEXT (or =TEXT for no input type), got {value!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected query=TEXT, passage=TEXT (or document=TEXT), or =TEXT for no input type; got {value!r}"
+        )
     return name, text
 
 
@@ -387,7 +390,7 @@ def main() -> None:
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                         help="a folder without modules.json: the model's vectors are L2-normalised")
     parser.add_argument("--prompt", type=_prompt, action="append", default=[], metavar="TYPE=TEXT",
-                        help="text put before inputs of an input type (query / passage; an instruction such as "
+                        help="text put before inputs of an input type (query / passage or document; an instruction such as "
                              "'Instruct: <task>\\nQuery: '); overrides the folder's prompts")
     parser.add_argument("--append-eos", action="store_true",
                         help="a folder without modules.json: end every text with the tokenizer's end token "
