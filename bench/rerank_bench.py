@@ -6,6 +6,9 @@ call, end to end through the gateway, printed as one table.
     speed    one Rerank call of 1000 short documents next to one Embed call of the same
              1000 documents (same run, interleaved, median of --repeats): the bi-encoder
              default should cost at most 1.3x the Embed call
+    LLM      MRR@10, nDCG@10 and documents/s of the LLM rerankers (--llm-models: SmolLM2
+             pointwise and FIRST-style listwise through the engine's prefill-only scoring)
+             on the same set, one call per query, one call at a time
 
 Starts its own Triton and gateway on free loopback ports (stopped at the end) unless
 --address points at a running gateway.
@@ -138,12 +141,39 @@ def speed(client: ragserve.Client, model: str | None, documents: list[str], repe
     return statistics.median(rerank_times), statistics.median(embed_times)
 
 
+def llm_quality(client: ragserve.Client, models: list[str], sets: list[dict]) -> list[tuple[str, ...]]:
+    """Rows (model, MRR@10, nDCG@10, documents/s, seconds) of each LLM reranker, one call per query."""
+    rows = []
+    for model in models:
+        client.rerank(sets[0]["query"], sets[0]["documents"], model=model)  # warm-up
+        mrr, ndcg, seconds = [], [], 0.0
+        for s in sets:
+            start = time.perf_counter()
+            result = client.rerank(s["query"], s["documents"], model=model)
+            seconds += time.perf_counter() - start
+            order = [s["labels"][r.index] for r in result.results]
+            mrr.append(mrr_at_10(order))
+            ndcg.append(ndcg_at_10(order))
+        n_docs = sum(len(s["documents"]) for s in sets)
+        rows.append((model, f"{statistics.fmean(mrr):.3f}", f"{statistics.fmean(ndcg):.3f}", f"{n_docs / seconds:.1f}", f"{seconds:.1f}"))
+    return rows
+
+
+def print_table(table: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for i, row in enumerate(table):
+        print("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def run(address: str, args: argparse.Namespace) -> None:
     sets = load(args.data)
     with ragserve.Client(address, timeout=300) as client:
         name, q = quality(client, args.model, sets)
         documents = short_documents(sets, args.documents)
         rerank_s, embed_s = speed(client, args.model, documents, args.repeats)
+        llm_rows = llm_quality(client, args.llm_models, sets) if args.llm_models else []
     n_docs = sum(len(s["documents"]) for s in sets)
     ratio = rerank_s / embed_s
     table = [
@@ -161,6 +191,10 @@ def run(address: str, args: argparse.Namespace) -> None:
         print("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if llm_rows:
+        print(f"\nLLM rerankers on the same {len(sets)} queries ({n_docs} candidates), one call per query, "
+              f"one call at a time, end to end (BM25: MRR@10 {q['bm25_mrr']:.3f}, nDCG@10 {q['bm25_ndcg']:.3f})")
+        print_table([("model", "MRR@10", "nDCG@10", "documents/s", "seconds"), *llm_rows])
 
 
 def main() -> None:
@@ -170,16 +204,18 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--documents", type=int, default=1000, help="documents per call for the speed rows")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--llm-models", type=lambda v: [m for m in v.split(",") if m], default="smollm2-pointwise,smollm2-listwise",
+                        help="LLM rerankers to measure too (comma-separated; empty: none, and SmolLM2 is not loaded)")
     args = parser.parse_args()
     if args.address:
         run(args.address, args)
         return
     with tempfile.TemporaryDirectory(prefix="rerank_bench_") as work:
         print("starting Triton and the gateway...", file=sys.stderr)
-        triton = start_triton(Path(work), ["minilm"])
+        triton = start_triton(Path(work), ["minilm"] + (["smollm2"] if args.llm_models else []))
         gateway = None
         try:
-            gateway = GatewayProcess(triton.grpc_url, triton.models, Path(work) / "gateway.log").wait_serving()
+            gateway = GatewayProcess(triton.grpc_url, triton.models, Path(work) / "gateway.log").wait_serving(timeout=180)
             run(gateway.address, args)
         finally:
             if gateway is not None:
