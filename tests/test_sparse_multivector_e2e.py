@@ -261,6 +261,12 @@ def test_builtin_minilm_maxsim_is_served_and_matches_direct_computation(served):
     kinds = {m.name: m.kind for m in models}
     assert kinds["all-minilm-l6-v2-maxsim"] == models_pb2.MODEL_KIND_MAXSIM
     assert kinds["all-minilm-l6-v2-tokens"] == models_pb2.MODEL_KIND_EMBEDDING
+    outputs = {m.name: m.embedding_output for m in models if m.kind == models_pb2.MODEL_KIND_EMBEDDING}
+    assert outputs == {
+        "all-minilm-l6-v2-tokens": models_pb2.EMBEDDING_OUTPUT_MULTI_VECTOR,
+        COLBERT: models_pb2.EMBEDDING_OUTPUT_MULTI_VECTOR,
+        SPLADE: models_pb2.EMBEDDING_OUTPUT_SPARSE,
+    }
     vectors = token_reference(minilm, [QUERY, *DOCUMENTS], None)
     want = maxsim_reference(vectors[0][1], [v for _, v in vectors[1:]])
     response = _rerank(served, model="all-minilm-l6-v2-maxsim", query=QUERY, documents=DOCUMENTS, raw_scores=True)

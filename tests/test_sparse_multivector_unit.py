@@ -171,3 +171,17 @@ def test_torch_variant_splade_head_matches_transformers(monkeypatch, tmp_path):
     _, batch = _batch(folder, TEXTS)
     (response,) = model.execute([BackendRequest(input_ids=batch.input_ids, attention_mask=batch.attention_mask)])
     np.testing.assert_allclose(response[0].array, splade_reference(folder, TEXTS), atol=1e-4, rtol=0)
+
+
+def test_list_models_says_what_each_output_is():
+    from ragserve.v1 import models_pb2
+    from ragserve_server.services.models import model_info
+
+    dense, sparse_info, tokens = (model_info(_model(o), False) for o in (DENSE, SPARSE, MULTI_VECTOR))
+    assert dense.embedding_output == models_pb2.EMBEDDING_OUTPUT_DENSE and dense.dimensions_may_be_cut
+    assert dense.pooling == models_pb2.POOLING_MEAN
+    for info in (sparse_info, tokens):
+        assert not info.dimensions_may_be_cut and list(info.encodings) == [embed_pb2.EMBEDDING_ENCODING_FLOAT]
+        assert info.pooling == models_pb2.POOLING_UNSPECIFIED
+    assert sparse_info.embedding_output == models_pb2.EMBEDDING_OUTPUT_SPARSE and not sparse_info.normalized_by_model
+    assert tokens.embedding_output == models_pb2.EMBEDDING_OUTPUT_MULTI_VECTOR and tokens.normalized_by_model

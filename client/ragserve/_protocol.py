@@ -261,12 +261,19 @@ def model_infos(response: models_pb2.ListModelsResponse) -> list[ModelInfo]:
             encodings=tuple(ENCODING_NAMES[e] for e in m.encodings if e in ENCODING_NAMES),
             pooling=POOLING_NAMES.get(m.pooling, ""),
             normalized_by_model=m.normalized_by_model,
+            embedding_output=EMBEDDING_OUTPUT_NAMES.get(m.embedding_output, ""),
         )
         for m in response.models
     ]
 
 
 INPUT_TYPE_NAMES = {value: name for name, value in INPUT_TYPE.items() if name}
+# EmbeddingOutput enum values -> "dense", "sparse", "multi_vector".
+EMBEDDING_OUTPUT_NAMES = {
+    value.number: value.name.removeprefix("EMBEDDING_OUTPUT_").lower()
+    for value in models_pb2.EmbeddingOutput.DESCRIPTOR.values
+    if value.number
+}
 # Pooling enum values -> "mean", "cls", "last_token", "max", "mean_sqrt_len".
 POOLING_NAMES = {
     value.number: value.name.removeprefix("POOLING_").lower()

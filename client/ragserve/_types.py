@@ -105,6 +105,8 @@ class ModelInfo:
     encodings: tuple[str, ...] = ()
     pooling: str = ""  # "" for models that do not pool (or a gateway older than the field)
     normalized_by_model: bool = False
+    # "dense" (`EmbedResult.embeddings`), "sparse" (`.sparse`) or "multi_vector" (`.token_embeddings`).
+    embedding_output: str = ""
 
     @property
     def max_batch(self) -> int:

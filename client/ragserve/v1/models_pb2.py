@@ -17,7 +17,7 @@ _sym_db = _symbol_database.Default()
 from ragserve.v1 import embed_pb2 as ragserve_dot_v1_dot_embed__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ragserve/v1/models.proto\x12\x0bragserve.v1\x1a\x17ragserve/v1/embed.proto\"\x13\n\x11ListModelsRequest\"M\n\x0fInputTypePrefix\x12*\n\ninput_type\x18\x01 \x01(\x0e\x32\x16.ragserve.v1.InputType\x12\x0e\n\x06prefix\x18\x02 \x01(\t\"&\n\nScoreRange\x12\x0b\n\x03min\x18\x01 \x01(\x01\x12\x0b\n\x03max\x18\x02 \x01(\x01\"\xc5\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.ragserve.v1.ModelKind\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x04 \x01(\r\x12\x15\n\tmax_batch\x18\x05 \x01(\rB\x02\x18\x01\x12\x12\n\nis_default\x18\x06 \x01(\x08\x12\x1b\n\x13max_inputs_per_call\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_rows\x18\x08 \x01(\r\x12\x1c\n\x14max_tokens_per_batch\x18\t \x01(\r\x12\x31\n\x0binput_types\x18\n \x03(\x0b\x32\x1c.ragserve.v1.InputTypePrefix\x12\x1d\n\x15\x64imensions_may_be_cut\x18\x0b \x01(\x08\x12\x1d\n\x15matryoshka_dimensions\x18\x0c \x03(\r\x12,\n\x0bscore_range\x18\r \x01(\x0b\x32\x17.ragserve.v1.ScoreRange\x12\x30\n\x0fraw_score_range\x18\x0e \x01(\x0b\x32\x17.ragserve.v1.ScoreRange\x12\x10\n\x08revision\x18\x0f \x01(\t\x12\x31\n\tencodings\x18\x10 \x03(\x0e\x32\x1e.ragserve.v1.EmbeddingEncoding\x12%\n\x07pooling\x18\x11 \x01(\x0e\x32\x14.ragserve.v1.Pooling\x12\x1b\n\x13normalized_by_model\x18\x12 \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.ragserve.v1.ModelInfo*\xac\x01\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x01\x12\x1c\n\x18MODEL_KIND_CROSS_ENCODER\x10\x02\x12\x19\n\x15MODEL_KIND_BI_ENCODER\x10\x03\x12\x19\n\x15MODEL_KIND_GENERATION\x10\x04\x12\x15\n\x11MODEL_KIND_MAXSIM\x10\x05*\x89\x01\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x0f\n\x0bPOOLING_CLS\x10\x02\x12\x16\n\x12POOLING_LAST_TOKEN\x10\x03\x12\x0f\n\x0bPOOLING_MAX\x10\x04\x12\x19\n\x15POOLING_MEAN_SQRT_LEN\x10\x05\x32W\n\x06Models\x12M\n\nListModels\x12\x1e.ragserve.v1.ListModelsRequest\x1a\x1f.ragserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ragserve/v1/models.proto\x12\x0bragserve.v1\x1a\x17ragserve/v1/embed.proto\"\x13\n\x11ListModelsRequest\"M\n\x0fInputTypePrefix\x12*\n\ninput_type\x18\x01 \x01(\x0e\x32\x16.ragserve.v1.InputType\x12\x0e\n\x06prefix\x18\x02 \x01(\t\"&\n\nScoreRange\x12\x0b\n\x03min\x18\x01 \x01(\x01\x12\x0b\n\x03max\x18\x02 \x01(\x01\"\xfd\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.ragserve.v1.ModelKind\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x04 \x01(\r\x12\x15\n\tmax_batch\x18\x05 \x01(\rB\x02\x18\x01\x12\x12\n\nis_default\x18\x06 \x01(\x08\x12\x1b\n\x13max_inputs_per_call\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_rows\x18\x08 \x01(\r\x12\x1c\n\x14max_tokens_per_batch\x18\t \x01(\r\x12\x31\n\x0binput_types\x18\n \x03(\x0b\x32\x1c.ragserve.v1.InputTypePrefix\x12\x1d\n\x15\x64imensions_may_be_cut\x18\x0b \x01(\x08\x12\x1d\n\x15matryoshka_dimensions\x18\x0c \x03(\r\x12,\n\x0bscore_range\x18\r \x01(\x0b\x32\x17.ragserve.v1.ScoreRange\x12\x30\n\x0fraw_score_range\x18\x0e \x01(\x0b\x32\x17.ragserve.v1.ScoreRange\x12\x10\n\x08revision\x18\x0f \x01(\t\x12\x31\n\tencodings\x18\x10 \x03(\x0e\x32\x1e.ragserve.v1.EmbeddingEncoding\x12%\n\x07pooling\x18\x11 \x01(\x0e\x32\x14.ragserve.v1.Pooling\x12\x1b\n\x13normalized_by_model\x18\x12 \x01(\x08\x12\x36\n\x10\x65mbedding_output\x18\x13 \x01(\x0e\x32\x1c.ragserve.v1.EmbeddingOutput\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.ragserve.v1.ModelInfo*\xac\x01\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x01\x12\x1c\n\x18MODEL_KIND_CROSS_ENCODER\x10\x02\x12\x19\n\x15MODEL_KIND_BI_ENCODER\x10\x03\x12\x19\n\x15MODEL_KIND_GENERATION\x10\x04\x12\x15\n\x11MODEL_KIND_MAXSIM\x10\x05*\x8f\x01\n\x0f\x45mbeddingOutput\x12 \n\x1c\x45MBEDDING_OUTPUT_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45MBEDDING_OUTPUT_DENSE\x10\x01\x12\x1b\n\x17\x45MBEDDING_OUTPUT_SPARSE\x10\x02\x12!\n\x1d\x45MBEDDING_OUTPUT_MULTI_VECTOR\x10\x03*\x89\x01\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x0f\n\x0bPOOLING_CLS\x10\x02\x12\x16\n\x12POOLING_LAST_TOKEN\x10\x03\x12\x0f\n\x0bPOOLING_MAX\x10\x04\x12\x19\n\x15POOLING_MEAN_SQRT_LEN\x10\x05\x32W\n\x06Models\x12M\n\nListModels\x12\x1e.ragserve.v1.ListModelsRequest\x1a\x1f.ragserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -26,10 +26,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO'].fields_by_name['max_batch']._loaded_options = None
   _globals['_MODELINFO'].fields_by_name['max_batch']._serialized_options = b'\030\001'
-  _globals['_MODELKIND']._serialized_start=853
-  _globals['_MODELKIND']._serialized_end=1025
-  _globals['_POOLING']._serialized_start=1028
-  _globals['_POOLING']._serialized_end=1165
+  _globals['_MODELKIND']._serialized_start=909
+  _globals['_MODELKIND']._serialized_end=1081
+  _globals['_EMBEDDINGOUTPUT']._serialized_start=1084
+  _globals['_EMBEDDINGOUTPUT']._serialized_end=1227
+  _globals['_POOLING']._serialized_start=1230
+  _globals['_POOLING']._serialized_end=1367
   _globals['_LISTMODELSREQUEST']._serialized_start=66
   _globals['_LISTMODELSREQUEST']._serialized_end=85
   _globals['_INPUTTYPEPREFIX']._serialized_start=87
@@ -37,9 +39,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERANGE']._serialized_start=166
   _globals['_SCORERANGE']._serialized_end=204
   _globals['_MODELINFO']._serialized_start=207
-  _globals['_MODELINFO']._serialized_end=788
-  _globals['_LISTMODELSRESPONSE']._serialized_start=790
-  _globals['_LISTMODELSRESPONSE']._serialized_end=850
-  _globals['_MODELS']._serialized_start=1167
-  _globals['_MODELS']._serialized_end=1254
+  _globals['_MODELINFO']._serialized_end=844
+  _globals['_LISTMODELSRESPONSE']._serialized_start=846
+  _globals['_LISTMODELSRESPONSE']._serialized_end=906
+  _globals['_MODELS']._serialized_start=1369
+  _globals['_MODELS']._serialized_end=1456
 # @@protoc_insertion_point(module_scope)

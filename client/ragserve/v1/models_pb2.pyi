@@ -17,6 +17,13 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_GENERATION: _ClassVar[ModelKind]
     MODEL_KIND_MAXSIM: _ClassVar[ModelKind]
 
+class EmbeddingOutput(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EMBEDDING_OUTPUT_UNSPECIFIED: _ClassVar[EmbeddingOutput]
+    EMBEDDING_OUTPUT_DENSE: _ClassVar[EmbeddingOutput]
+    EMBEDDING_OUTPUT_SPARSE: _ClassVar[EmbeddingOutput]
+    EMBEDDING_OUTPUT_MULTI_VECTOR: _ClassVar[EmbeddingOutput]
+
 class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     POOLING_UNSPECIFIED: _ClassVar[Pooling]
@@ -31,6 +38,10 @@ MODEL_KIND_CROSS_ENCODER: ModelKind
 MODEL_KIND_BI_ENCODER: ModelKind
 MODEL_KIND_GENERATION: ModelKind
 MODEL_KIND_MAXSIM: ModelKind
+EMBEDDING_OUTPUT_UNSPECIFIED: EmbeddingOutput
+EMBEDDING_OUTPUT_DENSE: EmbeddingOutput
+EMBEDDING_OUTPUT_SPARSE: EmbeddingOutput
+EMBEDDING_OUTPUT_MULTI_VECTOR: EmbeddingOutput
 POOLING_UNSPECIFIED: Pooling
 POOLING_MEAN: Pooling
 POOLING_CLS: Pooling
@@ -59,7 +70,7 @@ class ScoreRange(_message.Message):
     def __init__(self, min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "dimensions", "max_input_tokens", "max_batch", "is_default", "max_inputs_per_call", "max_batch_rows", "max_tokens_per_batch", "input_types", "dimensions_may_be_cut", "matryoshka_dimensions", "score_range", "raw_score_range", "revision", "encodings", "pooling", "normalized_by_model")
+    __slots__ = ("name", "kind", "dimensions", "max_input_tokens", "max_batch", "is_default", "max_inputs_per_call", "max_batch_rows", "max_tokens_per_batch", "input_types", "dimensions_may_be_cut", "matryoshka_dimensions", "score_range", "raw_score_range", "revision", "encodings", "pooling", "normalized_by_model", "embedding_output")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +89,7 @@ class ModelInfo(_message.Message):
     ENCODINGS_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_BY_MODEL_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     dimensions: int
@@ -96,7 +108,8 @@ class ModelInfo(_message.Message):
     encodings: _containers.RepeatedScalarFieldContainer[_embed_pb2.EmbeddingEncoding]
     pooling: Pooling
     normalized_by_model: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., is_default: bool = ..., max_inputs_per_call: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_tokens_per_batch: _Optional[int] = ..., input_types: _Optional[_Iterable[_Union[InputTypePrefix, _Mapping]]] = ..., dimensions_may_be_cut: bool = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., score_range: _Optional[_Union[ScoreRange, _Mapping]] = ..., raw_score_range: _Optional[_Union[ScoreRange, _Mapping]] = ..., revision: _Optional[str] = ..., encodings: _Optional[_Iterable[_Union[_embed_pb2.EmbeddingEncoding, str]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalized_by_model: bool = ...) -> None: ...
+    embedding_output: EmbeddingOutput
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., is_default: bool = ..., max_inputs_per_call: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_tokens_per_batch: _Optional[int] = ..., input_types: _Optional[_Iterable[_Union[InputTypePrefix, _Mapping]]] = ..., dimensions_may_be_cut: bool = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., score_range: _Optional[_Union[ScoreRange, _Mapping]] = ..., raw_score_range: _Optional[_Union[ScoreRange, _Mapping]] = ..., revision: _Optional[str] = ..., encodings: _Optional[_Iterable[_Union[_embed_pb2.EmbeddingEncoding, str]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalized_by_model: bool = ..., embedding_output: _Optional[_Union[EmbeddingOutput, str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ragserve.v1 import models_pb2, models_pb2_grpc
 from ragserve_server.encoding import quantize
 from ragserve_server.models.catalog import EMBEDDING, Catalog, ServedModel
-from ragserve_server.models.registry import CLS, LAST_TOKEN, MAX, MEAN, MEAN_SQRT_LEN
+from ragserve_server.models.registry import CLS, DENSE, LAST_TOKEN, MAX, MEAN, MEAN_SQRT_LEN, MULTI_VECTOR, SPARSE
 from ragserve_server.services.common import INPUT_TYPES, MODEL_KINDS
 from ragserve_server.services.embed import ENCODING_VALUES
 
@@ -17,6 +17,13 @@ POOLINGS = {
     LAST_TOKEN: models_pb2.POOLING_LAST_TOKEN,
     MAX: models_pb2.POOLING_MAX,
     MEAN_SQRT_LEN: models_pb2.POOLING_MEAN_SQRT_LEN,
+}
+
+# The registry's embedding outputs and the API's values.
+EMBEDDING_OUTPUTS = {
+    DENSE: models_pb2.EMBEDDING_OUTPUT_DENSE,
+    SPARSE: models_pb2.EMBEDDING_OUTPUT_SPARSE,
+    MULTI_VECTOR: models_pb2.EMBEDDING_OUTPUT_MULTI_VECTOR,
 }
 
 
@@ -39,12 +46,16 @@ def model_info(m: ServedModel, is_default: bool) -> models_pb2.ModelInfo:
             for value, name in INPUT_TYPES.items()
             if name or m.prefixes.get(name)  # no input type: listed where the model has a default prompt
         )
-        if m.spec is not None:
+        dense = m.embedding_output == DENSE
+        if m.spec is not None and dense:  # sparse and multi-vector models do not pool
             info.pooling = POOLINGS[m.spec.pooling]
             info.normalized_by_model = m.spec.normalize
-        info.dimensions_may_be_cut = True
+        info.embedding_output = EMBEDDING_OUTPUTS[m.embedding_output]
+        info.normalized_by_model |= m.embedding_output == MULTI_VECTOR  # unit token vectors
+        info.dimensions_may_be_cut = dense
         info.matryoshka_dimensions.extend(m.matryoshka_dimensions)
-        info.encodings.extend(ENCODING_VALUES[e] for e in quantize.encodings_of(m.int8_calibration is not None))
+        encodings = quantize.encodings_of(m.int8_calibration is not None) if dense else (quantize.FLOAT,)
+        info.encodings.extend(ENCODING_VALUES[e] for e in encodings)
     if m.score_range is not None:
         info.score_range.CopyFrom(models_pb2.ScoreRange(min=m.score_range[0], max=m.score_range[1]))
     if m.raw_score_range is not None:
