@@ -155,7 +155,6 @@ class Settings:
     log_format: str = field(default="auto", metadata={"help": "json, console, or auto (console when a terminal)"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 
-    @classmethod
     def is_loopback(self) -> bool:
         return self.host in ("localhost", "::1") or self.host.startswith("127.")
 
