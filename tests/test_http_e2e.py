@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
+import threading
 
 import grpc
 import httpx
 import numpy as np
 import openai
 import pytest
+import tritonclient.grpc as triton_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 import ragserve
@@ -21,7 +24,8 @@ from ragserve.v1 import rerank_pb2, rerank_pb2_grpc
 from ragserve_server.transport.openai_shapes import _SCORE as SCORE_FIELD
 from ragserve_server.security.keys import key_line, new_key
 from ragserve_server.models.builtin import smollm2_spec
-from support import MODEL_REPOSITORY, GatewayProcess, free_port, start_triton, unavailable
+from support import MODEL_REPOSITORY, GatewayProcess, free_port, metric_value, start_triton, unavailable, wait_until
+from ragserve_server.supervision.triton_launcher import TritonServer
 
 pytestmark = pytest.mark.integration
 
@@ -244,6 +248,124 @@ def test_health(stack):
     _, gateway = stack
     response = httpx.get(gateway.base_url + "/health")
     assert response.status_code == 200 and response.json() == {"status": "serving"}
+
+
+def test_token_arrays_are_refused_with_400(stack):
+    _, gateway = stack
+    url = gateway.base_url
+    for tokens in ([101, 2054, 102], [[101, 2054], [101, 102]]):
+        refused = httpx.post(url + "/v1/embeddings", json={"input": tokens, "model": EMBEDDER})
+        assert "token arrays are not accepted" in _error(refused, 400, "invalid_request_error")["message"]
+    refused = httpx.post(url + "/v1/completions", json={"prompt": [[1, 2, 3]], "model": GENERATOR, "max_tokens": 2})
+    assert "prompt must be a string" in _error(refused, 400, "invalid_request_error")["message"]
+    refused = httpx.post(url + "/v1/completions", json={"prompt": [1, 2, 3], "model": GENERATOR, "max_tokens": 2})
+    _error(refused, 400, "invalid_request_error")
+
+
+def test_max_completion_tokens_bounds_the_answer_and_wins_over_max_tokens(stack):
+    _, gateway = stack
+    client = gateway.openai()
+    for kwargs in (dict(max_completion_tokens=3), dict(max_completion_tokens=3, max_tokens=12)):
+        answer = client.chat.completions.create(model=GENERATOR, messages=MESSAGES, temperature=0, **kwargs)
+        assert answer.usage.completion_tokens == 3 and answer.choices[0].finish_reason == "length", kwargs
+    longer = client.chat.completions.create(model=GENERATOR, messages=MESSAGES, temperature=0, max_tokens=5)
+    assert longer.usage.completion_tokens == 5
+
+
+def test_logprobs_are_refused_with_400_not_dropped(stack):
+    """The HTTP front does not render logprobs (the gRPC API does): asking for them is a 400
+    naming the field, on chat and completions alike, instead of an answer without them."""
+    _, gateway = stack
+    url = gateway.base_url
+    for path, body in (
+        ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True}),
+        ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}),
+        ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}),
+        ("/v1/completions", {"prompt": "Paris is", "logprobs": 2}),
+        ("/v1/completions", {"prompt": "Paris is", "logprobs": 0}),
+    ):
+        refused = httpx.post(url + path, json={"model": GENERATOR, "max_tokens": 2, **body}, timeout=60)
+        error = _error(refused, 400, "invalid_request_error")
+        assert "not supported over HTTP" in error["message"] and ("logprobs" in error["message"]), (path, body)
+    # Off is off: `logprobs: false` is served.
+    served = httpx.post(url + "/v1/chat/completions", json={"model": GENERATOR, "messages": MESSAGES, "max_tokens": 2, "logprobs": False}, timeout=60)
+    assert served.status_code == 200, served.text
+
+
+def test_a_client_that_disconnects_cancels_the_engines_work(stack):
+    triton, gateway = stack
+
+    def engine(name: str) -> float:
+        return metric_value(triton.metrics_url, name)
+
+    wait_until(lambda: engine("ragserve_engine_running_sequences") == 0, 60, "an idle engine")
+    body = {"model": GENERATOR, "prompt": "Count from one to one thousand:", "max_tokens": 1000, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=gateway.base_url, timeout=120) as client:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            wait_until(lambda: engine("ragserve_engine_running_sequences") == 1, 60, "the sequence running")
+            left_at = engine("ragserve_engine_generated_tokens_total")
+        # The connection is closed here, mid-stream.
+    wait_until(lambda: engine("ragserve_engine_running_sequences") == 0, 60, "the engine dropping the sequence")
+    assert engine("ragserve_engine_generated_tokens_total") - left_at < 200  # not run on to 1000 tokens
+
+
+def test_health_is_503_while_triton_is_down_and_a_draining_gateway_finishes_its_calls(tmp_path):
+    """A gateway of its own: /health answers 503 while its Triton is down and 200 once it is
+    back; on SIGTERM an HTTP call in flight still completes and /health never answers 200
+    again (uvicorn closes the listener as the drain starts: 503 or a refused connection)."""
+    triton = start_triton(tmp_path / "triton", ["minilm"])
+    gateway = HttpGateway(triton, ["minilm"], tmp_path / "gateway.log", "--drain-seconds", "60")
+    try:
+        gateway.wait_serving(timeout=120)
+
+        def health() -> int | None:
+            try:
+                return httpx.get(gateway.base_url + "/health", timeout=10).status_code
+            except httpx.TransportError:
+                return None
+
+        assert health() == 200
+        triton.stop()
+        wait_until(lambda: health() == 503, 60, "/health answering 503 with Triton down")
+        assert httpx.get(gateway.base_url + "/health", timeout=10).json() == {"status": "not_serving"}
+        restarted = TritonServer(triton.model_repository, triton.models, triton.ports, triton.work_dir)
+        restarted.start()
+        try:
+            restarted.wait_ready(120)
+            wait_until(lambda: health() == 200, 60, "/health answering 200 with Triton back")
+
+            texts = [f"a long-ish passage number {i} " * 6 for i in range(300)]
+            outcome: dict = {}
+            successes = lambda: int(  # noqa: E731
+                triton_grpc.InferenceServerClient(restarted.grpc_url).get_inference_statistics("minilm", as_json=True)
+                ["model_stats"][0]["inference_stats"].get("success", {}).get("count", 0)
+            )
+            before = successes()
+
+            def call() -> None:
+                outcome["response"] = httpx.post(gateway.base_url + "/v1/embeddings", json={"input": texts}, timeout=120)
+
+            worker = threading.Thread(target=call)
+            worker.start()
+            wait_until(lambda: successes() > before or not worker.is_alive(), 120, "the call reaching Triton")
+            in_flight = worker.is_alive()
+            gateway.process.send_signal(signal.SIGTERM)
+            seen = []
+            while worker.is_alive():
+                seen.append(health())
+            worker.join(120)
+            assert in_flight, "the call ended before SIGTERM: draining was not exercised"
+            assert outcome["response"].status_code == 200 and len(outcome["response"].json()["data"]) == 300
+            assert 200 not in seen, seen
+            assert gateway.process.wait(60) == 0
+        finally:
+            restarted.stop()
+    finally:
+        gateway.stop()
+        triton.stop()
 
 
 # -- keys and overload: gateways of their own over the same Triton ---------------------------

@@ -260,23 +260,36 @@ def locust_counts(stats_csv) -> dict[str, tuple[int, int]]:
         }
 
 
-def run_locust(gateway: GatewayProcess, tmp_path, users: int, seconds: int, *user_classes: str):
+def run_locust(gateway: GatewayProcess, tmp_path, users: int, seconds: int, *user_classes: str, env: dict | None = None):
     """A bounded headless locust run of loadtest/locustfile.py against `gateway`:
-    (gateway scrape before, gateway scrape after, {name: (requests, failures)}, output)."""
+    (gateway scrape before, gateway scrape after, {name: (requests, failures)}, output).
+
+    What it checks of the SLOs: the load test's own verdict is right (exit code 1 exactly when
+    a row's p95 is over its objective, each such row named). It does not hold this run to the
+    README's objectives: those are for `make loadtest`'s load on an otherwise idle reference
+    machine, and this suite also runs beside other heavy work (a benchmark) on 2 cores."""
     before = scrape(gateway.metrics_url)
     prefix = tmp_path / "run"
     run = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
          "--host", gateway.address, "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", "60",
          "--csv", str(prefix), "--only-summary", *user_classes],
-        capture_output=True, text=True, timeout=180, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=tmp_path,
+        capture_output=True, text=True, timeout=180, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), cwd=tmp_path,
     )
     output = run.stdout + run.stderr
     counts = locust_counts(f"{prefix}_stats.csv")
     assert counts and all(failures == 0 for _, failures in counts.values()), output[-3000:]
     assert "p95 ms" in output  # the percentile table
-    # exit code 1 only for a missed SLO here (no call failed); on a shared 2-core machine that can happen
-    assert run.returncode == 0 or (run.returncode == 1 and "SLO missed" in output), output[-3000:]
+    # The verdict: every row whose p95 is over its objective says MISSED and is listed, and
+    # the exit code is 1 exactly then (no call failed).
+    table = re.findall(r"^(\w+)\s+(\S+)\s+\d+\s+\d+\s+\d+\s+(\d+)\s+\d+\s+<= (\d+) (ok|MISSED)$", output, re.MULTILINE)
+    assert table, output[-3000:]
+    missed = [line[len("SLO missed: "):] for line in output.splitlines() if line.startswith("SLO missed: ")]
+    for kind, name, p95, slo, verdict in table:
+        over = int(p95) > int(slo)
+        assert (verdict == "MISSED") == over or int(p95) == int(slo), (kind, name, p95, slo, verdict)
+        assert any(m.startswith(f"{kind} {name}:") for m in missed) == (verdict == "MISSED"), (kind, name, missed)
+    assert run.returncode == (1 if missed else 0), output[-3000:]
     return before, scrape(gateway.metrics_url), counts, output
 
 
@@ -301,7 +314,10 @@ def assert_accounted_for(before, after, counts, output) -> None:
 
 
 def test_short_locust_run_is_fully_accounted_for(observed_gateway, triton, tmp_path):
-    before, after, counts, output = run_locust(observed_gateway, tmp_path, 6, 6)
+    # An objective no call can meet: the run must say so and exit 1 (the verdict is live).
+    impossible = {"RAGSERVE_SLO_GRPC_EMBED_EMBED_P95_MS": "0.001"}
+    before, after, counts, output = run_locust(observed_gateway, tmp_path, 6, 6, env=impossible)
+    assert "SLO missed: grpc Embed/Embed: p95" in output, output[-3000:]
     assert counts.get("Embed/Embed", (0, 0))[0] > 0 and counts.get("Rerank/Rerank", (0, 0))[0] > 0, output[-3000:]
     if "smollm2" not in triton.models:
         # the Generate users met UNIMPLEMENTED and stopped: neither side counted that call

@@ -269,3 +269,26 @@ def test_cross_encoder_scores_a_long_document_by_its_best_chunk(client, cross_en
     assert by_index[1].raw_score == pytest.approx(float(cross_encoder_logits(cross_encoder.hf_folder, QUERY, ["short one"])[0]), abs=1e-4)
     # Every chunk fits beside the query: the usage counts more than one model-sized pair.
     assert result.usage.prompt_tokens > 512
+
+
+def model_rows(triton, model: str) -> int:
+    """Rows `model` has computed in Triton so far (its inference count)."""
+    stats = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics(model, as_json=True)
+    return int(stats["model_stats"][0].get("inference_count", 0))
+
+
+def test_identical_documents_are_scored_once(client, cross_encoder, triton):
+    """Rows Triton computed for a call with duplicates: one per distinct document (and for the
+    bi-encoder one more for the query), seen in Triton's own statistics."""
+    distinct = [f"identical documents test {i}: rivers flow to the sea" for i in range(3)]
+    documents = distinct * 4 + distinct[:1] * 5  # 17 documents, 3 distinct
+    before = model_rows(triton, cross_encoder.model_dir.name)
+    crossed = client.rerank(QUERY, documents, model=cross_encoder.name)
+    assert model_rows(triton, cross_encoder.model_dir.name) - before == len(distinct)
+    before = model_rows(triton, "minilm")
+    bi = client.rerank(QUERY, documents, model=BI_ENCODER)
+    assert len(distinct) <= model_rows(triton, "minilm") - before <= len(distinct) + 1  # (+ the query)
+    for result in (crossed, bi):
+        scores = scores_by_index(result)
+        for text in distinct:  # duplicates share their one score
+            assert len({float(scores[i]) for i, d in enumerate(documents) if d == text}) == 1

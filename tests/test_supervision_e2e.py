@@ -168,13 +168,17 @@ def test_a_stuck_triton_is_killed_and_restarted(tmp_path):
     assert [pid for pid in [triton, *stubs] if alive(pid)] == []
 
 
-def test_the_gateway_exits_non_zero_when_restarts_run_out(tmp_path):
-    stack = BundledStack(tmp_path / "gateway.log", "--triton-restart-attempts", "1")
+def test_the_gateway_exits_non_zero_when_restarts_run_out_and_the_backoff_doubles(tmp_path):
+    stack = BundledStack(tmp_path / "gateway.log", "--triton-restart-attempts", "2")
     os.kill(stack.triton_pid(), signal.SIGKILL)
-    wait_until(lambda: stack.events("triton_restarted"), 120, "the restart")
-    os.kill(stack.triton_pid(), signal.SIGKILL)  # again, within the stable period: out of attempts
+    wait_until(lambda: len(stack.events("triton_restarted")) == 1, 120, "the first restart")
+    os.kill(stack.triton_pid(), signal.SIGKILL)  # again, within the stable period: the next attempt
+    wait_until(lambda: len(stack.events("triton_restarted")) == 2, 120, "the second restart")
+    os.kill(stack.triton_pid(), signal.SIGKILL)  # a third time: out of attempts
     code = stack.process.wait(120)
     stack.stop()
     assert code != 0
+    # --triton-restart-backoff 0.2, doubled per restart in a row.
+    assert [e["in_seconds"] for e in stack.events("triton_restarting")] == [0.2, 0.4]
     assert stack.events("triton_gave_up")
     assert "restarts in a row did not bring it back" in stack.log_tail()

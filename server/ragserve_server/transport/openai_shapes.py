@@ -157,6 +157,9 @@ def _sampling(body: Mapping, request: generate_pb2.GenerateRequest) -> None:
     n = _int(body, "n", 1, _UINT32)
     if n is not None and n != 1:
         raise InvalidInput("n must be 1: one choice per request")
+    for name in ("logprobs", "top_logprobs"):  # refused, not silently dropped: the gRPC API has them
+        if body.get(name) is not None and body.get(name) is not False:
+            raise InvalidInput(f"{name} is not supported over HTTP; the gRPC Generate API returns logprobs and top_logprobs")
     max_tokens = _int(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens")
