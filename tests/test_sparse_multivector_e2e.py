@@ -167,7 +167,7 @@ def served(tmp_path_factory):
         ).wait_serving(timeout=120)
         try:
             with grpc.insecure_channel(gateway.address) as channel:
-                yield {"channel": channel, "folders": folders, "http": f"http://127.0.0.1:{http_port}"}
+                yield {"channel": channel, "folders": folders, "http": f"http://127.0.0.1:{http_port}", "address": gateway.address}
         finally:
             gateway.stop()
     finally:
@@ -287,3 +287,24 @@ def test_maxsim_over_http_rerank(served):
     # OpenAI's embeddings shape has no room for sparse or per-token vectors: a clear 400.
     reply = httpx.post(f"{served['http']}/v1/embeddings", json={"model": SPLADE, "input": ["a"]}, timeout=60)
     assert reply.status_code == 400 and "gRPC" in reply.text
+
+
+def test_sdk_results_carry_sparse_and_token_vectors(served):
+    import ragserve
+
+    folder = served["folders"][COLBERT]
+    with ragserve.Client(served["address"]) as client:
+        sparse = client.embed(TEXTS[:2], model=SPLADE, sparse_top_k=5)  # the SDK's default encoding: float32 bytes
+        tokens = client.embed(TEXTS[:2], model=COLBERT)
+        infos = {m.name: m for m in client.list_models()}
+    want = splade_reference(served["folders"][SPLADE], TEXTS[:2])
+    for row, got in zip(want, sparse.sparse):
+        top = np.lexsort((np.arange(row.size), -row))[:5]
+        assert got.indices.tolist() == top.tolist() and got.indices.dtype == np.uint32
+        np.testing.assert_allclose(got.values, row[top], atol=1e-4, rtol=0)
+    assert sparse.token_embeddings is None and sparse.embeddings.size == 0
+    for (ids, vectors), got, got_ids in zip(token_reference(folder, TEXTS[:2], colbert_projection(folder)), tokens.token_embeddings, tokens.token_ids):
+        assert got_ids.tolist() == ids.tolist()
+        np.testing.assert_allclose(got, vectors, atol=1e-4, rtol=0)
+    assert (infos[SPLADE].embedding_output, infos[COLBERT].embedding_output) == ("sparse", "multi_vector")
+    assert infos[f"{COLBERT}-maxsim"].kind == "maxsim"

@@ -89,7 +89,7 @@ class ModelInfo:
     Rerankers: `score_range` of `relevance_score`, `raw_score_range` of `raw_score`."""
 
     name: str
-    kind: str  # "embedding", "cross_encoder", "bi_encoder" or "generation"
+    kind: str  # "embedding", "cross_encoder", "bi_encoder", "maxsim" or "generation"
     dimensions: int
     max_input_tokens: int
     max_inputs_per_call: int
