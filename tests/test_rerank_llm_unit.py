@@ -113,6 +113,24 @@ def test_pointwise_score_is_the_yes_no_difference(catalog):
     assert len(backend.prompts) == 4 and "Does the document answer the query? Answer Yes or No." in backend.prompts[0]
 
 
+def test_a_failed_scoring_request_fails_the_call_with_its_own_error(catalog):
+    from ragserve_server.errors import Overloaded
+
+    svc, backend = service(catalog, {})
+    calls = []
+
+    async def refuse_the_third(model, inputs, outputs, *, timeout, priority=0):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Overloaded("scoring queue is full")
+        async for item in ScoringBackend.stream(backend, model, inputs, outputs, timeout=timeout):
+            yield item
+
+    svc.llm.backend = type("Refusing", (), {"stream": staticmethod(refuse_the_third)})()
+    with pytest.raises(Overloaded, match="scoring queue is full"):
+        rerank(svc, "smollm2-pointwise", [f"doc{i}" for i in range(5)])
+
+
 @pytest.mark.parametrize(
     "model, documents, fields, message",
     [

@@ -145,8 +145,11 @@ class LlmRerankers:
             async with gate:
                 return await self._logits(model, prompt, builder.candidate_ids, timeout)
 
-        async with asyncio.TaskGroup() as group:  # one failure cancels the rest
-            tasks = [group.create_task(one(p)) for p in prompts]
+        try:
+            async with asyncio.TaskGroup() as group:  # one failure cancels the rest
+                tasks = [group.create_task(one(p)) for p in prompts]
+        except BaseExceptionGroup as failed:  # the first failure, as itself (its status code)
+            raise failed.exceptions[0] from None
         logits = np.stack([t.result() for t in tasks])
         raw = logits[:, 0] - logits[:, 1]
         return 1.0 / (1.0 + np.exp(-raw)), raw, sum(map(len, prompts))
