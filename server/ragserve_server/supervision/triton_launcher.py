@@ -68,6 +68,7 @@ def trace_flags(url: str, rate: int = 1) -> list[str]:
 # carries the header `ragserve-admin-key: <key>` (Triton's --grpc-restricted-protocol /
 # --http-restricted-api): other local processes cannot load or unload models on the loopback ports.
 ADMIN_HEADER = "ragserve-admin-key"
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER  # Triton's gRPC front expects the key so prefixed
 ADMIN_APIS = ("model-repository", "shared-memory", "trace", "logging")
 
 
