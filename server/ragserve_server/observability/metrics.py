@@ -39,10 +39,11 @@ import threading
 from collections.abc import Iterable, Sequence
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from ragserve_server.observability.loop_metrics import Counter, Gauge, Histogram  # lock-free: the event loop writes them
 from ragserve_server.observability.request_record import RequestRecord
 
 log = structlog.get_logger("ragserve.metrics")
