@@ -15,10 +15,14 @@ concurrency 4, side by side in one run.
 Every server runs on loopback, started by this script before any measurement; then every
 setup is measured in turn, round after round (`--rounds`), so that the machine's noise falls
 on all of them alike, and the median round is shown. The same load generator (grpc.aio, one
-call in flight per simulated client) drives (b), (c) and (d).
+call in flight per simulated client) drives (b), (c) and (d) at concurrency 1 and for
+32-sentence calls; single-sentence calls at 16 and 64 are driven by h2load (bench/native_load.py:
+C, pre-framed gRPC calls; a Python client caps near 1,100-1,500 calls/s a process and takes the
+cores it measures), whose rows show its mean latency in the p50 column and no p99, and count
+gRPC errors from the gateway's own metrics (`--load python`: the grpc.aio client everywhere).
 
     .venv/bin/python bench/embed_bench.py [--requests-per-level 1500] [--rounds 3] [--queue-delay-us 2000]
-        [--skip before,changes,naive,echo,batched] [--change NAME] [--with-nobatch] [--candidate NAME]
+        [--skip before,changes,naive,echo,batched] [--change NAME] [--with-nobatch] [--candidate NAME] [--load native|python]
 """
 
 from __future__ import annotations
@@ -170,7 +174,26 @@ async def load(address: str, texts: list[str], concurrency: int, total: int, per
     return len(latencies) * per_call / elapsed, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000, errors
 
 
+# address -> the gateway's /metrics URL (ragserve setups): where gRPC errors of native load are counted.
+METRICS_URLS: dict[str, str] = {}
+LOAD = "native"
+
+
+def measure_native(address: str, text: str, concurrency: int, seconds: float) -> tuple[float, float, float, int]:
+    """(sentences/s, mean ms, nan, errors) of h2load sending one sentence per call."""
+    import native_load
+
+    url = METRICS_URLS.get(address)
+    errors_before = native_load.gateway_errors(url) if url else 0
+    result = native_load.h2load(address, "/ragserve.v1.Embed/Embed", embed_pb2.EmbedRequest(inputs=[text]),
+                                concurrency=concurrency, seconds=seconds, warm_up=1)
+    errors = result.http_failed + ((native_load.gateway_errors(url) - errors_before) if url else 0)
+    return result.rate, result.mean_ms, float("nan"), errors
+
+
 def measure(address: str, texts: list[str], concurrency: int, per_level: int, per_call: int = 1) -> tuple[float, float, float, int]:
+    if LOAD == "native" and per_call == 1 and concurrency > 1:
+        return measure_native(address, texts[0], concurrency, seconds=max(3.0, per_level / 300))
     total = max(200, per_level // (4 if concurrency == 1 else 1)) // per_call
     asyncio.run(load(address, texts, concurrency, min(total, 100), per_call))  # warm this level
     return asyncio.run(load(address, texts, concurrency, total, per_call))
@@ -181,7 +204,10 @@ def ragserve_stack(work: Path, repository: Path, gateway_args: list[str] = ()) -
     """Triton + gateway on free loopback ports; yields the gateway's address."""
     triton = start_triton(work, ["minilm"], repository)
     try:
-        gateway = GatewayProcess(triton.grpc_url, ["minilm"], work / f"gateway-{triton.ports.grpc}.log", *gateway_args).wait_serving()
+        gateway = GatewayProcess(
+            triton.grpc_url, ["minilm"], work / f"gateway-{triton.ports.grpc}.log", *gateway_args, metrics_port=free_port()
+        ).wait_serving()
+        METRICS_URLS[gateway.address] = gateway.metrics_url
         try:
             yield gateway.address
         finally:
@@ -226,12 +252,13 @@ def naive_stack(script: str = "naive_server.py", quiet: bool = False) -> Iterato
 
 
 @contextmanager
-def script_server(script: str, quiet: bool = False) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Starts bench/`script` --port N on loopback, waits until it answers an Embed call;
+def script_server(script: str, quiet: bool = False, args: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Starts bench/`script` --port N [args] on loopback, waits until it answers an Embed call;
     yields its address and process. `quiet`: its output is discarded."""
     port = free_port()
     output = subprocess.DEVNULL if quiet else None
-    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / script), "--port", str(port)], stdout=output, stderr=output)
+    command = [sys.executable, str(ROOT / "bench" / script), "--port", str(port), *args]
+    process = subprocess.Popen(command, stdout=output, stderr=output)
     try:
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -267,7 +294,11 @@ def main() -> None:
         "--queue-delay-us", type=int, action="append", default=[],
         help="also measure ragserve with this max_queue_delay_microseconds (repeatable; tuning the config)",
     )
+    parser.add_argument("--load", choices=("native", "python"), default="native",
+                        help="single-sentence calls at 16 and 64: h2load (default) or the grpc.aio client")
     args = parser.parse_args()
+    global LOAD
+    LOAD = args.load
     texts = sentences(3000)
     skip = set(args.skip.split(","))
     graphs = {"plain": "model.onnx", "fused": FUSED_ONNX}
@@ -344,6 +375,8 @@ def main() -> None:
         f"Embed (~10-16 tokens per sentence), {os.cpu_count()} CPUs; ceiling = raw ONNX, {best[0]}, batch {best[1]}; "
         f"median of {args.rounds} interleaved rounds"
     )
+    if args.load == "native":
+        print("single-sentence rows at concurrency > 1: h2load (native load); their p50 column is h2load's mean latency, no p99")
     header = f"{'setup':{width}} {'conc':>4} {'sent/call':>9} {'sent/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs ceil':>7} {'vs (d)':>7} {'errors':>6}"
     print(header)
     print("-" * len(header))

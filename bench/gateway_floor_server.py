@@ -5,7 +5,10 @@ Its latency at concurrency 1 is what the gateway itself (interceptor, admission,
 request and response building, logging and metrics) adds to loopback gRPC; set beside
 bench/echo_server.py (a grpc.aio server that does nothing), the difference is ragserve's part.
 
-    .venv/bin/python bench/gateway_floor_server.py --port 50123
+    .venv/bin/python bench/gateway_floor_server.py --port 50123 [--undo metrics] [--event-loop uvloop]
+
+`--undo NAME` puts back what a kept change of issue 23 replaced, so that bench/profile_embed.py
+can show each change's gain in the same run (UNDO lists them).
 """
 
 from __future__ import annotations
@@ -32,6 +35,41 @@ class _Discard(list):
         pass
 
 
+def _prometheus_metrics() -> None:
+    """Before loop_metrics.py: prometheus_client's own (locking) Counter, Gauge, Histogram."""
+    import prometheus_client
+
+    from ragserve_server.observability import metrics
+
+    metrics.Counter, metrics.Gauge, metrics.Histogram = prometheus_client.Counter, prometheus_client.Gauge, prometheus_client.Histogram
+
+
+def _structlog_chain() -> None:
+    """Before: structlog's TimeStamper (a datetime per line) and PrintLogger (print())."""
+    import structlog
+
+    from ragserve_server.observability import logging_setup
+
+    logging_setup._UtcTimestamp = lambda: structlog.processors.TimeStamper(fmt="iso", utc=True)
+    structlog.WriteLoggerFactory = structlog.PrintLoggerFactory  # this process only
+
+
+def _uuid_request_ids() -> None:
+    """Before: a new request id from uuid4().hex."""
+    import uuid
+
+    from ragserve_server.calls import call_scope
+    from ragserve_server.transport import grpc_interceptor
+
+    def request_id_or_new(given):
+        return given if given and call_scope._REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+    grpc_interceptor.request_id_or_new = request_id_or_new
+
+
+UNDO = {"metrics": _prometheus_metrics, "access-log": _structlog_chain, "request-id": _uuid_request_ids}
+
+
 async def serve(port: int) -> None:
     settings = Settings(port=port, http_port=0)
     # As main.py does: JSON lines (structlog's default console renderer costs several times more).
@@ -45,4 +83,13 @@ async def serve(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(serve(parser.parse_args().port))
+    parser.add_argument("--undo", action="append", default=[], choices=sorted(UNDO), help="put back what a kept change replaced")
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
+    args = parser.parse_args()
+    for name in args.undo:
+        UNDO[name]()
+    if args.event_loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(serve(args.port))

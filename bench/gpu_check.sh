@@ -75,6 +75,8 @@ prepare() {
   cp -a "$STAGE/minilm/pkg/." "$STAGE/site/"
   cp "$STAGE/minilm/reference.npz" .whl/gpu_check/
   tar -C "$STAGE/site" -cf - . | xz -9 -T2 > .whl/site.tar.xz
+  # h2load (the native load of bench/native_load.py) and the libraries an image may lack, as .deb files (~2 MB).
+  mkdir -p .whl/debs && (cd .whl/debs && apt-get download -q nghttp2-client libnghttp2-14 libev4 libjansson4 libjemalloc2 libxml2)
   du -sh .whl/* .whl
   local bytes
   bytes=$(du -sb .whl | cut -f1)
@@ -116,6 +118,14 @@ device() {
   mkdir -p /tmp/site
   tar -xJf .whl/site.tar.xz -C /tmp/site
   export PYTHONPATH="/tmp/site:$ROOT/server:$ROOT/client"
+  # h2load from the carried .deb files: unpacked (no root), run through a wrapper that sets its library path only.
+  if ls .whl/debs/*.deb >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then
+    mkdir -p /tmp/h2load && for deb in .whl/debs/*.deb; do dpkg-deb -x "$deb" /tmp/h2load; done
+    printf '#!/bin/sh\nLD_LIBRARY_PATH=/tmp/h2load/usr/lib/x86_64-linux-gnu exec /tmp/h2load/usr/bin/h2load "$@"\n' > /tmp/h2load/run
+    chmod +x /tmp/h2load/run
+    if /tmp/h2load/run --version; then export RAGSERVE_H2LOAD=/tmp/h2load/run
+    else echo "gpu_check: the carried h2load does not run here (see above): no native load" >&2; fi
+  fi
   python3 - <<'EOF'
 import sys, sysconfig, pathlib
 import numpy, grpc, google.protobuf, tritonclient, structlog, torch, transformers, tokenizers

@@ -11,20 +11,27 @@ a separate load process, and over the measured window:
 The table it prints is CPU milliseconds per call by part, so parts add up to what one call
 costs the machine. Samples are taken of threads that are running (py-spy without --idle).
 
-Then, under the same load and without py-spy, two servers with no model (the floors of
-bench/latency_ladder.py, here at the same concurrency): bench/echo_server.py, a grpc.aio
-server that answers at once, and bench/gateway_floor_server.py, the gateway as deployed in
-front of the tests' fake backend. Their CPU per call, and its difference (the gateway's own
-work: interceptor, admission, tokenizing, request and response building, logging, metrics).
+Then, without py-spy, two servers with no model (the floors of bench/latency_ladder.py):
+bench/echo_server.py, a grpc.aio server that answers at once, and
+bench/gateway_floor_server.py, the gateway as deployed in front of the tests' fake backend.
+Their CPU per call, and its difference (the gateway's own work: interceptor, admission,
+tokenizing, request and response building, logging, metrics), two ways: both saturated at
+the same concurrency, and both driven at the call rate the real stack served (a grpc.aio
+server's CPU per call falls as its rate rises, so the real gateway is compared with the echo
+server at its own rate: the real gateway's CPU per call minus the echo server's).
+
+The load is h2load (bench/native_load.py: C, pre-framed gRPC calls, a few % of a core), in a
+process of its own; `--load python` uses bench/embed_load.py (grpc.aio callers) instead.
 
     .venv/bin/python bench/profile_embed.py [--seconds 20] [--concurrency 64] [--repository model_repository]
-        [--floor-seconds 10]
+        [--floor-seconds 10] [--load native|python]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
 import os
 import subprocess
@@ -37,7 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from embed_bench import script_server  # noqa: E402
+import native_load  # noqa: E402
+from embed_bench import script_server, sentences  # noqa: E402
+from ragserve.v1 import embed_pb2  # noqa: E402
 from support import GatewayProcess, python_backend_stubs, start_triton  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -150,7 +159,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="functions to list by their own samples, per process")
     parser.add_argument("--native", type=Path, help="also write the gateway's native (C frames) samples here, as raw collapsed stacks")
     parser.add_argument("--floor-seconds", type=float, default=10.0, help="load on each no-model floor server (0: skip them)")
+    parser.add_argument("--load", choices=("native", "python"), default="native", help="h2load (default) or grpc.aio callers")
     args = parser.parse_args()
+    global LOAD
+    LOAD = args.load
 
     with tempfile.TemporaryDirectory(prefix="ragserve-profile-") as tmp:
         work = Path(tmp)
@@ -201,6 +213,8 @@ def main() -> None:
                 if spent * 1000 / calls >= 0.01:
                     print(f"  thread {thread:43} {spent * 1000 / calls:11.3f} {spent / elapsed:6.0%}")
         print(f"{'all':52} {total * 1000 / calls:11.3f} {total / elapsed:6.0%}")
+        gateway_ms = (after["gateway"] - before["gateway"]) * 1000 / calls
+        real_rate = calls / elapsed
 
         for label, spy_names, rules, process in (
             ("gateway", ["gateway"], GATEWAY_PARTS, "gateway"),
@@ -221,43 +235,104 @@ def main() -> None:
                 print(f"    {count / n:6.1%}  {frame[:110]}")
 
     if args.floor_seconds > 0:
-        print(f"\nfloors with no model at concurrency {args.concurrency} (CPU ms per call; {args.floor_seconds:.0f} s each, no py-spy):")
-        print(f"  {'server':50} {'server':>7} {'load gen':>8} {'calls/s':>8}")
+        print(f"\nfloors with no model at concurrency {args.concurrency} ({LOAD} load; CPU ms per call; {args.floor_seconds:.0f} s each, no py-spy):")
+        print(f"  {'server':58} {'server':>7} {'load gen':>8} {'calls/s':>8}")
         floors = {}
-        for label, script in (("echo server (grpc.aio, answers at once)", "echo_server.py"),
-                              ("gateway on the fake backend (no Triton)", "gateway_floor_server.py")):
+        servers = (("echo server (grpc.aio, answers at once)", "echo_server.py"),
+                   ("gateway on the fake backend (no Triton)", "gateway_floor_server.py"))
+        for label, script in servers:
             floors[script] = server_ms, load_ms, rate = floor_cpu(script, args.concurrency, args.floor_seconds)
-            print(f"  {label:50} {server_ms:7.3f} {load_ms:8.3f} {rate:8.0f}")
+            print(f"  {label + ', saturated':58} {server_ms:7.3f} {load_ms:8.3f} {rate:8.0f}")
+        # Each kept change of issue 23 undone (and candidates tried), the same load, in this run.
+        for label, extra in FLOOR_VARIANTS:
+            server_ms, load_ms, rate = floor_cpu("gateway_floor_server.py", args.concurrency, args.floor_seconds, args=extra)
+            print(f"  {'  ' + label:58} {server_ms:7.3f} {load_ms:8.3f} {rate:8.0f}")
         own = floors["gateway_floor_server.py"][0] - floors["echo_server.py"][0]
-        print(f"  the gateway's own work: {own:.3f} ms of CPU per call (the second server's minus the first's)")
+        if LOAD == "native":  # h2load paces calls (--rps): the same rate as the real stack served
+            for label, script in servers:
+                floors[script, "rate"] = server_ms, load_ms, rate = floor_cpu(script, args.concurrency, args.floor_seconds, real_rate)
+                print(f"  {label + f', at {real_rate:.0f} calls/s':58} {server_ms:7.3f} {load_ms:8.3f} {rate:8.0f}")
+        print(f"  the gateway's own work, saturated: {own:.3f} ms of CPU per call (fake-backend gateway minus echo server)")
+        if LOAD == "native":
+            echo_at_rate = floors["echo_server.py", "rate"][0]
+            print(f"  the gateway's own work, real stack at c{args.concurrency}: {gateway_ms - echo_at_rate:.3f} ms of CPU per call "
+                  f"(the gateway's {gateway_ms:.3f} minus the echo server's {echo_at_rate:.3f} at the same {real_rate:.0f} calls/s)")
 
 
-def floor_cpu(script: str, concurrency: int, seconds: float) -> tuple[float, float, float]:
+# The gateway floor with a kept change undone, or with a candidate on (bench/gateway_floor_server.py).
+FLOOR_VARIANTS = [
+    ("undone: lock-free metrics (prometheus_client's own)", ("--undo", "metrics")),
+    ("undone: access log chain (TimeStamper, PrintLogger)", ("--undo", "access-log")),
+    ("undone: request ids from uuid4", ("--undo", "request-id")),
+    ("undone: all three", ("--undo", "metrics", "--undo", "access-log", "--undo", "request-id")),
+    *([("tried: uvloop event loop", ("--event-loop", "uvloop"))] if importlib.util.find_spec("uvloop") else []),
+]
+
+
+def floor_cpu(
+    script: str, concurrency: int, seconds: float, rate: float | None = None, args: tuple[str, ...] = ()
+) -> tuple[float, float, float]:
     """(server CPU ms per call, load generator CPU ms per call, calls/s) of bench/`script`
-    under `concurrency` single-sentence callers, measured over `seconds` after a warm-up."""
-    with script_server(script, quiet=True) as (address, server):
-        load = start_load(address, concurrency, seconds + 4)
+    under `concurrency` single-sentence callers (at most `rate` calls/s in all, native load
+    only), measured over `seconds` after a warm-up."""
+    with script_server(script, quiet=True, args=args) as (address, server):
+        load = start_load(address, concurrency, seconds + 4, rate=rate)
         time.sleep(2)  # warm: the window starts once the load is steady
-        server_before, load_before, start = cpu_seconds(server.pid), cpu_seconds(load.pid), time.monotonic()
+        server_before, load_before, start = cpu_seconds(server.pid), load.cpu(), time.monotonic()
         time.sleep(seconds)
-        server_used, load_used = cpu_seconds(server.pid) - server_before, cpu_seconds(load.pid) - load_before
+        server_used, load_used = cpu_seconds(server.pid) - server_before, load.cpu() - load_before
         elapsed = time.monotonic() - start
         calls = calls_in_window(load, start, elapsed)
     return server_used * 1000 / calls, load_used * 1000 / calls, calls / elapsed
 
 
-def start_load(address: str, concurrency: int, seconds: float) -> subprocess.Popen:
-    """bench/embed_load.py against `address`: single-sentence callers for `seconds`, in a process of its own."""
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "embed_load.py"), address, str(concurrency), str(seconds)],
-        stdout=subprocess.PIPE, text=True,
-    )
+LOAD = "native"
+# Warm-up of the native load before its measured window (whole seconds; the callers of this
+# module sleep that long, or longer, before reading CPU).
+NATIVE_WARM_UP = 2
 
 
-def calls_in_window(load: subprocess.Popen, start: float, elapsed: float) -> int:
+class _Load:
+    """A load process: h2load (native) or bench/embed_load.py; `pid`, `cpu()`, `calls(start, elapsed)`."""
+
+    def __init__(self, address: str, concurrency: int, seconds: float, rate: float | None) -> None:
+        self.native = LOAD == "native"
+        if self.native:
+            # h2load's window: from NATIVE_WARM_UP s after its start for `seconds` - warm-up;
+            # one fixed sentence of the bench's kind (the fake backend and Triton treat all alike).
+            request = embed_pb2.EmbedRequest(inputs=[sentences(1)[0]])
+            clients = max(1, (concurrency + 15) // 16)
+            self.run = native_load.start(
+                address, "/ragserve.v1.Embed/Embed", request, concurrency=concurrency, connections=clients,
+                seconds=seconds - NATIVE_WARM_UP, warm_up=NATIVE_WARM_UP, rps=None if rate is None else rate / clients,
+            )
+            self.pid = self.run.process.pid
+        else:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "embed_load.py"), address, str(concurrency), str(seconds)],
+                stdout=subprocess.PIPE, text=True,
+            )
+            self.pid = self.process.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def calls(self, start: float, elapsed: float) -> int:
+        if self.native:  # h2load's own count over its window, scaled to ours
+            result = self.run.result()
+            return round(result.rate * elapsed)
+        finished, _ = self.process.communicate(timeout=60)
+        return sum(1 for t in json.loads(finished) if start <= t <= start + elapsed)
+
+
+def start_load(address: str, concurrency: int, seconds: float, rate: float | None = None) -> _Load:
+    """Single-sentence callers against `address` for `seconds`, in a process of its own."""
+    return _Load(address, concurrency, seconds, rate)
+
+
+def calls_in_window(load: _Load, start: float, elapsed: float) -> int:
     """The calls the load process completed within [start, start + elapsed] (time.monotonic())."""
-    finished, _ = load.communicate(timeout=60)
-    return sum(1 for t in json.loads(finished) if start <= t <= start + elapsed)
+    return load.calls(start, elapsed)
 
 
 if __name__ == "__main__":
