@@ -88,7 +88,12 @@ test: setup models $(NUMPY2)/.installed lint-imports
 test-unit: setup
 	$(PY) -m pytest -q tests -m "not integration"
 
-bench: setup models
+# The native load generator of the throughput rows (bench/native_load.py): Debian's nghttp2-client.
+.PHONY: h2load
+h2load:
+	@command -v h2load >/dev/null || apt-get install -y -q nghttp2-client
+
+bench: setup models h2load
 	$(PY) bench/embed_bench.py
 
 clean:
@@ -97,7 +102,7 @@ clean:
 # Where an Embed call's CPU goes at concurrency 64: per process and thread, py-spy samples by part, and
 # two no-model floors under the same load (echo server; gateway on the fake backend).
 .PHONY: profile
-profile: setup models
+profile: setup models h2load
 	$(PY) bench/profile_embed.py
 
 # Where a single-sentence call's latency goes at concurrency 1: raw model, Triton direct, gateway.
