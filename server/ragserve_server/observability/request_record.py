@@ -16,10 +16,8 @@ differences of consecutive entries; tokens that arrive together share a time).
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from collections.abc import Iterator
 
 
 @dataclass
@@ -61,19 +59,37 @@ def finish(token) -> None:
     _current.reset(token)
 
 
-@contextmanager
-def stage(name: str) -> Iterator[None]:
-    record = _current.get()
-    begin = time.perf_counter()
-    try:
-        if stage_span is None or record is None:
-            yield
-        else:
-            with stage_span(name):
-                yield
-    finally:
-        if record is not None:
-            record.add_stage(name, time.perf_counter() - begin)
+def stage(name: str) -> "_Stage":
+    """`with stage("tokenize"):` times the block into the call's record (and a span, tracing on).
+
+    A class, not a generator-based context manager: four stages a call, 0.5 us each this way
+    against 2-3 us through contextlib."""
+    return _Stage(name)
+
+
+class _Stage:
+    __slots__ = ("name", "record", "begin", "span")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.record = record = _current.get()
+        self.span = None
+        if stage_span is not None and record is not None:
+            self.span = stage_span(self.name)
+            self.span.__enter__()
+        self.begin = time.perf_counter()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        elapsed = time.perf_counter() - self.begin
+        try:
+            if self.span is not None:
+                return bool(self.span.__exit__(exc_type, exc, tb))
+            return False
+        finally:
+            if self.record is not None:
+                self.record.add_stage(self.name, elapsed)
 
 
 def add_tokens(*, prompt: int = 0, completion: int = 0) -> None:
