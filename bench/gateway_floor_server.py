@@ -67,7 +67,30 @@ def _uuid_request_ids() -> None:
     grpc_interceptor.request_id_or_new = request_id_or_new
 
 
-UNDO = {"metrics": _prometheus_metrics, "access-log": _structlog_chain, "request-id": _uuid_request_ids}
+def _contextlib_stages() -> None:
+    """Before: request_record.stage() as a contextlib generator."""
+    import time
+    from contextlib import contextmanager
+
+    from ragserve_server.observability import request_record
+
+    @contextmanager
+    def stage(name: str):
+        record = request_record.current()
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            if record is not None:
+                record.add_stage(name, time.perf_counter() - begin)
+
+    request_record.stage = stage
+
+
+UNDO = {
+    "metrics": _prometheus_metrics, "access-log": _structlog_chain, "request-id": _uuid_request_ids,
+    "stages": _contextlib_stages,
+}
 
 
 async def serve(port: int) -> None:

@@ -264,7 +264,8 @@ FLOOR_VARIANTS = [
     ("undone: lock-free metrics (prometheus_client's own)", ("--undo", "metrics")),
     ("undone: access log chain (TimeStamper, PrintLogger)", ("--undo", "access-log")),
     ("undone: request ids from uuid4", ("--undo", "request-id")),
-    ("undone: all three", ("--undo", "metrics", "--undo", "access-log", "--undo", "request-id")),
+    ("undone: stage timers as contextlib generators", ("--undo", "stages")),
+    ("undone: all four", ("--undo", "metrics", "--undo", "access-log", "--undo", "request-id", "--undo", "stages")),
     *([("tried: uvloop event loop", ("--event-loop", "uvloop"))] if importlib.util.find_spec("uvloop") else []),
 ]
 
