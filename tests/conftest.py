@@ -131,13 +131,21 @@ def pytest_runtest_protocol(item, nextitem):
         _RUNNING[0] = None
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_fixture_setup(fixturedef, request):
-    _FIXTURES.append(fixturedef.argname)
-    try:
-        yield
-    finally:
-        _FIXTURES.pop()
+class _FixtureStack:
+    """Registered as a plugin of its own: a conftest's pytest_fixture_setup is not called for
+    session-scoped fixtures (their node, the session, is above this folder)."""
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        _FIXTURES.append(fixturedef.argname)
+        try:
+            yield
+        finally:
+            _FIXTURES.pop()
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_FixtureStack(), "ragserve-fixture-stack")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -152,6 +160,7 @@ def pytest_runtest_makereport(item, call):
     report.longrepr = (
         f"{item.nodeid} is marked `integration` but starts no Triton or gateway, itself or through "
         "a fixture: take the marker off (or start the process through a fixture or subprocess)"
+        f" [its fixtures: {sorted(getattr(item, 'fixturenames', ()))}; fixtures seen starting one: {sorted(_STARTING_FIXTURES)}]"
     )
 
 
