@@ -131,6 +131,12 @@ SOAK_MINUTES ?= 10
 bench-soak: setup models
 	$(PY) bench/soak_bench.py --minutes $(SOAK_MINUTES) --generate
 
+# DoS: interactive p99 while unauthenticated 30 MiB bodies, 100k-character stop strings and
+# 600 slow HTTP connections arrive (loopback, bounded, stops by itself).
+.PHONY: bench-dos
+bench-dos: setup models
+	$(PY) bench/dos_bench.py
+
 # Rerank: quality on bench/data/relevance.jsonl next to BM25, and 1000-document Rerank vs Embed.
 .PHONY: bench-rerank
 bench-rerank: setup models
