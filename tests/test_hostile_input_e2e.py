@@ -19,6 +19,7 @@ import re
 import grpc
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis import strategies as st
 
 from ragserve.v1 import (
@@ -31,11 +32,13 @@ from ragserve.v1 import (
     models_pb2_grpc,
     rerank_pb2,
     rerank_pb2_grpc,
+    tokenize_pb2,
+    tokenize_pb2_grpc,
 )
 from grpc_health.v1 import health_pb2
 from ragserve_server.models.builtin import smollm2_spec
 from ragserve_server.settings import Settings
-from support import MODEL_REPOSITORY, GatewayProcess, health_status, start_triton, unavailable
+from support import MODEL_REPOSITORY, ROOT, GatewayProcess, health_status, start_triton, unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -57,12 +60,15 @@ METHODS = {  # path: (kind, a valid request: corrupted on the wire, its response
     "/ragserve.v1.Generate/Generate": ("unary", generate_pb2.GenerateRequest(prompt="Hi", max_tokens=1), generate_pb2.GenerateResponse),
     "/ragserve.v1.Generate/GenerateStream": ("server_stream", generate_pb2.GenerateRequest(prompt="Hi", max_tokens=1), generate_pb2.GenerateStreamResponse),
     "/ragserve.v1.Models/ListModels": ("unary", models_pb2.ListModelsRequest(), models_pb2.ListModelsResponse),
+    "/ragserve.v1.Tokenize/Tokenize": ("unary", tokenize_pb2.TokenizeRequest(inputs=["hello"]), tokenize_pb2.TokenizeResponse),
+    "/ragserve.v1.Tokenize/Detokenize": ("unary", tokenize_pb2.DetokenizeRequest(ids=[101, 102]), tokenize_pb2.DetokenizeResponse),
 }
 GENERATE_METHODS = {p for p in METHODS if p.startswith("/ragserve.v1.Generate/")}
 
 HYPOTHESIS = dict(
     deadline=None,
-    database=None,  # nothing written into the working tree; failures print their example
+    # Kept on disk (git-ignored): a failing example is replayed first on the next run.
+    database=DirectoryBasedExampleDatabase(str(ROOT / ".hypothesis" / "examples")),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
 )
 
@@ -250,6 +256,9 @@ def embed_requests(models: dict[int, list[str]]) -> st.SearchStrategy[embed_pb2.
         dimensions=optional(st.integers(1, 384)),
         input_type=known(embed_pb2.InputType),
         priority=known(common_pb2.Priority),
+        encoding=known(embed_pb2.EmbeddingEncoding),
+        sparse_top_k=optional(st.integers(1, 64)),
+        sparse_threshold=optional(st.floats(0, 1, width=32)),
     )
     anything = dict(
         model=st.one_of(st.sampled_from(names + [n for v in models.values() for n in v]), texts),
@@ -259,6 +268,9 @@ def embed_requests(models: dict[int, list[str]]) -> st.SearchStrategy[embed_pb2.
         dimensions=optional(st.one_of(st.sampled_from([0, 385, 2**31, 2**32 - 1]), uint32)),
         input_type=enum_values(embed_pb2.InputType),
         priority=enum_values(common_pb2.Priority),
+        encoding=enum_values(embed_pb2.EmbeddingEncoding),
+        sparse_top_k=optional(uint32),
+        sparse_threshold=optional(floats32),
     )
     return message(embed_pb2.EmbedRequest, valid, anything)
 
@@ -274,6 +286,7 @@ def rerank_requests(models: dict[int, list[str]]) -> st.SearchStrategy[rerank_pb
         truncate=known(common_pb2.Truncate),
         raw_scores=st.booleans(),
         priority=known(common_pb2.Priority),
+        chunk_long_documents=st.booleans(),
     )
     anything = dict(
         model=st.one_of(st.sampled_from(names + [n for v in models.values() for n in v]), texts),
@@ -284,6 +297,7 @@ def rerank_requests(models: dict[int, list[str]]) -> st.SearchStrategy[rerank_pb
         truncate=enum_values(common_pb2.Truncate),
         raw_scores=st.booleans(),
         priority=enum_values(common_pb2.Priority),
+        chunk_long_documents=st.booleans(),
     )
     return message(rerank_pb2.RerankRequest, valid, anything)
 
@@ -314,6 +328,12 @@ def generate_requests(models: dict[int, list[str]]) -> st.SearchStrategy[generat
                 repetition_penalty=optional(st.floats(0.5, 2, width=32)),
                 seed=optional(st.integers(0, 2**64 - 1)),
                 stop=st.lists(nonempty_texts, max_size=4),
+                logprobs=st.booleans(),
+                top_logprobs=optional(st.integers(0, 20)),
+                stop_token_ids=st.lists(st.integers(0, 49_151), max_size=4),
+                presence_penalty=optional(st.floats(-2, 2, width=32)),
+                frequency_penalty=optional(st.floats(-2, 2, width=32)),
+                min_p=optional(st.floats(0, 1, width=32)),
             )
         ),
         prompt_or_chat,
@@ -332,8 +352,44 @@ def generate_requests(models: dict[int, list[str]]) -> st.SearchStrategy[generat
         repetition_penalty=optional(floats32),
         seed=optional(st.integers(0, 2**64 - 1)),
         stop=st.lists(st.one_of(st.text(max_size=10), st.sampled_from(ODD_TEXTS)), max_size=6),
+        logprobs=st.booleans(),
+        top_logprobs=optional(uint32),
+        stop_token_ids=st.lists(uint32, max_size=20),
+        presence_penalty=optional(floats32),
+        frequency_penalty=optional(floats32),
+        min_p=optional(floats32),
     )
     return st.one_of(valid, anything)
+
+
+def tokenize_requests(models: dict[int, list[str]]) -> st.SearchStrategy[tokenize_pb2.TokenizeRequest]:
+    names = [""] + [n for v in models.values() for n in v]
+    valid = dict(
+        model=st.sampled_from(names),
+        inputs=st.lists(nonempty_texts, min_size=1, max_size=6),
+        truncate=known(common_pb2.Truncate),
+        input_type=known(embed_pb2.InputType),
+        return_tokens=st.booleans(),
+    )
+    anything = dict(
+        model=st.one_of(st.sampled_from(names), texts),
+        inputs=st.one_of(st.lists(texts, max_size=6), beyond(MAX_INPUTS)),
+        truncate=enum_values(common_pb2.Truncate),
+        input_type=enum_values(embed_pb2.InputType),
+        return_tokens=st.booleans(),
+    )
+    return message(tokenize_pb2.TokenizeRequest, valid, anything)
+
+
+def detokenize_requests(models: dict[int, list[str]]) -> st.SearchStrategy[tokenize_pb2.DetokenizeRequest]:
+    names = [""] + [n for v in models.values() for n in v]
+    valid = dict(model=st.sampled_from(names), ids=st.lists(st.integers(0, 30_521), max_size=40), skip_special_tokens=optional(st.booleans()))
+    anything = dict(
+        model=st.one_of(st.sampled_from(names), texts),
+        ids=st.one_of(st.lists(uint32, max_size=40), st.integers(1, 5).map(lambda k: [101] * (100_000 * k))),
+        skip_special_tokens=optional(st.booleans()),
+    )
+    return message(tokenize_pb2.DetokenizeRequest, valid, anything)
 
 
 def generate_deadline(request: generate_pb2.GenerateRequest) -> float:
@@ -352,8 +408,9 @@ def test_embed_messages(gateway, channel):
     def check(request):
         code, details, reply = outcome(stub.Embed, request, timeout=HANG_GUARD)
         assert_clear(code, details, request)
-        if code == Code.OK:
-            assert len(reply.embeddings) == len(request.inputs)
+        if code == Code.OK:  # one row per input, in whichever form the encoding asks for
+            rows = len(reply.embeddings) or reply.packed.rows or len(reply.sparse_embeddings) or len(reply.multi_vector_embeddings)
+            assert rows == len(request.inputs)
 
     check()
     assert_serving(gateway, channel)
@@ -411,6 +468,31 @@ def test_rerank_messages(gateway, channel):
             assert len(reply.results) == min(top_n, len(request.documents))
 
     check()
+    assert_serving(gateway, channel)
+
+
+def test_tokenize_messages(gateway, channel):
+    stub = tokenize_pb2_grpc.TokenizeStub(channel)
+    models = served_models(channel)
+
+    @settings(max_examples=40, **HYPOTHESIS)
+    @given(request=tokenize_requests(models))
+    def tokenize(request):
+        code, details, reply = outcome(stub.Tokenize, request, timeout=HANG_GUARD)
+        assert_clear(code, details, request)
+        if code == Code.OK:
+            assert len(reply.results) == len(request.inputs)
+            for result in reply.results:
+                assert len(result.offset_starts) == len(result.offset_ends) == len(result.ids)
+
+    @settings(max_examples=30, **HYPOTHESIS)
+    @given(request=detokenize_requests(models))
+    def detokenize(request):
+        code, details, _ = outcome(stub.Detokenize, request, timeout=HANG_GUARD)
+        assert_clear(code, details, request)
+
+    tokenize()
+    detokenize()
     assert_serving(gateway, channel)
 
 
@@ -594,6 +676,8 @@ def string_fields(path: str, bad: bytes) -> list[bytes]:
     ]
     return {
         "/ragserve.v1.Embed/Embed": embed,
+        "/ragserve.v1.Tokenize/Tokenize": embed,  # model = 1, inputs = 2 as in Embed
+        "/ragserve.v1.Tokenize/Detokenize": [length_delimited(1, bad)],
         "/ragserve.v1.Embed/EmbedStream": [length_delimited(1, bad)] + [length_delimited(1, b"id") + length_delimited(2, e) for e in embed],
         "/ragserve.v1.Rerank/Rerank": [
             length_delimited(1, bad) + length_delimited(2, b"q") + length_delimited(3, b"d"),
@@ -639,7 +723,7 @@ def _wire_cases(path: str, channel: grpc.Channel, gateway: GatewayProcess) -> No
         assert_clear(code, details, payloads, allowed)
 
     junk()
-    if path in GENERATE_METHODS or path.endswith("/Embed") or path.endswith("/EmbedStream") or path.endswith("/Rerank"):
+    if path in GENERATE_METHODS or path.split("/")[-1] in ("Embed", "EmbedStream", "Rerank", "Tokenize", "Detokenize"):
 
         @settings(max_examples=15, **HYPOTHESIS)
         @given(bad=invalid_utf8, which=st.integers(0, 4))

@@ -239,16 +239,21 @@ def test_gateway_refuses_a_real_triton_serving_another_max_batch(tmp_path):
 
 @pytest.mark.integration
 def test_a_second_embedding_model_is_one_flag(triton, model_repository, tmp_path):
-    """Exported with scripts/export_encoder.py, loaded into the running Triton, served by
-    `--embedding-models name=folder` alone: its vectors equal the reference."""
+    """Exported with scripts/export_encoder.py (with input-type prefixes in its registry entry),
+    loaded into the running Triton, served by `--embedding-models name=folder` alone: its
+    vectors equal the reference, with the prefix for an input type; Tokenize puts the prefix's
+    tokens first with (0, 0) offsets."""
     import ragserve
     import tritonclient.grpc as triton_grpc
+
+    from transformers import AutoTokenizer
 
     from reference import MINILM_DIR, minilm_embeddings
 
     folder = model_repository / "second-embedder"
     export = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "export_encoder.py"), "--hf-folder", str(MINILM_DIR), "--out", str(folder)],
+        [sys.executable, str(ROOT / "scripts" / "export_encoder.py"), "--hf-folder", str(MINILM_DIR), "--out", str(folder),
+         "--prompt", "query=query: ", "--prompt", "passage=passage: "],
         capture_output=True, text=True,
     )
     assert export.returncode == 0, export.stderr[-3000:]
@@ -264,5 +269,20 @@ def test_a_second_embedding_model_is_one_flag(triton, model_repository, tmp_path
             np.testing.assert_allclose(result.embeddings, minilm_embeddings(texts), atol=1e-4)
             names = {m.name for m in client.list_models()}
             assert {"copy-of-minilm", "all-minilm-l6-v2"} <= names
+            for input_type, prefix in (("query", "query: "), ("passage", "passage: ")):
+                typed = client.embed(texts, model="copy-of-minilm", input_type=input_type)
+                np.testing.assert_allclose(typed.embeddings, minilm_embeddings([prefix + t for t in texts]), atol=1e-4)
+                assert typed.usage.prompt_tokens > result.usage.prompt_tokens
+            tokenizer = AutoTokenizer.from_pretrained(MINILM_DIR)
+            text = "Paris is the capital"
+            plain = client.tokenize([text], model="copy-of-minilm").results[0]
+            typed = client.tokenize([text], model="copy-of-minilm", input_type="query").results[0]
+            assert typed.ids == tokenizer("query: " + text)["input_ids"]
+            prefix_tokens = len(typed.ids) - len(plain.ids)
+            assert prefix_tokens == len(tokenizer("query: ", add_special_tokens=False)["input_ids"]) > 0
+            # [CLS], then the prefix's tokens with empty (0, 0) offsets, then the text's own,
+            # whose offsets point into the text the caller sent (not the prefixed one).
+            assert [tuple(o) for o in typed.offsets[1 : 1 + prefix_tokens]] == [(0, 0)] * prefix_tokens
+            assert [tuple(o) for o in typed.offsets[1 + prefix_tokens :]] == [tuple(o) for o in plain.offsets[1:]]
     finally:
         gateway.stop()

@@ -193,6 +193,7 @@ def keyed(triton, pki, tmp_path_factory):
     keys = {
         "search": new_key(keys_file, "search-backend", "ragserve.v1.Embed", "ragserve.v1.Rerank"),
         "models": new_key(keys_file, "models-only", "ragserve.v1.Models"),
+        "tokens": new_key(keys_file, "tokenizer", "ragserve.v1.Tokenize"),
     }
     gateway = GatewayProcess(
         triton.grpc_url, triton.models, work / "gateway.log",
@@ -224,6 +225,18 @@ def test_api_keys_answer_the_right_codes(keyed, pki):
         assert client.rerank("capital of France", ["Berlin", "Paris"]).results
         with pytest.raises(ragserve.PermissionDeniedError):
             client.list_models()
+    # Tokenize is keyed like the others. (Generate is too, but this gateway serves no generation
+    # model, so its service is not registered: test_security_http_e2e's keyed gateway has one.)
+    with ragserve.Client(gateway.address, root_certificates=ca, timeout=30) as client:
+        with pytest.raises(ragserve.UnauthenticatedError):
+            client.tokenize(["no key"])
+    with ragserve.Client(gateway.address, root_certificates=ca, api_key=keys["search"], timeout=30) as client:
+        with pytest.raises(ragserve.PermissionDeniedError, match="may not call ragserve.v1.Tokenize"):
+            client.tokenize(["a key without Tokenize"])
+    with ragserve.Client(gateway.address, root_certificates=ca, api_key=keys["tokens"], timeout=30) as client:
+        assert client.tokenize(["the right key"]).results[0].ids
+        with pytest.raises(ragserve.PermissionDeniedError):
+            client.embed(["a key without Embed"])
     # x-api-key works as well as the bearer token.
     with ragserve.Client(gateway.address, root_certificates=ca, metadata=[("x-api-key", keys["search"])], timeout=30) as client:
         assert client.embed(["x-api-key"]).embeddings.shape == (1, 384)
