@@ -34,6 +34,7 @@ from ragserve_server.models.gpu_versions import TRITON, check_tensorrt_version
 from ragserve_server.models.registry import GPU, TENSORRT, TORCH_CUDA
 from ragserve_server.models.repository import render_repository, triton_config
 from ragserve_server.models.tensorrt_profiles import MAX_PROFILE_TOKENS, check_coverage, max_rows, profile_plan
+from support import import_or_unavailable, unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -306,7 +307,7 @@ VERSION_DIR = ROOT / "model_repository" / "smollm2" / "1"
 
 @pytest.fixture(scope="module")
 def engine_modules():
-    pytest.importorskip("torch")
+    import_or_unavailable("torch")
     sys.path.insert(0, str(VERSION_DIR))
     import engine
     import engine_config
@@ -330,7 +331,7 @@ def test_the_engine_runs_on_its_instances_gpu(engine_modules, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    transformers = import_or_unavailable("transformers")
     import torch
 
     folder = tmp_path_factory.mktemp("tiny_llama")
@@ -409,7 +410,7 @@ def rendered_triton() -> dict:
 
     kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl is not installed: `make setup`")
+        unavailable("kubectl is not installed: `make setup`")
     result = subprocess.run([kubectl, "kustomize", str(GPU_OVERLAY)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]

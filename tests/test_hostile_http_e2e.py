@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ragserve_server.models.builtin import smollm2_spec
-from support import MODEL_REPOSITORY, GatewayProcess, free_port, start_triton
+from support import MODEL_REPOSITORY, GatewayProcess, free_port, start_triton, unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def tame(route: str, body):
 @pytest.fixture(scope="module")
 def http(tmp_path_factory):
     if smollm2_spec(MODEL_REPOSITORY).missing_artifacts(MODEL_REPOSITORY):
-        pytest.skip("SmolLM2 is not built: `make models`")
+        unavailable("SmolLM2 is not built: `make models`")
     work = tmp_path_factory.mktemp("hostile_http")
     triton = start_triton(work, ["minilm", "smollm2"])
     port = free_port()

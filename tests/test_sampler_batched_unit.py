@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from support import import_or_unavailable  # noqa: E402
+
+torch = import_or_unavailable("torch", allow_module_level=True)
 F = torch.nn.functional
 
 VERSION_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "smollm2" / "1"

@@ -34,7 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ragserve.v1 import embed_pb2, embed_pb2_grpc, generate_pb2, generate_pb2_grpc
 from ragserve_server.models.builtin import smollm2_spec
 from ragserve_server.security.keys import key_line, new_key
-from support import MODEL_REPOSITORY, GatewayProcess, free_port, start_triton, wait_for_health
+from support import MODEL_REPOSITORY, GatewayProcess, free_port, start_triton, unavailable, wait_for_health
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +90,7 @@ def pki(tmp_path_factory):
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
     if smollm2_spec(MODEL_REPOSITORY).missing_artifacts(MODEL_REPOSITORY):
-        pytest.skip("SmolLM2 is not built: `make models`")
+        unavailable("SmolLM2 is not built: `make models`")
     server = start_triton(tmp_path_factory.mktemp("security_http_triton"), ["minilm", "smollm2"])
     yield server
     server.stop()
