@@ -166,6 +166,15 @@ def test_models_list_equals_grpc(stack, grpc_client):
     assert [m.id for m in listed.data] == [m.name for m in grpc_client.list_models()]
     assert {EMBEDDER, GENERATOR} <= {m.id for m in listed.data}
     assert all(m.object == "model" and m.owned_by == "ragserve" for m in listed.data)
+    # Read from the catalog, not through the gRPC handler: the same limits and defaults, and each
+    # kind by the registry's name (the LLM rerankers, a cross-encoder over gRPC, say so here).
+    infos = {m.name: m for m in grpc_client.list_models()}
+    for m in listed.data:
+        extra = m.model_extra or {}
+        assert (extra["max_input_tokens"], extra["is_default"]) == (infos[m.id].max_input_tokens, infos[m.id].is_default), m.id
+        assert extra["dimensions"] == (infos[m.id].dimensions or None), m.id
+        expected_kind = "llm_reranker" if m.id in ("smollm2-pointwise", "smollm2-listwise") else infos[m.id].kind
+        assert extra["kind"] == expected_kind, m.id
 
 
 # -- rerank (plain HTTP, the Cohere / Jina shape) -------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +13,6 @@ import grpc
 import pytest
 
 from ragserve.v1 import embed_pb2, embed_pb2_grpc
-from ragserve_server.supervision import workers
 from support import GatewayProcess, free_port
 from test_scaleout_e2e import gateway_samples
 
@@ -104,17 +102,6 @@ def test_workers_share_the_port_restart_a_dead_one_and_stop_together(triton, tmp
         gateway.stop()
 
 
-def test_a_worker_takes_its_share_of_the_budgets_and_its_own_metrics_port():
-    assert workers.share(512, 4) == 128 and workers.share(10, 4) == 3 and workers.share(1, 4) == 1
-    assert workers.metrics_port(9000, 2) == 9002 and workers.metrics_port(0, 2) == 0
-    argv = workers.child_argv(["--workers", "3", "--port", "0"], 2, port=50555, http_port=0, triton_url="127.0.0.1:8001")
-    assert argv[:3] == [sys.executable, "-m", "ragserve_server"]
-    from ragserve_server.settings import Settings
-
-    settings = Settings.from_args(argv[3:], env={})
-    assert (settings.workers, settings.worker_index, settings.port, settings.triton_url) == (3, 2, 50555, "127.0.0.1:8001")
-
-
 def test_the_sdk_spreads_one_clients_calls_over_the_workers(triton, tmp_path):
     """`connections=N`: one client, N TCP connections, calls in turn: every worker serves some."""
     import ragserve
@@ -148,19 +135,3 @@ def test_workers_stop_when_worker_0_is_killed(triton, tmp_path):
         wait_until(lambda: not alive(worker), 20, "worker 1 to stop after worker 0 died")
     finally:
         gateway.stop()
-
-
-def test_prometheus_config_scrapes_every_worker(tmp_path):
-    import shutil
-    import subprocess
-
-    from support import ROOT
-
-    out = tmp_path / "prometheus.yml"
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "prometheus_config.py"), "--gateway", "127.0.0.1:9000", "--gateway-workers", "3", "--out", str(out)],
-        check=True, capture_output=True,
-    )
-    assert '- targets: ["127.0.0.1:9000", "127.0.0.1:9001", "127.0.0.1:9002"]' in out.read_text()
-    if shutil.which("promtool"):  # Debian's prometheus package brings it
-        subprocess.run(["promtool", "check", "config", str(out)], check=True, capture_output=True)

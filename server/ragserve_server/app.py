@@ -166,7 +166,7 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     http = None
     if settings.http_port:  # the same services, guard and keys over HTTP
         front = HttpFront(
-            guard, catalog, embed=embed, rerank=rerank, generate=generate, models=models, health=health,
+            guard, catalog, embed=embed, rerank=rerank, generate=generate, health=health,
             max_body_bytes=settings.max_http_body_bytes, receive_timeout=settings.http_receive_timeout,
         )
         http = HttpServer(

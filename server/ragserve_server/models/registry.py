@@ -16,7 +16,7 @@ config: serving it is one flag (`--cross-encoders` / `--embedding-models name=fo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ragserve_server.models.llm_rerankers import LlmReranker

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Executor
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -12,12 +13,13 @@ from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
 from ragserve_server.encoding import quantize
 from ragserve_server.observability import request_record
 from ragserve_server.calls.admission import BULK, Admission
-from ragserve_server.models.catalog import EMBEDDING, Catalog
+from ragserve_server.models.calibration import Calibration
+from ragserve_server.models.catalog import EMBEDDING, Catalog, ServedModel
 from ragserve_server.encoding.encoder import EncoderRunner, finish_embeddings
 from ragserve_server.errors import InvalidInput, RagserveError, status_of
 from ragserve_server.services.common import check_texts, input_type_name, off_loop, requested_model, time_left, truncate_mode
 from ragserve_server.encoding.tokenization import EncoderTokenizer
-from ragserve_server.models.registry import DENSE
+from ragserve_server.models.registry import DENSE, SPARSE
 from ragserve_server.services import embed_outputs
 
 ENCODINGS = {
@@ -143,6 +145,8 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
             reader.cancel()
 
     async def embed(self, request: embed_pb2.EmbedRequest, *, timeout: float | None) -> embed_pb2.EmbedResponse:
+        """The gRPC answer: dense vectors packed as wire bytes (embedding_messages), or the
+        sparse / multi-vector outputs (services/embed_outputs.py)."""
         model = self.catalog.get(requested_model(request.model), (EMBEDDING,))
         texts = list(request.inputs)
         check_texts(texts, self.max_inputs, stream_hint=True)
@@ -152,6 +156,21 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
                 model, self.tokenizers[model.name], self.encoder, self.executor, request, [prefix + t for t in texts],
                 truncate_mode(request.truncate), timeout=timeout,
             )
+        result = await self._dense(model, texts, request, timeout)
+        with request_record.stage("respond"):
+            return embed_response(result)
+
+    async def dense(self, request: embed_pb2.EmbedRequest, *, timeout: float | None) -> DenseEmbeddings:
+        """Dense vectors as numpy, for a front that renders its own format (the HTTP front)."""
+        model = self.catalog.get(requested_model(request.model), (EMBEDDING,))
+        texts = list(request.inputs)
+        check_texts(texts, self.max_inputs, stream_hint=True)
+        if model.embedding_output != DENSE:
+            what = "sparse" if model.embedding_output == SPARSE else "multi-vector (per-token)"
+            raise InvalidInput(f"model {model.name!r} gives {what} vectors, which /v1/embeddings cannot carry; use the gRPC Embed call")
+        return await self._dense(model, texts, request, timeout)
+
+    async def _dense(self, model: ServedModel, texts: list[str], request: embed_pb2.EmbedRequest, timeout: float | None) -> DenseEmbeddings:
         embed_outputs.check_dense(model, request)
         dimensions = request.dimensions if request.HasField("dimensions") else model.dimensions
         if not 1 <= dimensions <= model.dimensions:
@@ -176,24 +195,40 @@ class EmbedService(embed_pb2_grpc.EmbedServicer):
         request_record.add_tokens(prompt=prompt_tokens)
 
         pooled = await self.encoder.pooled(model, tokenizer, sequences, timeout=timeout)
-        with request_record.stage("respond"):
-            vectors = finish_embeddings(pooled, dimensions=dimensions, normalize=normalize)
-            response = embed_pb2.EmbedResponse(
-                model=model.name,
-                usage=common_pb2.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
-                encoding=ENCODING_VALUES[encoding],
+        vectors = finish_embeddings(pooled, dimensions=dimensions, normalize=normalize)
+        return DenseEmbeddings(model.name, vectors, prompt_tokens, encoding, dimensions, calibration)
+
+
+@dataclass(frozen=True)
+class DenseEmbeddings:
+    """What Embed computes for a dense model, before a front renders it."""
+
+    model: str
+    vectors: np.ndarray  # float32 (texts, dimensions), normalised when asked
+    prompt_tokens: int
+    encoding: str  # quantize.ENCODINGS: how the gRPC answer packs them
+    dimensions: int
+    calibration: Calibration | None  # int8 / uint8 ranges, where the model has them
+
+
+def embed_response(result: DenseEmbeddings) -> embed_pb2.EmbedResponse:
+    """The gRPC EmbedResponse of `result`, in its encoding."""
+    response = embed_pb2.EmbedResponse(
+        model=result.model,
+        usage=common_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+        encoding=ENCODING_VALUES[result.encoding],
+    )
+    if result.encoding == quantize.FLOAT:
+        response.embeddings.extend(embedding_messages(result.vectors))
+    else:
+        packed = quantize.encode(result.vectors, result.encoding, result.calibration)
+        response.packed.CopyFrom(
+            embed_pb2.PackedEmbeddings(
+                data=packed.tobytes(),
+                rows=packed.shape[0],
+                columns=packed.shape[1],
+                element_type=_ELEMENT_TYPES[quantize.ELEMENT_TYPES[result.encoding]],
+                dimensions=result.dimensions,
             )
-            if encoding == quantize.FLOAT:
-                response.embeddings.extend(embedding_messages(vectors))
-            else:
-                packed = quantize.encode(vectors, encoding, calibration)
-                response.packed.CopyFrom(
-                    embed_pb2.PackedEmbeddings(
-                        data=packed.tobytes(),
-                        rows=packed.shape[0],
-                        columns=packed.shape[1],
-                        element_type=_ELEMENT_TYPES[quantize.ELEMENT_TYPES[encoding]],
-                        dimensions=dimensions,
-                    )
-                )
-            return response
+        )
+    return response

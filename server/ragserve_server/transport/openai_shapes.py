@@ -14,9 +14,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ragserve.v1 import embed_pb2, generate_pb2, models_pb2, rerank_pb2
+from ragserve.v1 import embed_pb2, generate_pb2, rerank_pb2
 from ragserve_server.errors import InvalidInput
-from ragserve_server.services.common import MODEL_KINDS
+from ragserve_server.models.catalog import Catalog
+from ragserve_server.services.embed import DenseEmbeddings
 
 # OpenAI's "stop" covers the end of sequence and a stop sequence; it has no value for a
 # generation the server cancelled (FINISH_REASON_CANCELLED): null.
@@ -25,7 +26,6 @@ _FINISH = {
     generate_pb2.FINISH_REASON_STOP_SEQUENCE: "stop",
     generate_pb2.FINISH_REASON_LENGTH: "length",
 }
-_KINDS = {value: name for name, value in MODEL_KINDS.items()}
 _UINT32 = 2**32 - 1
 # RerankResult's score field ("score", renamed "relevance_score" with the API's next fields).
 _SCORE = "relevance_score" if "relevance_score" in rerank_pb2.RerankResult.DESCRIPTOR.fields_by_name else "score"
@@ -85,19 +85,15 @@ def embed_request(body: Mapping) -> tuple[embed_pb2.EmbedRequest, str]:
     return request, encoding
 
 
-def embed_response(response: embed_pb2.EmbedResponse, encoding: str) -> dict:
-    if response.sparse_embeddings or response.multi_vector_embeddings:
-        what = "sparse" if response.sparse_embeddings else "multi-vector (per-token)"
-        raise InvalidInput(f"model {response.model!r} gives {what} vectors, which /v1/embeddings cannot carry; use the gRPC Embed call")
+def embed_response(result: DenseEmbeddings, encoding: str) -> dict:
+    """The OpenAI answer, straight from the vectors (no protobuf on the way)."""
+    vectors = np.asarray(result.vectors, dtype="<f4")  # little-endian float32, as OpenAI sends base64
     data = []
-    for index, embedding in enumerate(response.embeddings):
-        if encoding == "base64":  # little-endian float32, as OpenAI sends it
-            vector: object = base64.b64encode(np.asarray(embedding.values, dtype="<f4").tobytes()).decode("ascii")
-        else:
-            vector = list(embedding.values)
+    for index, row in enumerate(vectors):
+        vector: object = base64.b64encode(row.tobytes()).decode("ascii") if encoding == "base64" else row.tolist()
         data.append({"object": "embedding", "index": index, "embedding": vector})
-    usage = {"prompt_tokens": response.usage.prompt_tokens, "total_tokens": response.usage.total_tokens}
-    return {"object": "list", "data": data, "model": response.model, "usage": usage}
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+    return {"object": "list", "data": data, "model": result.model, "usage": usage}
 
 
 # --- rerank (Cohere / Jina) -------------------------------------------------------------
@@ -262,18 +258,20 @@ class Completion:
 # --- models -----------------------------------------------------------------------------
 
 
-def models_response(response: models_pb2.ListModelsResponse) -> dict:
+def models_response(catalog: Catalog) -> dict:
+    """GET /v1/models, read from the catalog as ListModels is (kinds by the registry's names)."""
+    defaults = set(catalog.defaults.values())
     data = [
         {
             "id": m.name,
             "object": "model",
             "created": 0,
             "owned_by": "ragserve",
-            "kind": _KINDS.get(m.kind, "unspecified"),
+            "kind": m.kind,
             "dimensions": m.dimensions or None,
             "max_input_tokens": m.max_input_tokens,
-            "is_default": m.is_default,
+            "is_default": m.name in defaults,
         }
-        for m in response.models
+        for m in catalog.models
     ]
     return {"object": "list", "data": data}

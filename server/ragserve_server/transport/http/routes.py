@@ -7,8 +7,9 @@
     GET  /v1/models            the served models
     GET  /health               200 while the gateway serves, 503 otherwise (no key needed)
 
-Each route builds the ragserve.v1 request (openai_shapes.py) and calls the same service method
-as the gRPC handler, inside the same CallGuard scope (streaming.py says in which order the key,
+Each route builds the ragserve.v1 request (openai_shapes.py) and calls the same service as the
+gRPC handler (Embed's `dense`, which returns numpy vectors this front renders itself; /v1/models
+reads the catalog), inside the same CallGuard scope (streaming.py says in which order the key,
 the body and the permit are taken). Metrics carry the gRPC labels of the method a route calls
 (`service="Embed", method="Embed"`; chat and completions are `Generate/Generate`, or
 `Generate/GenerateStream` with `stream: true`), so dashboards cover both transports; the access
@@ -29,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ragserve.v1 import generate_pb2, models_pb2
+from ragserve.v1 import generate_pb2
 from ragserve_server.calls.call_scope import CallGuard
 from ragserve_server.errors import InvalidInput, ModelNotFound
 from ragserve_server.models.catalog import GENERATION, Catalog
@@ -49,14 +50,13 @@ class HttpFront:
         embed,
         rerank,
         generate,
-        models,
         health,
         max_body_bytes: int,
         receive_timeout: float = 10.0,
     ) -> None:
         self.guard = guard
         self.catalog = catalog
-        self.embed, self.rerank, self.generate, self.models = embed, rerank, generate, models
+        self.embed, self.rerank, self.generate = embed, rerank, generate
         self.health = health
         self.limits = BodyLimits(max_body_bytes, receive_timeout)
         self.draining = False
@@ -80,7 +80,7 @@ class HttpFront:
         async def run(body, call) -> dict:
             with _shape_errors():
                 embed_request, encoding = shapes.embed_request(body)
-            return shapes.embed_response(await self.embed.embed(embed_request, timeout=None), encoding)
+            return shapes.embed_response(await self.embed.dense(embed_request, timeout=None), encoding)
 
         return self._call(request, "Embed", "Embed", run)
 
@@ -96,7 +96,7 @@ class HttpFront:
 
     async def _models(self, request: Request) -> Response:
         async def run(body, call) -> dict:
-            return shapes.models_response(await self.models.ListModels(models_pb2.ListModelsRequest(), None))
+            return shapes.models_response(self.catalog)
 
         return self._call(request, "Models", "ListModels", run)
 
