@@ -1,0 +1,140 @@
+"""Load-shedding promises against real processes (issue 25): `--lanes one` shares one budget
+between bulk and interactive work, and a full Triton queue (the model's queue policy) is
+answered RESOURCE_EXHAUSTED with a retry hint, not only a full lane.
+
+One Triton per module serves a copy of minilm whose queue policy holds a single request, so
+its queue fills with a handful of calls."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import grpc
+import pytest
+
+from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
+from support import MODEL_REPOSITORY, GatewayProcess, start_triton
+
+pytestmark = pytest.mark.integration
+
+LONG = "a long passage about retrieval augmented generation and vector search " * 20  # ~250 tokens
+HEAVY = 64  # long passages per call: one Triton request of seconds of compute
+
+
+@pytest.fixture(scope="module")
+def small_queue_triton(tmp_path_factory):
+    """A Triton whose minilm (two instances) queues at most one request."""
+    repository = tmp_path_factory.mktemp("small_queue_repository")
+    for entry in MODEL_REPOSITORY.iterdir():
+        if entry.is_dir() and entry.name != "minilm":
+            (repository / entry.name).symlink_to(entry, target_is_directory=True)
+    minilm = repository / "minilm"
+    minilm.mkdir()
+    (minilm / "1").symlink_to(MODEL_REPOSITORY / "minilm" / "1", target_is_directory=True)
+    config = (MODEL_REPOSITORY / "minilm" / "config.pbtxt").read_text()
+    config, replaced = re.subn(r"max_queue_size: \d+", "max_queue_size: 1", config)
+    assert replaced == 1, "minilm's config has no max_queue_size to shrink"
+    (minilm / "config.pbtxt").write_text(config)
+    server = start_triton(tmp_path_factory.mktemp("small_queue_triton"), ["minilm"], repository)
+    yield server
+    server.stop()
+
+
+def pushback(exc: grpc.aio.AioRpcError) -> str | None:
+    return {key: value for key, value in exc.trailing_metadata() or ()}.get("grpc-retry-pushback-ms")
+
+
+def heavy(i: int) -> embed_pb2.EmbedRequest:
+    return embed_pb2.EmbedRequest(inputs=[f"{i} {LONG}"] * HEAVY, truncate=common_pb2.TRUNCATE_END)
+
+
+async def test_lanes_one_makes_stream_messages_take_the_interactive_budget(small_queue_triton, tmp_path):
+    """`--lanes one`: EmbedStream messages (bulk) and unary calls share one budget. With one
+    permit, a unary call made while a stream message is being computed is refused at once with
+    a retry hint; under `--lanes two` (the default) the stream would have its own bulk permit
+    and a lone unary call always goes through."""
+    gateway = GatewayProcess(
+        small_queue_triton.grpc_url, small_queue_triton.models, tmp_path / "gateway.log",
+        "--lanes", "one", "--max-concurrent-requests", "1",
+    ).wait_serving()
+    try:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = embed_pb2_grpc.EmbedStub(channel)
+            await stub.Embed(embed_pb2.EmbedRequest(inputs=["warm"]), timeout=60)
+
+            async def messages():
+                for i in range(2):
+                    yield embed_pb2.EmbedStreamRequest(id=str(i), request=heavy(i))
+
+            stream = asyncio.ensure_future(_collect(stub.EmbedStream(messages(), timeout=240)))
+            refused: list[grpc.aio.AioRpcError] = []
+
+            # One unary call at a time (never two competing with each other), until one is
+            # refused or the stream ends (bounded by the stream's deadline).
+            while not refused and not stream.done():
+                try:
+                    await stub.Embed(embed_pb2.EmbedRequest(inputs=["an interactive query"]), timeout=60)
+                except grpc.aio.AioRpcError as exc:
+                    refused.append(exc)
+                await asyncio.sleep(0.02)
+            answers = await stream
+        assert refused, "the stream ended before any unary call was refused: the lanes are not shared"
+        assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused[0]
+        assert "interactive" in refused[0].details(), refused[0].details()
+        assert pushback(refused[0]) is not None and int(pushback(refused[0])) > 0
+        # The stream itself waits for the shared permit instead of failing: every message answered.
+        assert sorted(a.id for a in answers) == ["0", "1"]
+        assert all(a.HasField("response") for a in answers)
+    finally:
+        gateway.stop()
+
+
+async def _collect(call):
+    return [answer async for answer in call]
+
+
+async def test_a_full_triton_queue_is_answered_resource_exhausted_with_a_retry_hint(small_queue_triton, tmp_path):
+    """Triton's queue policy (max_queue_size 1) rejects what does not fit; the gateway answers
+    RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`, not UNAVAILABLE or INTERNAL. The lanes are
+    wide, so every refusal comes from Triton's queue."""
+    gateway = GatewayProcess(
+        small_queue_triton.grpc_url, small_queue_triton.models, tmp_path / "gateway.log",
+        "--max-concurrent-requests", "64",
+    ).wait_serving()
+    try:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = embed_pb2_grpc.EmbedStub(channel)
+            await stub.Embed(embed_pb2.EmbedRequest(inputs=["warm"]), timeout=60)
+
+            async def call(i: int):
+                try:
+                    await stub.Embed(heavy(i), timeout=240)
+                    return "OK", None, ""
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, pushback(exc), exc.details() or ""
+
+            # Two execute (two instances), one queues, the rest find the queue full. The
+            # coalescer lets two requests of one shape reach Triton: vary the lengths.
+            calls = [call(i) if i % 2 else _shape(stub, i) for i in range(8)]
+            results = await asyncio.wait_for(asyncio.gather(*calls), timeout=280)
+        codes = {code for code, _, _ in results}
+        assert codes <= {"OK", "RESOURCE_EXHAUSTED"}, results
+        rejected = [(hint, details) for code, hint, details in results if code == "RESOURCE_EXHAUSTED"]
+        assert rejected, f"8 heavy calls on 2 instances and a queue of 1 must find the queue full: {results}"
+        # Triton's own words for its queue policy's rejection, passed through by the gateway.
+        assert all("Exceeds maximum queue size" in details for _, details in rejected), rejected
+        assert all(hint is not None and int(hint) > 0 for hint, _ in rejected), rejected
+        print(f"[triton queue full] {len(rejected)} of {len(results)} refused, hints {[h for h, _ in rejected]} ms")
+    finally:
+        gateway.stop()
+
+
+async def _shape(stub, i: int):
+    """A heavy call of another length bucket than `heavy` (half the passage)."""
+    half = LONG[: len(LONG) // 2]
+    try:
+        await stub.Embed(embed_pb2.EmbedRequest(inputs=[f"{i} {half}"] * HEAVY, truncate=common_pb2.TRUNCATE_END), timeout=240)
+        return "OK", None, ""
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name, pushback(exc), exc.details() or ""
