@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from ragserve.v1 import common_pb2, embed_pb2, embed_pb2_grpc
-from support import MODEL_REPOSITORY, GatewayProcess, start_triton
+from support import MODEL_REPOSITORY, GatewayProcess, metric_value, start_triton
 
 pytestmark = pytest.mark.integration
 
@@ -138,3 +138,46 @@ async def _shape(stub, i: int):
         return "OK", None, ""
     except grpc.aio.AioRpcError as exc:
         return exc.code().name, pushback(exc), exc.details() or ""
+
+
+def test_an_http_stream_that_fails_after_it_started_ends_with_an_error_event_then_done(tmp_path):
+    """docs/http_and_tracing.md: "A stream that fails after it started ends with an
+    `{"error": ...}` event, then `data: [DONE]`". Triton is killed while a chat completion
+    streams; the stream's 200 is already sent, so the failure arrives as an event."""
+    import json
+
+    import httpx
+
+    from ragserve_server.models.builtin import smollm2_spec
+    from support import free_port, unavailable, wait_until
+
+    if smollm2_spec(MODEL_REPOSITORY).missing_artifacts(MODEL_REPOSITORY):
+        unavailable("SmolLM2 is not built: `make models`")
+    triton = start_triton(tmp_path / "triton", ["smollm2"])
+    http_port = free_port()
+    gateway = GatewayProcess(triton.grpc_url, ["smollm2"], tmp_path / "gateway.log", "--http-port", str(http_port))
+    try:
+        gateway.wait_serving(timeout=120)
+        body = {
+            "model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Count from one to one thousand."}],
+            "max_tokens": 1000, "temperature": 0, "stream": True,
+        }
+        events: list[str] = []
+        with httpx.stream("POST", f"http://127.0.0.1:{http_port}/v1/chat/completions", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            lines = (line[len("data: "):] for line in response.iter_lines() if line.startswith("data: "))
+            events.append(next(lines))  # the stream has started
+            wait_until(lambda: metric_value(triton.metrics_url, "ragserve_engine_running_sequences") == 1, 60, "the sequence running")
+            triton.process.kill()  # mid-stream: the model server dies
+            events.extend(lines)
+        assert events[-1] == "[DONE]", events[-3:]
+        payloads = [json.loads(event) for event in events[:-1]]
+        assert all("error" not in p for p in payloads[:-1]), payloads
+        error = payloads[-1].get("error")
+        assert error is not None, f"the last event before [DONE] is not an error: {payloads[-1]}"
+        assert error["message"] and error["type"] and error["code"], error
+        assert any(p.get("choices") for p in payloads[:-1]), "no text streamed before the failure"
+        print(f"[stream error event] {len(payloads) - 1} chunks, then {error}")
+    finally:
+        gateway.stop()
+        triton.stop()  # ends the orphaned python-backend stubs too
