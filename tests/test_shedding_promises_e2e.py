@@ -181,3 +181,61 @@ def test_an_http_stream_that_fails_after_it_started_ends_with_an_error_event_the
     finally:
         gateway.stop()
         triton.stop()  # ends the orphaned python-backend stubs too
+
+
+async def test_tracing_on_configured_only_by_otel_variables_exports_over_otlp(small_queue_triton, tmp_path, monkeypatch):
+    """`--tracing on` with nothing but the standard OTEL_* variables: the gateway's spans reach
+    an OTLP/gRPC receiver started here, under the service name and in the caller's trace."""
+    from concurrent import futures
+
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received: list = []
+
+    class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "ragserve-otel-env-test")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+    for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_TRACES_SAMPLER"):
+        monkeypatch.delenv(name, raising=False)
+    gateway = GatewayProcess(small_queue_triton.grpc_url, small_queue_triton.models, tmp_path / "gateway.log", "--tracing", "on")
+    try:
+        gateway.wait_serving()
+        trace_id = "5b8efff798038103d269b633813fc60c"
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            await embed_pb2_grpc.EmbedStub(channel).Embed(
+                embed_pb2.EmbedRequest(inputs=["traced"]), timeout=60,
+                metadata=(("traceparent", f"00-{trace_id}-eee19b7ec3c1b174-01"),),
+            )
+
+        def spans_of_the_call():
+            found = []
+            for request in list(received):
+                for resource in request.resource_spans:
+                    service = {a.key: a.value.string_value for a in resource.resource.attributes}.get("service.name")
+                    for scope in resource.scope_spans:
+                        found += [(service, span) for span in scope.spans if span.trace_id.hex() == trace_id]
+            return found
+
+        spans = await asyncio.to_thread(lambda: _wait(spans_of_the_call, "the call's spans at the OTLP receiver"))
+        assert {service for service, _ in spans} == {"ragserve-otel-env-test"}, spans
+        assert any(span.parent_span_id.hex() == "eee19b7ec3c1b174" for _, span in spans), [s.name for _, s in spans]
+        print(f"[otlp] {len(spans)} spans of the call received: {sorted(s.name for _, s in spans)}")
+    finally:
+        gateway.stop()
+        server.stop(0)
+
+
+def _wait(predicate, what: str):
+    from support import wait_until
+
+    return wait_until(predicate, 60, what)
