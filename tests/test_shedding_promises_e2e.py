@@ -140,11 +140,29 @@ async def _shape(stub, i: int):
         return exc.code().name, pushback(exc), exc.details() or ""
 
 
-def test_an_http_stream_that_fails_after_it_started_ends_with_an_error_event_then_done(tmp_path):
-    """docs/http_and_tracing.md: "A stream that fails after it started ends with an
-    `{"error": ...}` event, then `data: [DONE]`". Triton is killed while a chat completion
-    streams; the stream's 200 is already sent, so the failure arrives as an event."""
+def small_engine_repository(root):
+    """A model repository whose smollm2 runs one sequence at a time and queues one more."""
+    repository = root / "small_engine_repository"
+    model = repository / "smollm2"
+    model.mkdir(parents=True)
+    (model / "1").symlink_to(MODEL_REPOSITORY / "smollm2" / "1", target_is_directory=True)
+    config = (MODEL_REPOSITORY / "smollm2" / "config.pbtxt").read_text()
+    for key in ("max_running_sequences", "max_waiting"):
+        config, replaced = re.subn(rf'(key: "{key}"\s*value \{{\s*string_value: )"\d+"', r'\1"1"', config)
+        assert replaced == 1, f"smollm2's config has no {key} parameter"
+    (model / "config.pbtxt").write_text(config)
+    return repository
+
+
+def test_a_full_generation_queue_pushes_back_and_a_stream_that_then_fails_ends_with_an_error_event(tmp_path):
+    """Two promises on one SmolLM2 Triton (its start is the expensive part), in order:
+    1. the engine's queue (max_waiting 1, one sequence running) full: a chat completion is
+       answered 429 with the gateway's hint (`retry-after-ms`), reason `overload`;
+    2. docs/http_and_tracing.md: "A stream that fails after it started ends with an
+       `{"error": ...}` event, then `data: [DONE]`": Triton is killed while a chat completion
+       streams; the stream's 200 is already sent, so the failure arrives as an event."""
     import json
+    import threading
 
     import httpx
 
@@ -153,22 +171,36 @@ def test_an_http_stream_that_fails_after_it_started_ends_with_an_error_event_the
 
     if smollm2_spec(MODEL_REPOSITORY).missing_artifacts(MODEL_REPOSITORY):
         unavailable("SmolLM2 is not built: `make models`")
-    triton = start_triton(tmp_path / "triton", ["smollm2"])
+    triton = start_triton(tmp_path / "triton", ["smollm2"], small_engine_repository(tmp_path))
     http_port = free_port()
+    base_url = f"http://127.0.0.1:{http_port}"
     gateway = GatewayProcess(triton.grpc_url, ["smollm2"], tmp_path / "gateway.log", "--http-port", str(http_port))
+    engine = lambda name: metric_value(triton.metrics_url, name)  # noqa: E731
+    waiting_call = None
     try:
         gateway.wait_serving(timeout=120)
-        body = {
-            "model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Count from one to one thousand."}],
-            "max_tokens": 1000, "temperature": 0, "stream": True,
+        chat = lambda content, **extra: {  # noqa: E731
+            "model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": content}], "temperature": 0, **extra
         }
         events: list[str] = []
-        with httpx.stream("POST", f"http://127.0.0.1:{http_port}/v1/chat/completions", json=body, timeout=120) as response:
+        with httpx.stream("POST", base_url + "/v1/chat/completions", json=chat("Count from one to one thousand.", max_tokens=1000, stream=True), timeout=120) as response:
             assert response.status_code == 200
             lines = (line[len("data: "):] for line in response.iter_lines() if line.startswith("data: "))
             events.append(next(lines))  # the stream has started
-            wait_until(lambda: metric_value(triton.metrics_url, "ragserve_engine_running_sequences") == 1, 60, "the sequence running")
-            triton.process.kill()  # mid-stream: the model server dies
+            wait_until(lambda: engine("ragserve_engine_running_sequences") == 1, 60, "the sequence running")
+            # 1. A second call waits in the engine's queue (its one place); a third finds it full.
+            waiting_call = threading.Thread(
+                target=lambda: httpx.post(base_url + "/v1/chat/completions", json=chat("Hi", max_tokens=2), timeout=120)
+            )
+            waiting_call.start()
+            wait_until(lambda: engine("ragserve_engine_waiting_sequences") == 1, 60, "the second call waiting in the engine")
+            full = httpx.post(base_url + "/v1/chat/completions", json=chat("Hello", max_tokens=2), timeout=120)
+            assert full.status_code == 429, full.text
+            assert "generation queue is full" in full.json()["error"]["message"], full.text
+            assert full.json()["error"]["code"] == "overload", full.text
+            assert int(full.headers["retry-after-ms"]) > 0 and "retry-after" in full.headers, full.headers
+            # 2. The model server dies mid-stream.
+            triton.process.kill()
             events.extend(lines)
         assert events[-1] == "[DONE]", events[-3:]
         payloads = [json.loads(event) for event in events[:-1]]
@@ -177,10 +209,13 @@ def test_an_http_stream_that_fails_after_it_started_ends_with_an_error_event_the
         assert error is not None, f"the last event before [DONE] is not an error: {payloads[-1]}"
         assert error["message"] and error["type"] and error["code"], error
         assert any(p.get("choices") for p in payloads[:-1]), "no text streamed before the failure"
+        print(f"[generation queue full] {full.status_code} {full.json()['error']['message']!r} retry-after-ms={full.headers['retry-after-ms']}")
         print(f"[stream error event] {len(payloads) - 1} chunks, then {error}")
     finally:
         gateway.stop()
         triton.stop()  # ends the orphaned python-backend stubs too
+        if waiting_call is not None:
+            waiting_call.join(120)
 
 
 async def test_tracing_on_configured_only_by_otel_variables_exports_over_otlp(small_queue_triton, tmp_path, monkeypatch):
