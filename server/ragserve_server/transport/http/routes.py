@@ -34,6 +34,7 @@ from ragserve.v1 import generate_pb2
 from ragserve_server.calls.call_scope import CallGuard
 from ragserve_server.errors import InvalidInput, ModelNotFound
 from ragserve_server.models.catalog import GENERATION, Catalog
+from ragserve_server.observability import request_record
 from ragserve_server.services.common import requested_model
 from ragserve_server.transport import openai_shapes as shapes
 from ragserve_server.transport.http.streaming import BodyLimits, CallResponse, error_body
@@ -80,7 +81,9 @@ class HttpFront:
         async def run(body, call) -> dict:
             with _shape_errors():
                 embed_request, encoding = shapes.embed_request(body)
-            return shapes.embed_response(await self.embed.dense(embed_request, timeout=None), encoding)
+            result = await self.embed.dense(embed_request, timeout=None)
+            with request_record.stage("respond"):  # the same stage (and span) as the gRPC answer's
+                return shapes.embed_response(result, encoding)
 
         return self._call(request, "Embed", "Embed", run)
 
