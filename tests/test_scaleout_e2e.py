@@ -1,6 +1,6 @@
 """Beyond one machine, on loopback: two real Triton replicas behind one gateway (spreading,
 SIGKILL under load, restart), a Generate stream on a killed replica, and two gateways
-behind the SDK's round_robin."""
+behind the SDK's default round_robin."""
 
 from __future__ import annotations
 
@@ -135,14 +135,14 @@ def test_calls_spread_and_survive_a_sigkilled_replica(two_replicas):
     assert inferences(tritons[0]) >= 3
 
 
-def test_two_gateways_behind_the_sdks_round_robin(triton, tmp_path):
+def test_two_gateways_behind_the_sdks_default_balancing(triton, tmp_path):
     gateways = [
         GatewayProcess(triton.grpc_url, triton.models, tmp_path / f"gateway{i}.log", metrics_port=free_port()).wait_serving()
         for i in range(2)
     ]
     try:
         target = "ipv4:" + ",".join(g.address for g in gateways)
-        with ragserve.Client(target, load_balancing="round_robin", timeout=30) as client:
+        with ragserve.Client(target, timeout=30) as client:  # round_robin is the default
             for i in range(20):
                 client.embed([f"balanced {i}"])
         counts = []

@@ -176,3 +176,28 @@ def test_retry_settings_are_checked():
     mine = json.dumps({"loadBalancingConfig": [{"pick_first": {}}]})
     options = _channel.channel_options("round_robin", [("grpc.service_config", mine)], 3)
     assert [value for name, value in options if name == "grpc.service_config"] == [mine]  # the caller's wins
+
+
+@pytest.mark.parametrize(("load_balancing", "spread"), [({}, True), ({"load_balancing": "pick_first"}, False)])
+async def test_a_target_with_several_gateways_gets_its_calls_spread_by_default(load_balancing, spread):
+    """Two servers behind one ipv4: target: the default client uses both, pick_first one."""
+    servers, counters = [], []
+    try:
+        for _ in range(2):
+            refusing = Refusing()
+            server = grpc.aio.server()
+            embed_pb2_grpc.add_EmbedServicer_to_server(EmbedServicer(refusing), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            servers.append((server, f"127.0.0.1:{port}"))
+            counters.append(refusing)
+        target = "ipv4:" + ",".join(address for _, address in servers)
+        async with ragserve.AsyncClient(target, timeout=10, **load_balancing) as client:
+            for i in range(20):
+                await client.embed([f"call {i}"])
+        attempts = sorted(c.attempts for c in counters)
+        assert sum(attempts) == 20
+        assert (attempts[0] >= 5) if spread else (attempts == [0, 20]), attempts
+    finally:
+        for server, _ in servers:
+            await server.stop(0)

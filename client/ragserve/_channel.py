@@ -25,6 +25,10 @@ RETRIED_METHODS = (
     (tokenize_pb2.DESCRIPTOR.services_by_name["Tokenize"].full_name, "Detokenize"),
 )
 DEFAULT_RETRIES = 3
+# A target that resolves to several gateways (a headless Service, an ipv4: list) gets its
+# calls spread over all of them; gRPC's own default (pick_first) would send every call to one.
+# With one address the two behave the same.
+DEFAULT_LOAD_BALANCING = "round_robin"
 MAX_RETRIES = 4  # gRPC caps maxAttempts at 5
 # gRPC replays a call from a buffer; a request larger than the buffer is not retried (default 256 KiB).
 RETRY_BUFFER_BYTES = 16 * 1024 * 1024

@@ -9,12 +9,12 @@
     async with ragserve.AsyncClient("127.0.0.1:50051") as client:
         result = await client.embed(["hello"], dimensions=128, timeout=2.0)
 
-Several gateways: give a target that resolves to all of them and gRPC's client-side
-`round_robin` spreads calls over them (one connection each), e.g. a Kubernetes headless
-Service or a static list:
+Several gateways: give a target that resolves to all of them and the client spreads its
+calls over them (gRPC's `round_robin`, the default: one connection each), e.g. a Kubernetes
+headless Service or a static list; `load_balancing="pick_first"` keeps one connection:
 
-    ragserve.Client("dns:///ragserve-gateway-headless.default.svc.cluster.local:50051", load_balancing="round_robin")
-    ragserve.Client("ipv4:10.0.0.5:50051,10.0.0.6:50051", load_balancing="round_robin")
+    ragserve.Client("dns:///ragserve-gateway-headless.default.svc.cluster.local:50051")
+    ragserve.Client("ipv4:10.0.0.5:50051,10.0.0.6:50051")
 
 A gateway with TLS and API keys (certificate arguments: PEM bytes or file paths):
 
@@ -197,7 +197,8 @@ class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDe
         tried again up to this many times (0 = off, at most 4), after a jittered exponential
         backoff or the server's `grpc-retry-pushback-ms`, always within the call's deadline.
     metadata: sent with every call (each method's `metadata=` adds to it for one call).
-    load_balancing: "round_robin" or "pick_first" (gRPC's client-side policies).
+    load_balancing: "round_robin" (default: calls spread over every address the target
+        resolves to) or "pick_first" (gRPC's default: all calls on the first that answers).
     options: gRPC channel options, e.g. keepalive and message sizes (see the module docstring).
     connections: TCP connections to open, calls taking them in turn. A gateway run with
         `--workers N` serves each connection from one worker: a busy client opens N or more.
@@ -215,7 +216,7 @@ class Client(_Methods[EmbedResult, RerankResult, GenerateResult, Iterator[TextDe
         certificate_chain: Pem | None = None,
         retries: int = _channel.DEFAULT_RETRIES,
         metadata: Metadata = (),
-        load_balancing: str | None = None,
+        load_balancing: str | None = _channel.DEFAULT_LOAD_BALANCING,
         options: Sequence[tuple[str, object]] = (),
         connections: int = 1,
     ) -> None:
@@ -300,7 +301,7 @@ class AsyncClient(
         certificate_chain: Pem | None = None,
         retries: int = _channel.DEFAULT_RETRIES,
         metadata: Metadata = (),
-        load_balancing: str | None = None,
+        load_balancing: str | None = _channel.DEFAULT_LOAD_BALANCING,
         options: Sequence[tuple[str, object]] = (),
         connections: int = 1,
     ) -> None:
