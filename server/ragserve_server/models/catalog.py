@@ -126,33 +126,21 @@ def served(spec: ModelSpec, *, max_inputs_per_call: int = 2048, max_documents_pe
     if spec.llm_rerankers:
         return [model, *(_llm_reranker(spec, r) for r in spec.llm_rerankers)]
     if spec.maxsim_reranker:
-        return [model, _maxsim(spec, max_documents_per_call)]
-    if not spec.bi_encoder:
-        return [model]
-    # Cosine similarity of the embedding model's vectors, computed by the same Triton model
-    # (its weights are loaded once).
-    bi_encoder = ServedModel(
-        name=f"{spec.name}-bi-encoder",
-        kind=BI_ENCODER,
-        triton_model=spec.triton_model,
-        model_dir=spec.tokenizer_dir,
-        max_input_tokens=spec.max_input_tokens,
-        max_batch=max_documents_per_call,
-        rows_per_request=max(spec.max_batch, 1),
-        embedding_model=spec.name,
-        spec=spec,
-        revision=spec.revision,
-        score_range=_SCORE_RANGES[BI_ENCODER][0],
-        raw_score_range=_SCORE_RANGES[BI_ENCODER][1],
-    )
-    return [model, bi_encoder]
+        # MaxSim over the per-token vectors of a multi-vector model: an exported model's "{name}-maxsim".
+        name = spec.maxsim_reranker.replace("{name}", spec.name)
+        return [model, _derived_reranker(spec, MAXSIM, name, max_documents_per_call)]
+    if spec.bi_encoder:
+        # Cosine similarity of the embedding model's vectors.
+        return [model, _derived_reranker(spec, BI_ENCODER, f"{spec.name}-bi-encoder", max_documents_per_call)]
+    return [model]
 
 
-def _maxsim(spec: ModelSpec, max_documents_per_call: int) -> ServedModel:
-    """MaxSim over the per-token vectors of a multi-vector embedding model (same Triton model)."""
+def _derived_reranker(spec: ModelSpec, kind: str, name: str, max_documents_per_call: int) -> ServedModel:
+    """A reranker computed from an embedding model's outputs by the same Triton model (its
+    weights are loaded once): scores come from `embedding_model`'s vectors."""
     return ServedModel(
-        name=spec.maxsim_reranker.replace("{name}", spec.name),  # an exported model's "{name}-maxsim"
-        kind=MAXSIM,
+        name=name,
+        kind=kind,
         triton_model=spec.triton_model,
         model_dir=spec.tokenizer_dir,
         max_input_tokens=spec.max_input_tokens,
@@ -161,8 +149,8 @@ def _maxsim(spec: ModelSpec, max_documents_per_call: int) -> ServedModel:
         embedding_model=spec.name,
         spec=spec,
         revision=spec.revision,
-        score_range=_SCORE_RANGES[MAXSIM][0],
-        raw_score_range=_SCORE_RANGES[MAXSIM][1],
+        score_range=_SCORE_RANGES[kind][0],
+        raw_score_range=_SCORE_RANGES[kind][1],
     )
 
 
