@@ -381,8 +381,8 @@ def test_gateway_finds_every_triton_pod_through_the_headless_service(overlay):
     _, docs = overlay
     settings = gateway_settings(docs)
     static, dns_target = parse_targets(settings.triton_url)
-    assert not static and dns_target, f"expected one dns:/// target, got {settings.triton_url!r}"
-    host, port = dns_target.rsplit(":", 1)
+    assert not static and dns_target and dns_target.server is None, f"expected one dns:/// target, got {settings.triton_url!r}"
+    host, port = dns_target.host, dns_target.port
     service_name, namespace, *rest = host.split(".")
     assert namespace == gateway(docs)["metadata"]["namespace"] and rest == ["svc", "cluster", "local"]
     service = one(docs, "Service", service_name)

@@ -8,6 +8,8 @@ import pytest
 
 from ragserve_server.errors import BackendUnavailable, InvalidInput
 from ragserve_server.backend.replicas import ReplicaSet, parse_targets
+from ragserve_server.backend.targets import DnsLookupFailed, DnsTarget, resolve
+from dns_server import ChangingDns
 from support import eventually
 
 
@@ -63,7 +65,14 @@ def replica_set(target="a:1,b:1", models=("minilm", "smollm2")):
 
 def test_parse_targets():
     assert parse_targets("a:1, b:2") == (["a:1", "b:2"], None)
-    assert parse_targets("dns:///triton-headless.ns.svc:8001") == ([], "triton-headless.ns.svc:8001")
+    assert parse_targets("dns:///triton-headless.ns.svc:8001") == ([], DnsTarget("triton-headless.ns.svc", 8001))
+    assert parse_targets("dns:triton:8001") == ([], DnsTarget("triton", 8001))
+    # gRPC's authority form: that DNS server is asked directly (port 53 unless given).
+    assert parse_targets("dns://10.96.0.10/t.ns.svc.cluster.local:8001") == ([], DnsTarget("t.ns.svc.cluster.local", 8001, ("10.96.0.10", 53)))
+    assert parse_targets(" dns://127.0.0.1:5353/triton.test:8001 ") == ([], DnsTarget("triton.test", 8001, ("127.0.0.1", 5353)))
+    assert parse_targets("dns://[fd00::a]:54/t:1")[1] == DnsTarget("t", 1, ("fd00::a", 54))
+    assert parse_targets("dns://[::1]/t:1")[1].server == ("::1", 53)
+    assert str(parse_targets("dns://[::1]/t:1")[1]) == "dns://[::1]:53/t:1"
     for bad, message in (
         ("", "no Triton address"),
         ("a", "not host:port"),
@@ -71,6 +80,14 @@ def test_parse_targets():
         ("a:70000", "not host:port"),
         ("a:1,a:1", "given twice"),
         ("dns:///name", "not host:port"),
+        ("dns://10.0.0.1:53/name", "not host:port"),
+        ("dns://kube-dns:53/name:8001", "must be an IP address"),
+        ("dns://10.0.0.1:99999/name:8001", "must be an IP address"),
+        ("dns://10.0.0.1:x/name:8001", "must be an IP address"),
+        ("dns://[::1/name:8001", "must be an IP address"),
+        ("dns://10.0.0.1:53", "dns:///name:port or dns://DNS_SERVER_IP"),
+        ("dns:/name:8001", "dns:///name:port or dns://DNS_SERVER_IP"),
+        ("dns:///a:1,b:1", "one DNS name only"),
     ):
         with pytest.raises(ValueError, match=message):
             parse_targets(bad)
@@ -165,3 +182,56 @@ async def test_refresh_runs_in_the_background():
         await eventually(lambda: [s.up for s in replicas.stats()] == [False, True], what="the background refresh marking a:1 down")
     finally:
         await replicas.close()
+
+
+async def test_a_dns_server_target_follows_the_answer_and_keeps_it_through_failures():
+    dns = ChangingDns("triton.test", ["127.0.0.2"])
+    replicas, fakes = replica_set(f"dns://{dns.authority}/triton.test:8001", models=("minilm",))
+    try:
+        await replicas.start()
+        assert list(replicas.replicas) == ["127.0.0.2:8001"]
+        assert await replicas.is_ready(["minilm"])
+        dns.answer(["127.0.0.2", "127.0.0.3", "::1"])
+        await replicas.refresh()
+        assert sorted(replicas.replicas) == ["127.0.0.2:8001", "127.0.0.3:8001", "[::1]:8001"]
+        dns.answer(["127.0.0.3"])
+        await replicas.refresh()
+        assert list(replicas.replicas) == ["127.0.0.3:8001"]
+        # Failures keep the replicas we had: SERVFAIL, an answer without records, no server.
+        dns.answer(["127.0.0.4"], mode="servfail")
+        await replicas.refresh()
+        dns.answer([])
+        await replicas.refresh()
+        dns.stop()
+        await replicas.refresh()
+        assert list(replicas.replicas) == ["127.0.0.3:8001"]
+        assert await replicas.is_ready(["minilm"])
+    finally:
+        dns.stop()
+        await replicas.close()
+
+
+async def test_a_truncated_dns_answer_is_asked_again_over_tcp():
+    dns = ChangingDns("triton.test", ["127.0.0.2", "127.0.0.3"])
+    try:
+        dns.answer(["127.0.0.2", "127.0.0.3"], mode="truncate")
+        target = parse_targets(f"dns://{dns.authority}/triton.test:8001")[1]
+        assert await resolve(target) == ["127.0.0.2:8001", "127.0.0.3:8001"]
+        assert dns.questions["tcp"] == 2  # A and AAAA, each after a truncated UDP answer
+        with pytest.raises(DnsLookupFailed, match="no A or AAAA record"):
+            await resolve(DnsTarget("other.test", 1, ("127.0.0.1", dns.port)))  # NXDOMAIN
+    finally:
+        dns.stop()
+
+
+async def test_a_dns_server_that_never_answers_fails_within_the_timeout():
+    import socket
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never read
+        silent.bind(("127.0.0.1", 0))
+        target = DnsTarget("triton.test", 8001, silent.getsockname())
+        start = time.monotonic()
+        with pytest.raises(DnsLookupFailed, match="TimeoutError"):
+            await resolve(target, timeout=0.3)
+        assert time.monotonic() - start < 10

@@ -33,7 +33,7 @@ class Settings:
     )
     triton_url: str = field(
         default="",
-        metadata={"help": "external Triton replicas: host:port[,host:port...] or dns:///name:port (e.g. a headless Service); empty = launch the bundled Triton"},
+        metadata={"help": "external Triton replicas: host:port[,host:port...], dns:///name:port (the system resolver; e.g. a headless Service) or dns://DNS_SERVER_IP[:port]/name:port (that DNS server asked for A/AAAA), re-resolved every --health-poll-interval; empty = launch the bundled Triton"},
     )
     on_no_replicas: str = field(
         default="wait",

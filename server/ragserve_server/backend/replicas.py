@@ -10,8 +10,10 @@ model, and one balanced channel cannot say which replica failed (per-replica met
 steer a retry away from the replica that just failed. What gRPC does do here is kept:
 connection management, reconnect backoff and fast failure on a dead connection per address.
 
-Targets: `host:port[,host:port...]` or `dns:///name:port` (a Kubernetes headless Service),
-re-resolved on every refresh so pods that come and go are followed.
+Targets (`backend/targets.py`): `host:port[,host:port...]`, `dns:///name:port` (the system
+resolver; a Kubernetes headless Service) or `dns://DNS_SERVER_IP[:port]/name:port` (that DNS
+server asked directly), re-resolved on every refresh so pods that come and go are followed;
+a failed lookup keeps the replicas we had.
 
 Failover: a call that fails UNAVAILABLE marks its replica down at once (the refresh, every
 `interval` seconds, brings it back when it answers ready again). Idempotent unary calls
@@ -23,7 +25,6 @@ stream that has sent text ends with UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,43 +34,13 @@ import structlog
 
 from ragserve_server.errors import BackendUnavailable, DeadlineExceeded, RagserveError
 from ragserve_server.backend.protocol import DEFAULT_PRIORITY
+from ragserve_server.backend.targets import DnsLookupFailed, parse_targets, resolve
 from ragserve_server.backend.triton import TritonBackend
 
 log = structlog.get_logger(__name__)
 
-DNS_SCHEME = "dns:///"
-
 # Validates a replica's config of a model before it takes calls: problems, or [] when fine.
 ConfigValidator = Callable[[str, object], list[str]]
-
-
-def parse_targets(value: str) -> tuple[list[str], str | None]:
-    """`--triton-url` -> (static host:port list, or None and a `dns:///name:port` target).
-
-    Raises ValueError with a message for a person on a bad address or duplicates.
-    """
-    value = value.strip()
-    if value.startswith(DNS_SCHEME):
-        host, port = _split(value[len(DNS_SCHEME):], value)
-        return [], f"{host}:{port}"
-    addresses = [a.strip() for a in value.split(",") if a.strip()]
-    if not addresses:
-        raise ValueError("--triton-url: no Triton address given (host:port[,host:port] or dns:///name:port)")
-    seen = set()
-    for address in addresses:
-        host, port = _split(address, address)
-        key = f"{host}:{port}"
-        if key in seen:
-            raise ValueError(f"--triton-url: replica {address!r} is given twice")
-        seen.add(key)
-    return addresses, None
-
-
-def _split(address: str, shown: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--triton-url: {shown!r} is not host:port (e.g. 10.0.0.5:8001 or dns:///triton-headless:8001)")
-    return host.strip("[]"), int(port)
 
 
 @dataclass
@@ -128,19 +99,11 @@ class ReplicaSet:
         return replica
 
     async def _resolve(self) -> list[str]:
-        host, _, port = self.dns.rpartition(":")
-        loop = asyncio.get_running_loop()
         try:
-            infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-        except OSError as exc:
-            log.warning("triton_dns_failed", target=self.dns, error=str(exc))
+            return await resolve(self.dns)
+        except DnsLookupFailed as exc:
+            log.warning("triton_dns_failed", target=str(self.dns), error=str(exc))
             return list(self.replicas)  # keep what we had
-        found = []
-        for family, _, _, _, sockaddr in infos:
-            address = f"[{sockaddr[0]}]:{sockaddr[1]}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{sockaddr[1]}"
-            if address not in found:
-                found.append(address)
-        return found
 
     async def refresh(self) -> None:
         """Re-resolves (DNS targets) and asks every replica whether it and each model are ready."""
