@@ -14,8 +14,9 @@ the body and the permit are taken). Metrics carry the gRPC labels of the method 
 (`service="Embed", method="Embed"`; chat and completions are `Generate/Generate`, or
 `Generate/GenerateStream` with `stream: true`), so dashboards cover both transports; the access
 log line adds `transport="http"`. Every response carries `x-request-id` (the caller's, when it
-sent a plain one). HTTP calls have no deadline (the client's timeout ends them by disconnecting;
-a stream is cancelled then, in the engine too).
+sent a plain one). A call's deadline is the caller's `x-request-timeout` header, in seconds
+(streaming.py: the services get the time left; spent, it answers 504); without it a call has
+none, and a client that gives up disconnects (a stream is cancelled then, in the engine too).
 """
 
 from __future__ import annotations
@@ -78,27 +79,27 @@ class HttpFront:
         return CallResponse(self.guard, self.limits, request, service, lambda body: (method, False), run)
 
     async def _embeddings(self, request: Request) -> Response:
-        async def run(body, call) -> dict:
+        async def run(body, call, deadline) -> dict:
             with _shape_errors():
                 embed_request, encoding = shapes.embed_request(body)
-            result = await self.embed.dense(embed_request, timeout=None)
+            result = await self.embed.dense(embed_request, timeout=deadline.time_left())
             with request_record.stage("respond"):  # the same stage (and span) as the gRPC answer's
                 return shapes.embed_response(result, encoding)
 
         return self._call(request, "Embed", "Embed", run)
 
     async def _rerank(self, request: Request) -> Response:
-        async def run(body, call) -> dict:
+        async def run(body, call, deadline) -> dict:
             if self.rerank is None:
                 raise ModelNotFound("no reranking model is served")
             with _shape_errors():
                 rerank_request = shapes.rerank_request(body)
-            return shapes.rerank_response(await self.rerank.rerank(rerank_request, timeout=None), call.request_id)
+            return shapes.rerank_response(await self.rerank.rerank(rerank_request, timeout=deadline.time_left()), call.request_id)
 
         return self._call(request, "Rerank", "Rerank", run)
 
     async def _models(self, request: Request) -> Response:
-        async def run(body, call) -> dict:
+        async def run(body, call, deadline) -> dict:
             return shapes.models_response(self.catalog)
 
         return self._call(request, "Models", "ListModels", run)
@@ -116,19 +117,19 @@ class HttpFront:
             with _shape_errors():
                 return shapes.chat_request(body) if chat else shapes.completion_request(body)
 
-        async def whole(body, call) -> dict:
+        async def whole(body, call, deadline) -> dict:
             final, generate_request = None, build(body)
-            async for event in self.generate.generate(generate_request, timeout=None):
+            async for event in self.generate.generate(generate_request, timeout=deadline.time_left()):
                 if isinstance(event, generate_pb2.GenerateResponse):
                     final = event
             return shapes.Completion(chat, call.request_id, final.model).whole(final)
 
-        async def chunks(body, call):
+        async def chunks(body, call, deadline):
             generate_request = build(body)
             usage = shapes.include_usage(body)
             model = self.catalog.get(requested_model(generate_request.model), (GENERATION,)).name
             completion = shapes.Completion(chat, call.request_id, model)
-            events = self.generate.generate(generate_request, timeout=None)
+            events = self.generate.generate(generate_request, timeout=deadline.time_left())
             first = completion.first_chunk()  # the role, before the first text (chat)
             try:
                 async for event in events:
@@ -150,8 +151,8 @@ class HttpFront:
             streaming = body.get("stream") is True
             return ("GenerateStream", True) if streaming else ("Generate", False)
 
-        def run(body, call):
-            return chunks(body, call) if body.get("stream") is True else whole(body, call)
+        def run(body, call, deadline):
+            return chunks(body, call, deadline) if body.get("stream") is True else whole(body, call, deadline)
 
         return CallResponse(self.guard, self.limits, request, "Generate", method_of, run)
 

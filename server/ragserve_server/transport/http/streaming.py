@@ -12,6 +12,13 @@ the previous one refused):
 3. the call guard's scope (admission, error table, metrics, access log) and the route's work;
 4. JSON, or server-sent events for a stream (errors after the first event become its last one).
 
+Deadline: a caller may send `x-request-timeout: <seconds>` (a positive decimal, e.g. `30` or
+`2.5`; anything else is a 400). It becomes the call's deadline, counted from the request's
+arrival, as gRPC's `grpc-timeout` does: the services get the time left (so it reaches Triton as
+the request's timeout), and when it is spent the call's work is cancelled (in the engine too)
+and answered 504 DEADLINE_EXCEEDED (`timeout_error`, code `deadline`), or, for a stream already
+under way, with that error as its last event. Without the header a call has no deadline.
+
 Errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (`code`: the
 rejection reason of the metrics), with the HTTP status of the gRPC code (or of the body's
 refusal: 408, 413, 415); a 429 carries `Retry-After` (whole seconds, at least 1) and
@@ -62,6 +69,44 @@ class BodyRefused(InvalidInput):
 
 # Rejection reason -> HTTP status, for the refusals with no gRPC code of their own.
 _STATUS_OF_REASON = {"body_too_large": 413, "unsupported_media_type": 415, "body_timeout": 408}
+
+TIMEOUT_HEADER = "x-request-timeout"
+_MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: beyond it the header is a mistake, not a deadline
+
+
+def request_timeout(headers) -> float | None:
+    """The caller's `x-request-timeout` in seconds (None without the header), or InvalidInput."""
+    given = headers.get(TIMEOUT_HEADER)
+    if given is None:
+        return None
+    try:
+        seconds = float(given.strip())
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= _MAX_TIMEOUT_S:  # NaN, inf, 0 and negatives too
+        shown = given if len(given) <= 32 else given[:32] + "..."
+        raise InvalidInput(f"{TIMEOUT_HEADER} must be a number of seconds above 0 and at most {_MAX_TIMEOUT_S:g} (e.g. 30 or 2.5), not {shown!r}")
+    return seconds
+
+
+class Deadline:
+    """One HTTP call's deadline on the event loop's clock (`at` None: none)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timeout = timeout
+        self.at = None if timeout is None else self.loop.time() + timeout
+
+    def time_left(self) -> float | None:
+        """Seconds left (0 once spent), None without a deadline: what the services take as `timeout`."""
+        return None if self.at is None else max(0.0, self.at - self.loop.time())
+
+    def passed(self) -> bool:
+        return self.at is not None and self.loop.time() >= self.at
+
+    def exceeded(self, request_id: str) -> CallFailed:
+        message = f"deadline exceeded: the call's {TIMEOUT_HEADER} of {self.timeout:g} s passed"
+        return CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, message, "deadline", None, request_id)
 
 
 def dumps(value) -> bytes:
@@ -126,8 +171,9 @@ class BodyLimits:
 
 class CallResponse(Response):
     """Runs one call in the request's own task (so the scope's context stays in one task) and
-    answers it. `method_of(body)` -> (method label, streaming); `run(body, call)` -> a dict, or
-    an async iterator of dicts when streaming."""
+    answers it. `method_of(body)` -> (method label, streaming); `run(body, call, deadline)` -> a
+    dict, or an async iterator of dicts when streaming; `deadline.time_left()` is the services'
+    `timeout`."""
 
     def __init__(self, guard: CallGuard, limits: BodyLimits, request: Request, service: str, method_of: Callable, run) -> None:
         self.guard = guard
@@ -142,10 +188,12 @@ class CallResponse(Response):
         request = self.request
         request_id = request_id_or_new(request.headers.get("x-request-id"))
         headers = [(b"x-request-id", request_id.encode())]
+        deadline = Deadline(None)  # counted from the request's arrival (here)
         identity = self.guard.authenticate(self.service, request.headers)
         body, refused = {}, None
         if not isinstance(identity, RagserveError):
             try:
+                deadline = Deadline(request_timeout(request.headers))
                 body = await self.limits.read_json(request)
             except RagserveError as exc:
                 refused = exc
@@ -155,28 +203,37 @@ class CallResponse(Response):
             self.service, method, request_id,
             identity=identity,
             admit=refused is None,  # a refused body takes no permit
+            deadline_passed=deadline.passed,
             carrier=dict(request.headers) if tracing.enabled() else None,
             span_name=f"{request.method} {request.url.path}",
             log_fields={"transport": "http"},
         )
         try:
-            async with call:
-                if refused is not None:
-                    raise refused
-                if not streaming:
-                    payload = dumps(await self.run(body, call))
-                else:
-                    events = self.run(body, call)
-                    try:
-                        item = await anext(events)  # the call's errors before any output still get a status
-                        watcher = _Watcher(receive)
-                        await send({"type": "http.response.start", "status": 200, "headers": headers + _SSE_HEADERS})
-                        started = True
-                        while item is not None:
-                            await send({"type": "http.response.body", "body": b"data: " + dumps(item) + b"\n\n", "more_body": True})
-                            item = await anext(events, None)
-                    finally:
-                        await events.aclose()  # here, in the call's context (its stage spans end here)
+            try:
+                # A spent deadline cancels the work inside the scope (which records it as
+                # DEADLINE_EXCEEDED: deadline_passed) and is answered 504 below.
+                async with asyncio.timeout_at(deadline.at):
+                    async with call:
+                        if refused is not None:
+                            raise refused
+                        if not streaming:
+                            payload = dumps(await self.run(body, call, deadline))
+                        else:
+                            events = self.run(body, call, deadline)
+                            try:
+                                item = await anext(events)  # the call's errors before any output still get a status
+                                watcher = _Watcher(receive)
+                                await send({"type": "http.response.start", "status": 200, "headers": headers + _SSE_HEADERS})
+                                started = True
+                                while item is not None:
+                                    await send({"type": "http.response.body", "body": b"data: " + dumps(item) + b"\n\n", "more_body": True})
+                                    item = await anext(events, None)
+                            finally:
+                                await events.aclose()  # here, in the call's context (its stage spans end here)
+            except TimeoutError:
+                if not deadline.passed():
+                    raise  # not the deadline's (the scope maps the services' own errors)
+                raise deadline.exceeded(call.request_id) from None
             if not streaming:
                 await send({"type": "http.response.start", "status": 200, "headers": headers + [(b"content-type", JSON.encode())]})
                 await send({"type": "http.response.body", "body": payload})
