@@ -54,10 +54,10 @@ gpu-check-prepare: setup models
 gpu-check-smoke: setup models
 	bash bench/gpu_check.sh --cpu-smoke
 
-$(MINILM_ONNX): scripts/export_minilm.py scripts/export_encoder.py $(STAMP)
+$(MINILM_ONNX): scripts/export_minilm.py scripts/export_encoder.py scripts/export_common.py $(STAMP)
 	$(PY) scripts/export_minilm.py --out $@
 
-$(MINILM_TOKENS_ONNX): scripts/export_multivector.py scripts/export_encoder.py $(STAMP)
+$(MINILM_TOKENS_ONNX): scripts/export_multivector.py scripts/export_common.py $(STAMP)
 	$(PY) scripts/export_multivector.py --builtin minilm
 
 $(MINILM_FUSED): $(MINILM_ONNX) scripts/fuse_onnx.py
@@ -148,7 +148,7 @@ bench-rerank: setup models
 CROSS_ENCODER_NAME ?= cross-encoder
 ifneq ($(CROSS_ENCODER_HF),)
 models: model_repository/$(CROSS_ENCODER_NAME)/1/model.onnx
-model_repository/$(CROSS_ENCODER_NAME)/1/model.onnx: scripts/export_cross_encoder.py $(STAMP)
+model_repository/$(CROSS_ENCODER_NAME)/1/model.onnx: scripts/export_cross_encoder.py scripts/export_common.py $(STAMP)
 	$(PY) scripts/export_cross_encoder.py --hf-folder $(CROSS_ENCODER_HF) --out model_repository/$(CROSS_ENCODER_NAME)
 endif
 

@@ -16,20 +16,23 @@ from __future__ import annotations
 import argparse
 import inspect
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from ragserve_server.models.catalog import max_tokens_of
 from ragserve_server.models.model_config import TensorSpec
 from ragserve_server.models.registry import CROSS_ENCODER, encoder_spec
 from ragserve_server.models.repository import publish_export
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "ort_model.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from export_common import TEMPLATE, fast_tokenizer, staging_folder  # noqa: E402
+
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Pairs the exported graph is checked on: short, long-ish, and an empty document.
 CHECK_PAIRS = [
@@ -58,18 +61,14 @@ def export(hf_folder: Path, out: Path, *, max_batch: int = 64, cores: int = 2) -
             f"{hf_folder}: the classifier has {config.num_labels} labels; a cross-encoder with a single "
             f"relevance logit (num_labels=1) is required"
         )
-    tokenizer = AutoTokenizer.from_pretrained(hf_folder, use_fast=True)
-    if not tokenizer.is_fast:
-        raise SystemExit(f"{hf_folder}: no fast tokenizer (tokenizer.json) could be built for this model")
+    tokenizer = fast_tokenizer(hf_folder)
     model = LogitsOnly(
         AutoModelForSequenceClassification.from_pretrained(hf_folder, dtype=torch.float32, attn_implementation="eager")
     ).eval()
 
     # Build next to OUT, then swap in: a half-exported folder never looks built.
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging_folder(out) as staging:
         (staging / "1").mkdir()
         hf_dir = staging / "hf"
         tokenizer.save_pretrained(hf_dir)
@@ -108,8 +107,6 @@ def export(hf_folder: Path, out: Path, *, max_batch: int = 64, cores: int = 2) -
             description=f"cross-encoder exported from {hf_folder.resolve().name}: (query, document) tokens in, one logit out",
         )
         publish_export(spec, staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"exported {hf_folder} -> {out} (Triton model {out.name!r}, max {max_tokens} tokens)")
 
 

@@ -30,19 +30,21 @@ import argparse
 import inspect
 import json
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
 from ragserve_server.models.registry import CLS, LAST_TOKEN, MAX, MEAN, MEAN_SQRT_LEN, POOLINGS
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "ort_model.py"
-CHECK_TEXTS = ["what is the capital of france?", "Paris is the capital and largest city of France. " * 8, "a"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from export_common import CHECK_TEXTS, TEMPLATE, export_token_graph, fast_tokenizer, staging_folder  # noqa: E402
+
 MIN_COSINE = 0.9999
 # sentence-transformers' pooling modes -> the registry's (models/registry.py POOLINGS).
 ST_POOLINGS = {"mean": MEAN, "cls": CLS, "max": MAX, "lasttoken": LAST_TOKEN, "mean_sqrt_len_tokens": MEAN_SQRT_LEN}
@@ -119,22 +121,7 @@ def load(hf_folder: Path, pooling: str = MEAN, normalize: bool = False) -> Poole
 
 def export_onnx(model: PooledEncoder, out: Path) -> None:
     """Writes the graph with dynamic batch and sequence axes, atomically."""
-    ids = torch.ones(2, 8, dtype=torch.int64)
-    mask = torch.ones(2, 8, dtype=torch.int64)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.onnx")
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            (ids, mask),
-            str(tmp),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["embedding"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "embedding": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    tmp.replace(out)  # a half-written file never looks built
+    export_token_graph(model, out, "embedding")
 
 
 @dataclass
@@ -291,16 +278,12 @@ def export(
     hf_folder = hf_folder.resolve()
     recipe = read_recipe(hf_folder, pooling, normalize)
     recipe.prompts.update(prompts or {})
-    tokenizer = AutoTokenizer.from_pretrained(recipe.hf_dir, use_fast=True)
-    if not tokenizer.is_fast:
-        raise Refused(f"{recipe.hf_dir}: no fast tokenizer (tokenizer.json) could be built for this model")
+    tokenizer = fast_tokenizer(recipe.hf_dir, Refused)
     if append_eos:
         _append_eos(tokenizer, recipe)
     model = load(recipe.hf_dir, recipe.pooling, recipe.normalize)
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging_folder(out) as staging:
         hf_dir = staging / "hf"
         tokenizer.save_pretrained(hf_dir)
         model.encoder.save_pretrained(hf_dir)
@@ -341,8 +324,6 @@ def export(
             normalize=recipe.normalize,
         )
         publish_export(spec, staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(
         f"exported {hf_folder} -> {out} (Triton model {out.name!r}, {hidden} dimensions, max {max_tokens} tokens, "
         f"{what}; lowest cosine against sentence-transformers {worst:.6f})"

@@ -21,17 +21,14 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from export_encoder import CHECK_TEXTS, TEMPLATE  # noqa: E402
+from export_common import TEMPLATE, check_graph, declared_max_tokens, export_token_graph, fast_tokenizer, staging_folder  # noqa: E402
 
 IDENTITY = ("torch.nn.modules.linear.Identity", "torch.nn.Identity")
 PROJECTIONS_FILE = "token_projections.safetensors"  # in OUT/hf/, for the PyTorch GPU variant
@@ -119,63 +116,29 @@ def load(hf_folder: Path) -> TokenEncoder:
 
 
 def export_onnx(model: TokenEncoder, out: Path) -> None:
-    ids = torch.ones(2, 8, dtype=torch.int64)
-    mask = torch.ones(2, 8, dtype=torch.int64)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.onnx")
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            (ids, mask),
-            str(tmp),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["token_embeddings"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "seq"},
-                "attention_mask": {0: "batch", 1: "seq"},
-                "token_embeddings": {0: "batch", 1: "seq"},
-            },
-            opset_version=17,
-            dynamo=False,
-        )
-    tmp.replace(out)
+    export_token_graph(model, out, "token_embeddings", per_token=True)
 
 
 def check(model: TokenEncoder, tokenizer, onnx_path: Path, max_tokens: int) -> None:
-    batch = tokenizer(CHECK_TEXTS, padding=True, truncation=True, max_length=max_tokens, return_tensors="np")
-    feed = {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)}
-    (got,) = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(["token_embeddings"], feed)
-    with torch.no_grad():
-        want = model(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"])).numpy()
-    real = feed["attention_mask"].astype(bool)
-    diff = float(np.abs(got[real] - want[real]).max())
-    if diff > 1e-4:
-        raise SystemExit(f"ONNX export differs from PyTorch by {diff:.2e} on the check texts; not exported")
+    check_graph(model, tokenizer, onnx_path, max_tokens, "token_embeddings", per_token=True)
 
 
 def export(hf_folder: Path, out: Path, *, name: str, max_batch: int = 64, cores: int = 2) -> None:
     from dataclasses import replace
 
-    from ragserve_server.models.catalog import max_tokens_of
     from ragserve_server.models.model_config import TensorSpec
     from ragserve_server.models.registry import EMBEDDING, MULTI_VECTOR, TORCH_CUDA, encoder_spec
     from ragserve_server.models.repository import publish_export
 
     hf_folder = hf_folder.resolve()
-    tokenizer = AutoTokenizer.from_pretrained(hf_folder, use_fast=True)
-    if not tokenizer.is_fast:
-        raise SystemExit(f"{hf_folder}: no fast tokenizer (tokenizer.json) could be built for this model")
+    tokenizer = fast_tokenizer(hf_folder)
     model = load(hf_folder)
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging_folder(out) as staging:
         hf_dir = staging / "hf"
         tokenizer.save_pretrained(hf_dir)
         model.encoder.save_pretrained(hf_dir)
-        st_config = hf_folder / "sentence_bert_config.json"
-        declared = json.loads(st_config.read_text()).get("max_seq_length") if st_config.exists() else None
-        max_tokens = int(declared) if declared else max_tokens_of(hf_dir)
+        max_tokens = declared_max_tokens(hf_folder, hf_dir)
         export_onnx(model, staging / "1" / "model.onnx")
         check(model, tokenizer, staging / "1" / "model.onnx", max_tokens)
         shutil.copy2(TEMPLATE, staging / "1" / "model.py")
@@ -199,8 +162,6 @@ def export(hf_folder: Path, out: Path, *, name: str, max_batch: int = 64, cores:
         # "{name}": the served name, so that --embedding-models OTHER=folder serves OTHER-maxsim.
         spec = replace(spec, parameters=parameters, embedding_output=MULTI_VECTOR, maxsim_reranker="{name}-maxsim")
         publish_export(spec, staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"exported {hf_folder} -> {out} (Triton model {out.name!r}, {dim} dimensions per token, max {max_tokens} tokens)")
 
 
