@@ -172,3 +172,36 @@ def test_cancelled_and_stopped_scoring_requests_are_closed(tiny):
     assert cancelled.wait().abort[0] == "cancelled"
     engine.stop()
     assert stopped.wait().abort == ("error", "UNAVAILABLE: engine stopped")
+
+
+def test_scoring_cancel_probes_are_paced_with_the_engines_and_asked_outside_the_lock(tiny):
+    """A queued scoring request's is_cancelled (a Triton round trip each) is asked only on the
+    engine's paced cancel polls, never with the engine's lock held; an in-process cancel needs none."""
+    now = [100.0]
+    engine = eng.Engine(tiny, DEPLOYED, clock=lambda: now[0])  # not started: steps driven by hand
+    asked = []
+
+    def is_cancelled():
+        assert not engine._cv._is_owned(), "a scoring cancel probe ran under the engine's lock"
+        asked.append(now[0])
+        return len(asked) >= 2
+
+    r = Result()
+    engine.submit_score(eng.ScoreRequest([5, 6], [1], r.on_result, r.on_abort, is_cancelled=is_cancelled))
+    engine.scorer.drop_cancelled(probe=False)
+    assert asked == [] and len(engine.scorer.queue) == 1
+    engine.scorer.drop_cancelled(probe=True)
+    assert len(asked) == 1 and len(engine.scorer.queue) == 1
+    engine.scorer.drop_cancelled(probe=True)
+    assert r.wait().abort[0] == "cancelled" and not engine.scorer.queue
+
+    # The engine's step hands its own pacing to the scorer: within one poll interval, one probe.
+    probes = []
+    engine.scorer.drop_cancelled = probes.append
+    for _ in range(5):
+        engine._step()
+        now[0] += eng.CANCEL_POLL_INTERVAL_S / 10
+    now[0] += eng.CANCEL_POLL_INTERVAL_S
+    engine._step()
+    assert probes == [True, False, False, False, False, True]
+    engine.stop()

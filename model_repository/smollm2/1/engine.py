@@ -307,8 +307,8 @@ class Engine:
         return now
 
     def _step(self) -> int:
-        self._drop_cancelled()
-        self.scorer.drop_cancelled()
+        probe = self._drop_cancelled()
+        self.scorer.drop_cancelled(probe)
         self.scorer.step()  # waiting scoring prompts, one pass (no KV slots; nothing generated)
         produced, chunk = self._prefill()
         if chunk is not None and self.running and self.config.chunked_prefill:
@@ -322,7 +322,8 @@ class Engine:
         self.tokens_generated += produced
         return produced
 
-    def _drop_cancelled(self) -> None:
+    def _drop_cancelled(self) -> bool:
+        """Retires cancelled sequences; says whether this step probed Triton's cancel flags."""
         now = self._clock()
         probe = now >= self._next_cancel_poll
         if probe:
@@ -343,6 +344,7 @@ class Engine:
                         self.waiting.remove(seq)
         for seq in gone:
             self._safe(seq.on_abort, "cancelled", "CANCELLED: request cancelled")
+        return probe
 
     def _prefill(self) -> tuple[int, tuple[Sequence, int, int] | None]:
         """This step's prefill work, within ``prefill_tokens_per_step`` prompt tokens: the next

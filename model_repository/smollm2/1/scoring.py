@@ -58,9 +58,12 @@ class ScoreRequest:
     def cancel(self) -> None:
         self._cancel = True
 
-    def cancelled(self) -> bool:
+    def cancelled(self, probe: bool = True) -> bool:
+        """The in-process flag; with `probe`, also the caller's is_cancelled (a Triton round trip)."""
         if self._cancel:
             return True
+        if not probe:
+            return False
         try:
             return bool(self.is_cancelled())
         except Exception:
@@ -134,9 +137,16 @@ class Scorer:
             raise RequestError("RESOURCE_EXHAUSTED", f"scoring queue is full ({self.max_queued} waiting)")
         self.queue.append(req)
 
-    def drop_cancelled(self) -> None:
+    def drop_cancelled(self, probe: bool = True) -> None:
+        """Closes cancelled requests. The engine passes `probe` on its paced cancel polls (as for
+        its sequences); the probes run without the lock, so submit never waits on them."""
         with self._cv:
-            gone = [r for r in self.queue if r.cancelled()]
+            queued = list(self.queue)
+        gone = [r for r in queued if r.cancelled(probe)]
+        if not gone:
+            return
+        with self._cv:
+            gone = [r for r in gone if r in self.queue]  # abort_all may have emptied the queue meanwhile
             for req in gone:
                 self.queue.remove(req)
         for req in gone:
