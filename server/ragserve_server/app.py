@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ragserve.v1 import embed_pb2_grpc, generate_pb2_grpc, models_pb2_grpc, rerank_pb2_grpc, tokenize_pb2_grpc
 from ragserve_server.security import tls
 from ragserve_server.calls.admission import Admission
-from ragserve_server.security.auth import Authenticator, auth_interceptors
+from ragserve_server.security.auth import Authenticator
 from ragserve_server.security.keys import SERVICES
 from ragserve_server.calls.call_scope import CallGuard
 from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, LLM_RERANKER, MAXSIM, Catalog
@@ -21,7 +21,7 @@ from ragserve_server.encoding.encoder import EncoderRunner
 from ragserve_server.backend.health import HealthMonitor
 from ragserve_server.transport.http.routes import HttpFront
 from ragserve_server.transport.http.server import HttpServer
-from ragserve_server.transport.grpc_interceptor import GatewayInterceptor
+from ragserve_server.transport.grpc_methods import GatewayMethods
 from ragserve_server.observability.metrics import GatewayMetrics
 from ragserve_server.services.embed import EmbedService
 from ragserve_server.services.generate import GenerateService
@@ -79,11 +79,9 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     auth = Authenticator.from_settings(settings.api_keys_file, settings.reflection)
     # One guard for gRPC and HTTP: the key check, per-key quotas, admission, errors, metrics.
     guard = CallGuard(admission, on_finish=metrics.call_finished, on_start=metrics.call_started, auth=auth if auth.keys else None)
+    # Each method wrapped once with the guard (transport/grpc_methods.py): no interceptor runs per call.
+    methods = GatewayMethods(guard, max_open_streams=settings.max_open_streams, auth=auth)
     server = grpc.aio.server(
-        interceptors=[
-            GatewayInterceptor(guard, max_open_streams=settings.max_open_streams),
-            *auth_interceptors(settings.api_keys_file, settings.reflection, auth),  # reflection's gate
-        ],
         options=[
             # HTTP/2 streams (calls) one connection may have open at once: one client cannot
             # open thousands of calls on one connection.
@@ -120,20 +118,20 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         catalog, tokenizers, encoder, executor, settings.max_inputs_per_call, admission,
         inline_tokenize_chars=settings.inline_tokenize_chars,
     )
-    embed_pb2_grpc.add_EmbedServicer_to_server(embed, server)
+    embed_pb2_grpc.add_EmbedServicer_to_server(embed, methods)
     models = ModelsService(catalog)
-    models_pb2_grpc.add_ModelsServicer_to_server(models, server)
-    tokenize_pb2_grpc.add_TokenizeServicer_to_server(TokenizeService(catalog, tokenizers, executor, settings.max_inputs_per_call), server)
+    models_pb2_grpc.add_ModelsServicer_to_server(models, methods)
+    tokenize_pb2_grpc.add_TokenizeServicer_to_server(TokenizeService(catalog, tokenizers, executor, settings.max_inputs_per_call), methods)
     generators = catalog.by_kind(GENERATION)
     generate = rerank = None
     if generators:
         generate = GenerateService(catalog, backend, executor)
-        generate_pb2_grpc.add_GenerateServicer_to_server(generate, server)
+        generate_pb2_grpc.add_GenerateServicer_to_server(generate, methods)
     rerankers = catalog.by_kind(BI_ENCODER) + catalog.by_kind(CROSS_ENCODER) + catalog.by_kind(LLM_RERANKER) + catalog.by_kind(MAXSIM)
     if rerankers:
         llm = LlmRerankers(catalog.by_kind(LLM_RERANKER), backend, executor) if catalog.by_kind(LLM_RERANKER) else None
         rerank = RerankService(catalog, tokenizers, encoder, executor, settings.max_documents_per_call, llm=llm)
-        rerank_pb2_grpc.add_RerankServicer_to_server(rerank, server)
+        rerank_pb2_grpc.add_RerankServicer_to_server(rerank, methods)
 
     # Health per service: what each needs from Triton. Services not built yet are not listed
     # (a health check for them answers SERVICE_UNKNOWN; their RPCs answer UNIMPLEMENTED).
@@ -146,11 +144,11 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
     if rerankers:
         needs[SERVICE_NAMES["rerank"]] = sorted({m.triton_model for m in rerankers})
     health = HealthMonitor(backend, needs, settings.health_poll_interval)
-    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    reflection.enable_server_reflection(
-        [*SERVICE_NAMES.values(), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
+    methods.add_reflection(  # behind --reflection
+        [*SERVICE_NAMES.values(), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     )
+    methods.install(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)  # never guarded
     port = tls.bind(server, f"{settings.host}:{settings.port}", settings)
     if port == 0:
         raise RuntimeError(f"could not bind {settings.host}:{settings.port}")

@@ -23,7 +23,7 @@ import grpc
 from ragserve_server.errors import PermissionDenied, RagserveError, Unauthenticated
 from ragserve_server.security.keys import KEYED_SERVICES, SERVICES, ApiKey, KeyStore
 
-__all__ = ["Authenticator", "Identity", "KEYED_SERVICES", "REFLECTION_MODES", "ReflectionGate", "auth_interceptors", "presented_key"]
+__all__ = ["Authenticator", "Identity", "KEYED_SERVICES", "REFLECTION_MODES", "ReflectionGate", "auth_interceptors", "gate_reflection", "presented_key"]
 
 REFLECTION_MODES = ("open", "keyed", "off")
 _REFLECTION_PREFIX = "/grpc.reflection."
@@ -127,6 +127,27 @@ def _aborting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
     if handler.stream_stream:  # reflection's one method
         return grpc.stream_stream_rpc_method_handler(streaming, response_serializer=serializer)
     return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serializer)
+
+
+def gate_reflection(handler: grpc.RpcMethodHandler, auth: Authenticator) -> grpc.RpcMethodHandler:
+    """Reflection's method handler behind `auth.reflection`, wrapped once at start-up (what
+    ReflectionGate does per call, for a server without interceptors: transport/grpc_methods.py)."""
+    if auth.reflection == "open":
+        return handler
+    if auth.reflection == "off":
+        return _aborting(handler, grpc.StatusCode.UNIMPLEMENTED, "server reflection is off (--reflection)")
+    inner = handler.stream_stream
+
+    async def keyed(request_iterator, context):
+        outcome = auth.check(None, context.invocation_metadata())
+        if isinstance(outcome, RagserveError):
+            await context.abort(outcome.code, outcome.message)
+        async for response in inner(request_iterator, context):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(
+        keyed, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 def auth_interceptors(api_keys_file: str, reflection: str, auth: Authenticator | None = None) -> list[grpc.aio.ServerInterceptor]:

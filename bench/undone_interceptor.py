@@ -1,4 +1,8 @@
-"""The gateway's one server interceptor: request id and log context, admission, error mapping.
+"""Undone (issue 23): the gateway's generic grpc.aio server interceptor, as it was before each
+method was wrapped once at start-up (server/ragserve_server/transport/grpc_methods.py). Kept
+only so that `bench/gateway_floor_server.py --undo interceptor` can measure that change.
+
+The gateway's one server interceptor: request id and log context, admission, error mapping.
 
 Every call, whatever its kind (unary, server stream, bidirectional stream), goes through
 the same steps: take the `x-request-id` (or make one; one that is not a short plain token is
