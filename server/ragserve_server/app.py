@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragserve.v1 import embed_pb2_grpc, generate_pb2_grpc, models_pb2_grpc, rerank_pb2_grpc, tokenize_pb2_grpc
 from ragserve_server.security import tls
+from ragserve_server.supervision import drain
 from ragserve_server.calls.admission import Admission
 from ragserve_server.security.auth import Authenticator
 from ragserve_server.security.keys import SERVICES
@@ -53,10 +54,18 @@ class Gateway:
         return self.http.port if self.http is not None else 0
 
     async def stop(self, grace: float) -> None:
-        """Drains: health goes NOT_SERVING, new calls are refused, in-flight calls get `grace` seconds."""
+        """Drains within `grace` seconds: health goes NOT_SERVING; the calls in flight end and their
+        answers are delivered (supervision/drain.py, at most half of `grace`); then GOAWAY refuses
+        new calls and the calls still running get the rest."""
         await self.health.shutdown()
         http_stopped = asyncio.create_task(self.http.stop(grace)) if self.http is not None else None
-        await self.server.stop(grace)
+        # Before GOAWAY, the calls in flight end and their answers reach the callers' kernels:
+        # gRPC closes a connection as soon as its last answer is handed to the kernel, and a
+        # caller still reading then gets a RST that drops the answer's tail (drain.py).
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await drain.settle(self.port, lambda: drain.total(self.metrics.in_flight), grace * drain.SETTLE_SHARE)
+        await self.server.stop(max(grace - (loop.time() - started), 0.0))
         if self.health_server is not None:
             await self.health_server.stop(0)
         if http_stopped is not None:
