@@ -10,7 +10,7 @@ import pytest
 from fakes import FakeBackend
 from support import eventually
 from ragserve_server.calls.admission import BULK, INTERACTIVE, TRITON_PRIORITY
-from ragserve_server.encoding.coalescer import SMALL_ROWS, Coalescer
+from ragserve_server.encoding.coalescer import CPU_BULK_IN_FLIGHT, CPU_BULK_ROWS, SMALL_ROWS, Coalescer, bulk_gate
 from ragserve_server.errors import BackendUnavailable, DeadlineExceeded
 
 
@@ -152,3 +152,57 @@ async def test_a_sent_request_whose_callers_all_left_is_cancelled():
     # The shape's slot is free again (the request was cancelled, not left to run its minute).
     backend.delay = 0.0
     assert await asyncio.wait_for(call(coalescer, 4), 20) == [4.0]
+
+
+class InFlight(FakeBackend):
+    """Records the most requests it held at once."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.now = self.most = 0
+
+    async def infer(self, *args, **kwargs):
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            return await super().infer(*args, **kwargs)
+        finally:
+            self.now -= 1
+
+
+async def test_bulk_work_is_cut_to_bulk_rows_and_sent_bulk_in_flight_at_a_time():
+    backend = InFlight(delay=0.02)
+    coalescer = Coalescer(backend, max_in_flight=2, bulk_rows=3, bulk_in_flight=1)
+    values = list(range(1, 21))
+    results = await asyncio.gather(call(coalescer, *values[:10], lane=BULK), call(coalescer, *values[10:], lane=BULK))
+    assert results == [[float(v) for v in values[:10]], [float(v) for v in values[10:]]]  # each caller's rows, in order
+    assert sorted(r["input_ids"].shape[0] for r in backend.requests) == [1, 1, 3, 3, 3, 3, 3, 3]
+    assert backend.most == 1 and set(backend.lanes) == {BULK}
+
+
+async def test_interactive_calls_pass_a_full_bulk_gate():
+    backend = FakeBackend(delay=0.5)
+    coalescer = Coalescer(backend, max_in_flight=2, bulk_rows=2, bulk_in_flight=1)
+    bulk = asyncio.ensure_future(call(coalescer, *range(1, 9), lane=BULK))  # 4 requests, one at a time
+    await eventually(lambda: backend.calls == 1, what="the first bulk request sent")
+    assert await call(coalescer, 5) == [5.0]  # not behind the three bulk requests that wait for the gate
+    assert backend.lanes[:2] == [BULK, INTERACTIVE]
+    assert await bulk == [float(v) for v in range(1, 9)]
+
+
+async def test_a_bulk_call_whose_deadline_passes_at_the_gate_fails_and_frees_nothing_it_did_not_take():
+    backend = FakeBackend(delay=0.3)
+    coalescer = Coalescer(backend, max_in_flight=2, bulk_rows=4, bulk_in_flight=1)
+    first = asyncio.ensure_future(call(coalescer, 1, 2, 3, 4, lane=BULK))
+    await eventually(lambda: backend.calls == 1, what="the first bulk request sent")
+    with pytest.raises(DeadlineExceeded):
+        await call(coalescer, 9, lane=BULK, timeout=0.05)
+    assert await first == [1.0, 2.0, 3.0, 4.0]
+    # The gate is whole again: the next bulk call goes at once.
+    assert await call(coalescer, 7, lane=BULK) == [7.0] and backend.calls == 2
+
+
+def test_the_bulk_gate_is_on_by_default_on_a_cpu_only():
+    assert bulk_gate(-1, -1, "cpu") == (CPU_BULK_ROWS, CPU_BULK_IN_FLIGHT)
+    assert bulk_gate(-1, -1, "gpu") == (0, 0)
+    assert bulk_gate(16, 0, "cpu") == (16, 0)

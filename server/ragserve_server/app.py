@@ -19,6 +19,7 @@ from ragserve_server.security.keys import SERVICES
 from ragserve_server.calls.call_scope import CallGuard
 from ragserve_server.models.catalog import BI_ENCODER, CROSS_ENCODER, EMBEDDING, GENERATION, LLM_RERANKER, MAXSIM, Catalog
 from ragserve_server.encoding.encoder import EncoderRunner
+from ragserve_server.encoding.coalescer import bulk_gate
 from ragserve_server.backend.health import HealthMonitor
 from ragserve_server.transport.http.routes import HttpFront
 from ragserve_server.transport.http.server import HttpServer
@@ -121,7 +122,8 @@ async def create_gateway(settings: Settings, backend: InferenceBackend, catalog:
         m.name: EncoderTokenizer(m.model_dir / "tokenizer.json", m.max_input_tokens)
         for m in catalog.by_kind(EMBEDDING) + catalog.by_kind(CROSS_ENCODER)
     }
-    encoder = EncoderRunner(backend, coalesce_in_flight=settings.coalesce_in_flight)
+    bulk_rows, bulk_in_flight = bulk_gate(settings.bulk_rows, settings.bulk_in_flight, settings.device)
+    encoder = EncoderRunner(backend, coalesce_in_flight=settings.coalesce_in_flight, bulk_rows=bulk_rows, bulk_in_flight=bulk_in_flight)
     metrics.coalescing.source = encoder.coalescer
     embed = EmbedService(
         catalog, tokenizers, encoder, executor, settings.max_inputs_per_call, admission,

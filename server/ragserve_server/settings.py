@@ -107,6 +107,14 @@ class Settings:
         default=2,
         metadata={"help": "Triton requests in flight per encoder model and shape before the gateway joins further calls of that shape into one request (coalescer.py); 0 = off, every call is its own request"},
     )
+    bulk_rows: int = field(
+        default=-1,
+        metadata={"help": "most rows of one bulk Triton request (EmbedStream messages, PRIORITY_BULK calls): a bigger one is cut, so an interactive query never waits behind a long bulk execution (coalescer.py); 0 = the model's max rows; -1 = auto (8 with --device cpu, 0 on gpu)"},
+    )
+    bulk_in_flight: int = field(
+        default=-1,
+        metadata={"help": "bulk Triton requests in flight per encoder model in this gateway: fewer than the model's instances leaves one free for interactive queries (coalescer.py); 0 = no limit; -1 = auto (1 with --device cpu, 0 on gpu)"},
+    )
     workers: int = field(
         default=1,
         metadata={"help": "gateway processes sharing the gRPC and HTTP ports (SO_REUSEPORT; the kernel spreads connections): one is capped by its core; each serves metrics on --metrics-port + its index and takes 1/N of the admission budgets (workers.py)"},

@@ -13,6 +13,15 @@ max rows, as soon as one in-flight request returns. So an idle gateway sends a c
 which is the batch Triton's batcher would have formed anyway. Triton still batches across
 gateways and replicas. A caller whose deadline passes or who is cancelled while waiting is
 dropped before anything is sent for it.
+
+Bulk work (a priority below the top one: EmbedStream messages, PRIORITY_BULK calls) has its
+own gate per model: at most `bulk_in_flight` of its Triton requests at a time, each of at most
+`bulk_rows` rows (a bigger one is cut). Triton's priority levels order its queue but cannot
+take a model instance back from a running execution, and its batcher joins queued bulk
+requests up to the model's max rows: without the gate an interactive query arriving during
+a bulk job waits for a whole 64-row execution on every instance (on a CPU, about a second).
+With it, bulk work holds fewer instances than the model has, in short executions, so an
+interactive query finds an instance free (bench/priority_bench.py measures both).
 """
 
 from __future__ import annotations
@@ -29,6 +38,22 @@ import numpy as np
 from ragserve_server.observability import tracing
 from ragserve_server.errors import DeadlineExceeded
 from ragserve_server.backend.protocol import DEFAULT_PRIORITY, InferenceBackend
+from ragserve_server.calls.admission import INTERACTIVE, TRITON_PRIORITY
+
+INTERACTIVE_PRIORITY = TRITON_PRIORITY[INTERACTIVE]
+# The bulk gate's defaults on a CPU (bench/priority_bench.py, two CPU instances): 8-row bulk
+# executions, one at a time, kept interactive p99 under the bulk job within 3x idle with bulk
+# throughput as before. On a GPU a 64-row execution takes milliseconds: no gate by default.
+CPU_BULK_ROWS, CPU_BULK_IN_FLIGHT = 8, 1
+
+
+def bulk_gate(rows: int, in_flight: int, device: str) -> tuple[int, int]:
+    """(bulk_rows, bulk_in_flight) from the settings, where -1 = the device's default."""
+    on_cpu = device == "cpu"
+    return (
+        rows if rows >= 0 else (CPU_BULK_ROWS if on_cpu else 0),
+        in_flight if in_flight >= 0 else (CPU_BULK_IN_FLIGHT if on_cpu else 0),
+    )
 
 
 # Requests of at most this many rows are joined here; larger ones always go straight to Triton.
@@ -56,9 +81,13 @@ class _Shape:
 class Coalescer:
     """`infer` like InferenceBackend's, for row-batched encoder models (outputs: one row per input row)."""
 
-    def __init__(self, backend: InferenceBackend, max_in_flight: int) -> None:
+    def __init__(self, backend: InferenceBackend, max_in_flight: int, *, bulk_rows: int = 0, bulk_in_flight: int = 0) -> None:
+        """`bulk_rows`, `bulk_in_flight`: the bulk gate (module docstring); 0 = no limit."""
         self.backend = backend
         self.max_in_flight = max_in_flight
+        self.bulk_rows = bulk_rows
+        self.bulk_in_flight = bulk_in_flight
+        self._bulk_gates: dict[str, asyncio.Semaphore] = {}
         # One entry per (model, outputs, input shapes, priority): a few dozen at most, kept.
         self._shapes: dict[tuple, _Shape] = {}
         # Per model: [encoder requests in, Triton requests out] (their ratio is the coalescing).
@@ -78,6 +107,8 @@ class Coalescer:
         Only requests of the same priority are joined."""
         self.counts.setdefault(model, [0, 0])[0] += 1
         rows = next(iter(inputs.values())).shape[0]
+        if priority > INTERACTIVE_PRIORITY and (self.bulk_rows or self.bulk_in_flight):
+            return await self._bulk(model, inputs, outputs, rows, timeout, priority)
         key = (model, tuple(outputs), tuple((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()), priority)
         shape = self._shapes.get(key)
         if shape is None:
@@ -101,6 +132,44 @@ class Coalescer:
             if waiter.request is not None and all(w.result.cancelled() for w in waiter.batch):
                 waiter.request.cancel()
             raise
+
+    async def _bulk(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], rows: int, timeout: float | None, priority: int
+    ) -> dict[str, np.ndarray]:
+        """Bulk work through the model's gate: cut to `bulk_rows`, `bulk_in_flight` at a time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        step = self.bulk_rows or rows
+        gate = self._bulk_gates.get(model)
+        if gate is None and self.bulk_in_flight:
+            gate = self._bulk_gates[model] = asyncio.Semaphore(self.bulk_in_flight)
+
+        async def part(start: int) -> dict[str, np.ndarray]:
+            loop_time = asyncio.get_running_loop().time()
+            chunk = {name: value[start : start + step] for name, value in inputs.items()}
+            if gate is None:
+                return await self._send_bulk(model, chunk, outputs, deadline, priority)
+            try:
+                async with asyncio.timeout_at(None if deadline is None else loop_time + (deadline - time.monotonic())):
+                    await gate.acquire()
+            except TimeoutError:
+                raise DeadlineExceeded("deadline exceeded while waiting to be sent to the model (bulk)") from None
+            try:
+                return await self._send_bulk(model, chunk, outputs, deadline, priority)
+            finally:
+                gate.release()
+
+        starts = range(0, rows, step)
+        if len(starts) == 1:
+            return await part(0)
+        parts = await asyncio.gather(*(part(start) for start in starts))
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    async def _send_bulk(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], deadline: float | None, priority: int
+    ) -> dict[str, np.ndarray]:
+        self.counts[model][1] += 1
+        timeout = None if deadline is None else deadline - time.monotonic()
+        return await self.backend.infer(model, inputs, outputs, timeout=timeout, priority=priority)
 
     async def _request(self, key: tuple, parts: list[Mapping[str, np.ndarray]], timeout: float | None) -> dict[str, np.ndarray]:
         self.counts[key[0]][1] += 1

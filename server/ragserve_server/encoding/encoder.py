@@ -24,11 +24,14 @@ from ragserve_server.calls.admission import current_priority
 
 
 class EncoderRunner:
-    def __init__(self, backend: InferenceBackend, *, coalesce_in_flight: int = 0) -> None:
+    def __init__(self, backend: InferenceBackend, *, coalesce_in_flight: int = 0, bulk_rows: int = 0, bulk_in_flight: int = 0) -> None:
         """`coalesce_in_flight` > 0: small concurrent requests of one shape are joined in the
-        gateway once that many are with Triton (coalescer.py); 0: each is its own request."""
+        gateway once that many are with Triton (coalescer.py); 0: each is its own request.
+        `bulk_rows`, `bulk_in_flight`: the coalescer's gate for bulk work (0 = no limit)."""
         self.backend = backend
-        self.coalescer = Coalescer(backend, coalesce_in_flight) if coalesce_in_flight > 0 else None
+        self.coalescer = (
+            Coalescer(backend, coalesce_in_flight, bulk_rows=bulk_rows, bulk_in_flight=bulk_in_flight) if coalesce_in_flight > 0 else None
+        )
 
     async def pooled(
         self,
