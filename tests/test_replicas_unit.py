@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ragserve_server.errors import BackendUnavailable, InvalidInput
-from ragserve_server.backend.replicas import ReplicaSet, parse_targets
+from ragserve_server.backend.replicas import RETIRE_GRACE, ReplicaSet, parse_targets
 from ragserve_server.backend.targets import DnsLookupFailed, DnsTarget, resolve
 from dns_server import ChangingDns
 from support import eventually
@@ -49,8 +49,8 @@ class FakeReplica:
     async def model_config(self, model):
         raise BackendUnavailable("no config here")
 
-    async def close(self):
-        pass
+    async def close(self, grace=None):
+        self.closed = grace
 
 
 def replica_set(target="a:1,b:1", models=("minilm", "smollm2")):
@@ -197,6 +197,8 @@ async def test_a_dns_server_target_follows_the_answer_and_keeps_it_through_failu
         dns.answer(["127.0.0.3"])
         await replicas.refresh()
         assert list(replicas.replicas) == ["127.0.0.3:8001"]
+        # Its channel closes with a grace: the calls in flight on it end first.
+        await eventually(lambda: getattr(fakes["127.0.0.2:8001"], "closed", None) == RETIRE_GRACE, what="the removed replica closed")
         # Failures keep the replicas we had: SERVFAIL, an answer without records, no server.
         dns.answer(["127.0.0.4"], mode="servfail")
         await replicas.refresh()

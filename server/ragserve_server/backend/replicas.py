@@ -39,6 +39,10 @@ from ragserve_server.backend.triton import TritonBackend
 
 log = structlog.get_logger(__name__)
 
+# Seconds the calls in flight on a replica that left the DNS answer get before its channel
+# closes (a Generate stream can run this long; a unary call is over long before).
+RETIRE_GRACE = 60.0
+
 # Validates a replica's config of a model before it takes calls: problems, or [] when fine.
 ConfigValidator = Callable[[str, object], list[str]]
 
@@ -86,6 +90,7 @@ class ReplicaSet:
         self.replicas: dict[str, Replica] = {}
         self._next = 0
         self._task: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()  # channels of removed replicas, closing
         self.retries = 0
         for address in self.static:
             self._add(address)
@@ -113,10 +118,16 @@ class ReplicaSet:
                 if address not in self.replicas:
                     self._add(address)
             for address in [a for a in self.replicas if a not in found]:
-                replica = self.replicas.pop(address)
-                log.info("triton_replica_removed", replica=address)
-                await replica.backend.close()
+                self._retire(self.replicas.pop(address))
         await asyncio.gather(*(self._probe(r) for r in list(self.replicas.values())))
+
+    def _retire(self, replica: Replica) -> None:
+        """Out of the set at once (no new call picks it); its channel closes once the calls in
+        flight on it have ended (at most RETIRE_GRACE s), so a replica leaving DNS fails none."""
+        log.info("triton_replica_removed", replica=replica.address)
+        task = asyncio.create_task(replica.backend.close(grace=RETIRE_GRACE))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _probe(self, replica: Replica) -> None:
         was = (replica.stats.up, replica.stats.ready_models)
@@ -295,3 +306,4 @@ class ReplicaSet:
             await asyncio.gather(self._task, return_exceptions=True)
         for replica in self.replicas.values():
             await replica.backend.close()
+        await asyncio.gather(*self._retiring, return_exceptions=True)

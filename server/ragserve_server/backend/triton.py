@@ -205,5 +205,6 @@ class TritonBackend:
             reply = await self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=5.0)
         return reply.config
 
-    async def close(self) -> None:
-        await self._channel.close()
+    async def close(self, grace: float | None = None) -> None:
+        """Closes the channel; with `grace`, the calls in flight get that long to end first."""
+        await self._channel.close(grace)
