@@ -206,3 +206,19 @@ def test_the_bulk_gate_is_on_by_default_on_a_cpu_only():
     assert bulk_gate(-1, -1, "cpu") == (CPU_BULK_ROWS, CPU_BULK_IN_FLIGHT)
     assert bulk_gate(-1, -1, "gpu") == (0, 0)
     assert bulk_gate(16, 0, "cpu") == (16, 0)
+
+
+async def test_a_failed_bulk_part_stops_the_other_parts_of_its_call():
+    class FailsLate(FakeBackend):
+        async def infer(self, *args, **kwargs):
+            self.calls += 1
+            await asyncio.sleep(0.05)
+            raise BackendUnavailable("triton is down")
+
+    backend = FailsLate()
+    coalescer = Coalescer(backend, max_in_flight=2, bulk_rows=1, bulk_in_flight=1)
+    with pytest.raises(BackendUnavailable):
+        await call(coalescer, 1, 2, 3, lane=BULK)
+    sent = backend.calls
+    await asyncio.sleep(0.3)
+    assert backend.calls == sent < 3  # nothing more is sent once the call failed

@@ -161,7 +161,13 @@ class Coalescer:
         starts = range(0, rows, step)
         if len(starts) == 1:
             return await part(0)
-        parts = await asyncio.gather(*(part(start) for start in starts))
+        tasks = [asyncio.ensure_future(part(start)) for start in starts]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:  # one part failed or the caller left: the other parts stop too
+            for task in tasks:
+                task.cancel()
+            raise
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     async def _send_bulk(
