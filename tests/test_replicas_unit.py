@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 
 import numpy as np
 import pytest
@@ -237,3 +238,19 @@ async def test_a_dns_server_that_never_answers_fails_within_the_timeout():
         with pytest.raises(DnsLookupFailed, match="TimeoutError"):
             await resolve(target, timeout=0.3)
         assert time.monotonic() - start < 10
+
+
+async def test_close_ends_the_refresh_loop_while_dns_lookups_fail_at_once():
+    # No server at that port: every question is refused at once (ICMP port unreachable). A
+    # cancellation landing as such a lookup ends must still stop the loop (asyncio.wait_for in
+    # Python 3.11 swallowed it, and close() hung).
+    dns = ChangingDns("triton.test", ["127.0.0.2"])
+    dns.stop()
+    for attempt in range(30):
+        replicas, _ = replica_set(f"dns://{dns.authority}/triton.test:8001", models=("minilm",))
+        replicas.interval = 0
+        await replicas.start()
+        await asyncio.sleep(0.002 * (attempt % 5))
+        closing = asyncio.ensure_future(replicas.close())
+        done, _ = await asyncio.wait({closing}, timeout=10)
+        assert done, f"close() hung on attempt {attempt}"

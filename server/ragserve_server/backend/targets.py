@@ -136,9 +136,9 @@ async def _ask(target: DnsTarget, qtype: str, timeout: float) -> list[str]:
     """The addresses of one question to the target's DNS server; [] for NXDOMAIN or no data."""
     query = DNSRecord.question(target.host, qtype)
     try:
-        reply = DNSRecord.parse(await asyncio.wait_for(_udp(query, target.server), timeout))
+        reply = DNSRecord.parse(await _within(_udp(query, target.server), timeout))
         if reply.header.tc:  # truncated: the whole answer over TCP
-            reply = DNSRecord.parse(await asyncio.wait_for(_tcp(query, target.server), timeout))
+            reply = DNSRecord.parse(await _within(_tcp(query, target.server), timeout))
     except (OSError, asyncio.TimeoutError, DNSError, struct.error, asyncio.IncompleteReadError) as exc:
         raise DnsLookupFailed(f"{target}: {qtype} question: {type(exc).__name__} {exc}".rstrip()) from None
     if reply.header.rcode == RCODE.NXDOMAIN:
@@ -147,6 +147,22 @@ async def _ask(target: DnsTarget, qtype: str, timeout: float) -> list[str]:
         raise DnsLookupFailed(f"{target}: {qtype} question answered {RCODE.get(reply.header.rcode)}")
     wanted = getattr(QTYPE, qtype)
     return [str(ipaddress.ip_address(str(rr.rdata))) for rr in reply.rr if rr.rtype == wanted]
+
+
+async def _within(coro, timeout: float):
+    """`asyncio.wait_for` without its race in Python <= 3.11: a cancellation that arrives as the
+    inner call ends (here: a DNS server refusing at once) is swallowed, and the replica set's
+    refresh loop would then never stop (seen: `ReplicaSet.close()` hung)."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read even when we leave early
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    finally:
+        if not task.done():
+            task.cancel()  # timed out, or we were cancelled: the call's own cleanup runs
+    if not done:
+        raise asyncio.TimeoutError(f"no answer within {timeout:g} s")
+    return task.result()
 
 
 class _Reply(asyncio.DatagramProtocol):
