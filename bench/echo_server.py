@@ -37,4 +37,7 @@ async def serve(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(serve(parser.parse_args().port))
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio", help="asyncio: a bare grpc.aio server as shipped")
+    args = parser.parse_args()
+    with asyncio.Runner(loop_factory=__import__("uvloop").new_event_loop if args.event_loop == "uvloop" else None) as runner:
+        runner.run(serve(args.port))

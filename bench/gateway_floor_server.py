@@ -5,7 +5,7 @@ Its latency at concurrency 1 is what the gateway itself (interceptor, admission,
 request and response building, logging and metrics) adds to loopback gRPC; set beside
 bench/echo_server.py (a grpc.aio server that does nothing), the difference is ragserve's part.
 
-    .venv/bin/python bench/gateway_floor_server.py --port 50123 [--undo metrics] [--event-loop uvloop]
+    .venv/bin/python bench/gateway_floor_server.py --port 50123 [--undo metrics] [--event-loop asyncio]
 
 `--undo NAME` puts back what a kept change of issue 23 replaced, so that bench/profile_embed.py
 can show each change's gain in the same run (UNDO lists them).
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fakes import FakeBackend  # noqa: E402
 from ragserve_server.app import create_gateway  # noqa: E402
+from ragserve_server.main import EVENT_LOOPS, event_loop_factory  # noqa: E402
 from ragserve_server.models.catalog import build_catalog  # noqa: E402
 from ragserve_server.observability.logging_setup import configure_logging  # noqa: E402
 from ragserve_server.models.builtin import minilm_spec  # noqa: E402
@@ -58,13 +59,14 @@ def _uuid_request_ids() -> None:
     """Before: a new request id from uuid4().hex."""
     import uuid
 
+    import undone_interceptor
     from ragserve_server.calls import call_scope
-    from ragserve_server.transport import grpc_interceptor
+    from ragserve_server.transport import grpc_methods
 
     def request_id_or_new(given):
         return given if given and call_scope._REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
-    grpc_interceptor.request_id_or_new = request_id_or_new
+    grpc_methods.request_id_or_new = undone_interceptor.request_id_or_new = request_id_or_new
 
 
 def _contextlib_stages() -> None:
@@ -87,9 +89,32 @@ def _contextlib_stages() -> None:
     request_record.stage = stage
 
 
+def _interceptor() -> None:
+    """Before: the generic grpc.aio ServerInterceptor (bench/undone_interceptor.py), a new
+    handler per call, in front of the servicers' own handlers (gRPC parses the request)."""
+    import grpc
+
+    from ragserve_server import app
+    from undone_interceptor import GatewayInterceptor
+
+    made: dict = {}
+
+    class Unwrapped(app.GatewayMethods):
+        def __init__(self, guard, **kwargs) -> None:
+            super().__init__(guard, **kwargs)
+            made["interceptor"] = GatewayInterceptor(guard, max_open_streams=kwargs.get("max_open_streams", 0))
+
+        def wrap(self, service, method, handler):
+            return handler
+
+    server = grpc.aio.server
+    app.GatewayMethods = Unwrapped
+    app.grpc.aio.server = lambda **kwargs: server(interceptors=[made["interceptor"]], **kwargs)
+
+
 UNDO = {
     "metrics": _prometheus_metrics, "access-log": _structlog_chain, "request-id": _uuid_request_ids,
-    "stages": _contextlib_stages,
+    "stages": _contextlib_stages, "interceptor": _interceptor,
 }
 
 
@@ -100,19 +125,32 @@ async def serve(port: int) -> None:
     backend = FakeBackend()
     backend.requests = backend.timeouts = backend.lanes = _Discard()
     gateway = await create_gateway(settings, backend, build_catalog([minilm_spec()]))
+    for name in CANDIDATES:
+        CANDIDATES[name]()
     await gateway.server.wait_for_termination()
+
+
+def _gc_freeze() -> None:
+    """Tried: what start-up made moved out of the collector's generations (gc.freeze)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+TRIED = {"gc-freeze": _gc_freeze}
+CANDIDATES: dict = {}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--undo", action="append", default=[], choices=sorted(UNDO), help="put back what a kept change replaced")
-    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=Settings.event_loop, help="the gateway's default unless given")
+    parser.add_argument("--try", dest="tried", action="append", default=[], choices=sorted(TRIED), help="a candidate not kept (yet)")
     args = parser.parse_args()
     for name in args.undo:
         UNDO[name]()
-    if args.event_loop == "uvloop":
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(serve(args.port))
+    CANDIDATES.update({name: TRIED[name] for name in args.tried})
+    with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
+        runner.run(serve(args.port))

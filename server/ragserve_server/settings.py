@@ -120,6 +120,10 @@ class Settings:
         metadata={"help": "gateway processes sharing the gRPC and HTTP ports (SO_REUSEPORT; the kernel spreads connections): one is capped by its core; each serves metrics on --metrics-port + its index and takes 1/N of the admission budgets (workers.py)"},
     )
     worker_index: int = field(default=0, metadata={"help": "set by worker 0 for the workers it starts; leave 0"})
+    event_loop: str = field(
+        default="uvloop",
+        metadata={"help": "the event loop gRPC, HTTP and the services run on: uvloop (libuv; less CPU a call) or asyncio (the standard library's)"},
+    )
     tokenizer_threads: int = field(default=1, metadata={"help": "threads that tokenize off the event loop"})
     inline_tokenize_chars: int = field(
         default=512,
