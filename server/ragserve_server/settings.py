@@ -109,7 +109,7 @@ class Settings:
     )
     bulk_rows: int = field(
         default=-1,
-        metadata={"help": "most rows of one bulk Triton request (EmbedStream messages, PRIORITY_BULK calls): a bigger one is cut, so an interactive query never waits behind a long bulk execution (coalescer.py); 0 = the model's max rows; -1 = auto (8 with --device cpu, 0 on gpu)"},
+        metadata={"help": "most rows of one bulk Triton request (EmbedStream messages, PRIORITY_BULK calls): a bigger one is cut, so an interactive query never waits behind a long bulk execution (coalescer.py); 0 = the model's max rows; -1 = auto (4 with --device cpu, 0 on gpu)"},
     )
     bulk_in_flight: int = field(
         default=-1,
