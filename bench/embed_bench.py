@@ -70,6 +70,7 @@ CHANGES = {
     "1 instance of 2 threads": ({"intra_op_threads": "2", "few_rows_intra_op_threads": ""}, [], {"instances": 1}),
     "tokenize on a thread": ({}, ["--inline-tokenize-chars", "0"], {}),
     "no coalescing in the gateway": ({}, ["--coalesce-in-flight", "0"], {}),
+    "asyncio's event loop (not uvloop)": ({}, ["--event-loop", "asyncio"], {}),
 }
 # Settings tried while tuning (--candidate NAME), in the same form.
 CANDIDATES = {

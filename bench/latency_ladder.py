@@ -7,7 +7,9 @@ one call at a time, up the stack, interleaved over rounds (median p50 shown):
 
 and two floors with no model, measured the same way: a grpc.aio server that answers at once
 (bench/echo_server.py), and the gateway in front of the tests' fake backend
-(bench/gateway_floor_server.py); their difference is what the gateway's own work adds.
+(bench/gateway_floor_server.py); their difference is what the gateway's own work adds. Beside
+the gateway rows, issue 23's changes undone in the same run: the real gateway on asyncio's own
+loop (--event-loop asyncio), and the floor with every kept cut undone (--undo ...).
 
 Each step's extra time is what that layer costs. Triton's statistics (queue, compute_infer:
 the python-backend hop plus the model, success: the request inside Triton) split the Triton
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from embed_bench import BUCKET, naive_stack, percentile, sentences, tokenized  # noqa: E402
+from embed_bench import BUCKET, naive_stack, percentile, script_server, sentences, tokenized  # noqa: E402
 from ragserve.v1 import embed_pb2, embed_pb2_grpc  # noqa: E402
 from ragserve_server.models.registry import FUSED_ONNX, ORT_ALLOW_SPINNING  # noqa: E402
 from support import GatewayProcess, free_port, start_triton  # noqa: E402
@@ -94,6 +96,11 @@ def stage_means(metrics_url: str) -> dict[str, float]:
 
 FLOOR_ECHO = "gRPC floor: echo server"
 FLOOR_GATEWAY = "gateway, fake backend (no Triton)"
+GATEWAY_ASYNCIO = "  the same, --event-loop asyncio"
+FLOOR_UNDONE = "  the same, issue 23's cuts undone"
+# bench/gateway_floor_server.py with every kept change of issue 23 undone (bench/profile_embed.py's rows).
+UNDONE = ("--undo", "metrics", "--undo", "access-log", "--undo", "request-id", "--undo", "stages",
+          "--undo", "interceptor", "--event-loop", "asyncio")
 TRITON_PHASES = ("queue", "compute_input", "compute_infer", "compute_output", "success")
 
 
@@ -122,18 +129,25 @@ def main() -> None:
         triton = start_triton(Path(tmp) / "triton", ["minilm"])
         try:
             gateway = GatewayProcess(triton.grpc_url, ["minilm"], Path(tmp) / "gateway.log", metrics_port=free_port()).wait_serving()
+            # Issue 23's changes undone where a flag can: the same gateway on asyncio's own loop.
+            asyncio_gateway = GatewayProcess(
+                triton.grpc_url, ["minilm"], Path(tmp) / "gateway-asyncio.log", "--event-loop", "asyncio"
+            ).wait_serving()
             floors = contextlib.ExitStack()
             try:
                 echo = floors.enter_context(naive_stack("echo_server.py"))
                 # quiet: its JSON line per call, as deployed, but not onto this table's terminal
                 gateway_floor = floors.enter_context(naive_stack("gateway_floor_server.py", quiet=True))
+                undone_floor = floors.enter_context(script_server("gateway_floor_server.py", True, UNDONE))[0]
                 for _ in range(args.rounds):
                     for name, reaches_triton, run in (  # reaches_triton: its Triton phases are read around it
                         ("raw ONNX Runtime, fused, batch 1", False, lambda: raw(session, ids, mask, args.calls)),
                         ("Triton direct (tritonclient aio)", True, lambda: asyncio.run(triton_direct(triton.grpc_url, ids, mask, args.calls))),
                         ("ragserve gateway + Triton", True, lambda: asyncio.run(through_gateway(gateway.address, texts, args.calls))),
+                        (GATEWAY_ASYNCIO, True, lambda: asyncio.run(through_gateway(asyncio_gateway.address, texts, args.calls))),
                         (FLOOR_ECHO, False, lambda: asyncio.run(through_gateway(echo, texts, args.calls))),
                         (FLOOR_GATEWAY, False, lambda: asyncio.run(through_gateway(gateway_floor, texts, args.calls))),
+                        (FLOOR_UNDONE, False, lambda: asyncio.run(through_gateway(undone_floor, texts, args.calls))),
                     ):
                         before = triton_phases(triton.ports.http) if reaches_triton else None
                         latencies = run()
@@ -148,6 +162,7 @@ def main() -> None:
                 stages = stage_means(gateway.metrics_url)
             finally:
                 floors.close()
+                asyncio_gateway.stop()
                 gateway.stop()
         finally:
             triton.stop()
@@ -160,8 +175,11 @@ def main() -> None:
         if name == FLOOR_ECHO:
             print("\nfloors, no model (the gateway's own work is the second minus the first):")
             below = None
-        print(f"{name:36} {value:7.2f} {'' if below is None else f'{value - below:+.2f}':>22} {mean:8.2f}")
-        below = value
+        undone = name in (GATEWAY_ASYNCIO, FLOOR_UNDONE)  # set beside the row above it, not a step
+        step = f"{value - below:+.2f}" if below is not None else ""
+        print(f"{name:36} {value:7.2f} {step + (' (vs the row above)' if undone else ''):>22} {mean:8.2f}")
+        if not undone:
+            below = value
     print("\nTriton's own phases (mean ms per request, its statistics API; compute_infer includes the")
     print("python-backend hop to the stub and back, so compute_infer minus raw is that hop):")
     print(f"  {'setup':34} " + " ".join(f"{p:>14}" for p in TRITON_PHASES))

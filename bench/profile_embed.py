@@ -12,8 +12,9 @@ The table it prints is CPU milliseconds per call by part, so parts add up to wha
 costs the machine. Samples are taken of threads that are running (py-spy without --idle).
 
 Then, without py-spy, two servers with no model (the floors of bench/latency_ladder.py):
-bench/echo_server.py, a grpc.aio server that answers at once, and
-bench/gateway_floor_server.py, the gateway as deployed in front of the tests' fake backend.
+bench/echo_server.py, a grpc.aio server that answers at once (on asyncio's loop as shipped, and
+on uvloop, the gateway's loop), and bench/gateway_floor_server.py, the gateway as deployed in
+front of the tests' fake backend; then that gateway with each kept change of issue 23 undone.
 Their CPU per call, and its difference (the gateway's own work: interceptor, admission,
 tokenizing, request and response building, logging, metrics), two ways: both saturated at
 the same concurrency, and both driven at the call rate the real stack served (a grpc.aio
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import subprocess
@@ -58,7 +58,7 @@ GATEWAY_PARTS = [
     ("tokenization", ("tokenizers", "tokenization.py")),
     ("request building (pad, KServe request)", ("encoder.py:rows", "_infer_request", "tokenization.py:pad", "encoder.py:run")),
     ("response building (normalise, EmbedResponse)", ("finish_embeddings", "services/embed.py", "_outputs")),
-    ("interceptor, admission, auth", ("interceptor.py", "call_scope.py", "admission.py", "auth.py", "tracing.py")),
+    ("method wrappers, admission, auth", ("grpc_methods.py", "undone_interceptor.py", "call_scope.py", "admission.py", "auth.py", "tracing.py")),
     ("Triton client (grpc.aio client call)", ("aio/_call.py", "aio/_channel.py", "_interceptor.py", "triton.py", "replicas.py")),
     ("gRPC server (receive, send, C-core)", ("aio/_server", "cygrpc", "libgrpc", "grpc/_", "_cython")),
     ("event loop, thread hop", ("asyncio", "selectors", "concurrent/futures", "threading.py", "queue.py")),
@@ -238,25 +238,32 @@ def main() -> None:
         print(f"\nfloors with no model at concurrency {args.concurrency} ({LOAD} load; CPU ms per call; {args.floor_seconds:.0f} s each, no py-spy):")
         print(f"  {'server':58} {'server':>7} {'load gen':>8} {'calls/s':>8}")
         floors = {}
-        servers = (("echo server (grpc.aio, answers at once)", "echo_server.py"),
-                   ("gateway on the fake backend (no Triton)", "gateway_floor_server.py"))
-        for label, script in servers:
-            floors[script] = server_ms, load_ms, rate = floor_cpu(script, args.concurrency, args.floor_seconds)
+        # The gateway runs on uvloop (--event-loop): the echo server is shown on both loops.
+        servers = (("echo server (grpc.aio, answers at once)", "echo_server.py", ()),
+                   ("echo server on uvloop", "echo_server.py", ("--event-loop", "uvloop")),
+                   ("gateway on the fake backend (no Triton)", "gateway_floor_server.py", ()))
+        for label, script, extra in servers:
+            floors[script, extra] = server_ms, load_ms, rate = floor_cpu(script, args.concurrency, args.floor_seconds, args=extra)
             print(f"  {label + ', saturated':58} {server_ms:7.3f} {load_ms:8.3f} {rate:8.0f}")
         # Each kept change of issue 23 undone (and candidates tried), the same load, in this run.
         for label, extra in FLOOR_VARIANTS:
             server_ms, load_ms, rate = floor_cpu("gateway_floor_server.py", args.concurrency, args.floor_seconds, args=extra)
             print(f"  {'  ' + label:58} {server_ms:7.3f} {load_ms:8.3f} {rate:8.0f}")
-        own = floors["gateway_floor_server.py"][0] - floors["echo_server.py"][0]
+        gateway_floor = floors["gateway_floor_server.py", ()][0]
         if LOAD == "native":  # h2load paces calls (--rps): the same rate as the real stack served
-            for label, script in servers:
-                floors[script, "rate"] = server_ms, load_ms, rate = floor_cpu(script, args.concurrency, args.floor_seconds, real_rate)
+            for label, script, extra in servers:
+                floors[script, extra, "rate"] = server_ms, load_ms, rate = floor_cpu(
+                    script, args.concurrency, args.floor_seconds, real_rate, args=extra
+                )
                 print(f"  {label + f', at {real_rate:.0f} calls/s':58} {server_ms:7.3f} {load_ms:8.3f} {rate:8.0f}")
-        print(f"  the gateway's own work, saturated: {own:.3f} ms of CPU per call (fake-backend gateway minus echo server)")
-        if LOAD == "native":
-            echo_at_rate = floors["echo_server.py", "rate"][0]
-            print(f"  the gateway's own work, real stack at c{args.concurrency}: {gateway_ms - echo_at_rate:.3f} ms of CPU per call "
-                  f"(the gateway's {gateway_ms:.3f} minus the echo server's {echo_at_rate:.3f} at the same {real_rate:.0f} calls/s)")
+        for loop, extra in (("asyncio", ()), ("uvloop", ("--event-loop", "uvloop"))):
+            echo = floors["echo_server.py", extra][0]
+            print(f"  the gateway's own work, saturated: {gateway_floor - echo:.3f} ms of CPU per call "
+                  f"(fake-backend gateway minus the echo server on {loop})")
+            if LOAD == "native":
+                echo_at_rate = floors["echo_server.py", extra, "rate"][0]
+                print(f"  the gateway's own work, real stack at c{args.concurrency}: {gateway_ms - echo_at_rate:.3f} ms of CPU per call "
+                      f"(the gateway's {gateway_ms:.3f} minus the echo server's {echo_at_rate:.3f} on {loop} at the same {real_rate:.0f} calls/s)")
 
 
 # The gateway floor with a kept change undone, or with a candidate on (bench/gateway_floor_server.py).
@@ -265,8 +272,10 @@ FLOOR_VARIANTS = [
     ("undone: access log chain (TimeStamper, PrintLogger)", ("--undo", "access-log")),
     ("undone: request ids from uuid4", ("--undo", "request-id")),
     ("undone: stage timers as contextlib generators", ("--undo", "stages")),
-    ("undone: all four", ("--undo", "metrics", "--undo", "access-log", "--undo", "request-id", "--undo", "stages")),
-    *([("tried: uvloop event loop", ("--event-loop", "uvloop"))] if importlib.util.find_spec("uvloop") else []),
+    ("undone: method wrappers (the generic grpc.aio interceptor)", ("--undo", "interceptor")),
+    ("undone: uvloop (asyncio's own event loop)", ("--event-loop", "asyncio")),
+    ("undone: all six", ("--undo", "metrics", "--undo", "access-log", "--undo", "request-id", "--undo", "stages",
+                         "--undo", "interceptor", "--event-loop", "asyncio")),
 ]
 
 
