@@ -107,3 +107,75 @@ def test_health_and_reflection(gateway):
         (reply,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
         names = {s.name for s in reply.list_services_response.service}
     assert {"ragserve.v1.Embed", "ragserve.v1.Rerank", "ragserve.v1.Generate", "ragserve.v1.Models", "grpc.health.v1.Health"} <= names
+
+
+# A caller in a process of its own, with a receive window larger than the answer (so the gateway
+# hands all of it to the kernel at once) and BDP probing off (the window stays as set).
+_SLOW_READER = """
+import sys, ragserve
+texts = [f"a long-ish passage number {i} " * 6 for i in range(300)]
+options = [("grpc.http2.lookahead_bytes", 4 << 20), ("grpc.http2.bdp_probe", 0)]
+with ragserve.Client(sys.argv[1], retries=0, options=options) as client:
+    client.embed(["connect first"], timeout=60)
+    print("connected", flush=True)
+    try:
+        print("shape", client.embed(texts, timeout=120).embeddings.shape, flush=True)
+    except ragserve.RagserveError as exc:
+        print("error", repr(exc), flush=True)
+"""
+
+
+def _events(gateway) -> list[dict]:
+    import json
+
+    events = []
+    for line in gateway.log_path.read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return events
+
+
+def test_sigterm_drain_waits_until_a_slow_caller_has_its_answer(own_stack, tmp_path):
+    """The flake seen in CI (`recvmsg: Connection reset by peer` on SIGTERM on a loaded machine):
+    gRPC closes a connection as soon as its last answer is in the kernel, and a caller still
+    reading then gets a RST that drops the rest. Here the caller is stopped (SIGSTOP: a process
+    starved of CPU) while its call is answered; the draining gateway must wait for it to take
+    the answer before GOAWAY (supervision/drain.py) instead of closing and exiting."""
+    import subprocess
+    import sys
+
+    triton, gateway = own_stack
+    out = tmp_path / "caller.out"
+    with open(out, "w") as sink:
+        caller = subprocess.Popen([sys.executable, "-c", _SLOW_READER, gateway.address], stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "connected" in out.read_text(), 60, "the caller connecting")
+        before = minilm_successes(triton)
+        wait_until(lambda: minilm_successes(triton) > before, 120, "the big call reaching Triton")
+        gateway.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: any(e.get("event") == "draining" for e in _events(gateway)), 60, "the gateway draining")
+        caller.send_signal(signal.SIGSTOP)  # the caller takes nothing more from its socket
+        # The call is answered while the caller is stopped ...
+        wait_until(
+            lambda: any(e.get("event") == "rpc" and e.get("method") == "Embed" and e.get("status") == "OK" and e.get("prompt_tokens", 0) > 1000
+                        for e in _events(gateway)),
+            120, "the big call's answer",
+        )
+        # ... and the gateway waits for its delivery instead of closing the connection and exiting.
+        wait_until(
+            lambda: gateway.process.poll() is not None or any(e.get("event") == "drain_waiting_for_delivery" for e in _events(gateway)),
+            60, "the gateway waiting for the answer's delivery (or exiting)",
+        )
+        exited_early = gateway.process.poll() is not None
+        caller.send_signal(signal.SIGCONT)
+        assert caller.wait(120) == 0
+        assert not exited_early, f"the gateway exited with the answer undelivered; the caller got: {out.read_text()}"
+        assert "shape (300, 384)" in out.read_text(), out.read_text()
+        assert gateway.process.wait(60) == 0
+    finally:
+        caller.send_signal(signal.SIGCONT)
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()

@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ragserve_server.calls.call_scope import CallFailed, CallGuard, request_id_or_new
-from ragserve_server.errors import InvalidInput, RagserveError
+from ragserve_server.errors import DeadlineExceeded, InvalidInput, RagserveError
 from ragserve_server.observability import tracing
 
 # gRPC code -> HTTP status and OpenAI error type.
@@ -104,9 +104,17 @@ class Deadline:
     def passed(self) -> bool:
         return self.at is not None and self.loop.time() >= self.at
 
+    def message(self) -> str:
+        return f"deadline exceeded: the call's {TIMEOUT_HEADER} of {self.timeout:g} s passed"
+
+    def check(self) -> None:
+        """Nothing is answered once the deadline has passed, even what the work produced at that
+        moment (Triton, given the same deadline, may end a generation as cancelled just then)."""
+        if self.passed():
+            raise DeadlineExceeded(self.message())
+
     def exceeded(self, request_id: str) -> CallFailed:
-        message = f"deadline exceeded: the call's {TIMEOUT_HEADER} of {self.timeout:g} s passed"
-        return CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, message, "deadline", None, request_id)
+        return CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, self.message(), "deadline", None, request_id)
 
 
 def dumps(value) -> bytes:
@@ -217,17 +225,22 @@ class CallResponse(Response):
                         if refused is not None:
                             raise refused
                         if not streaming:
-                            payload = dumps(await self.run(body, call, deadline))
+                            answer = await self.run(body, call, deadline)
+                            deadline.check()
+                            payload = dumps(answer)
                         else:
                             events = self.run(body, call, deadline)
                             try:
                                 item = await anext(events)  # the call's errors before any output still get a status
+                                deadline.check()
                                 watcher = _Watcher(receive)
                                 await send({"type": "http.response.start", "status": 200, "headers": headers + _SSE_HEADERS})
                                 started = True
                                 while item is not None:
                                     await send({"type": "http.response.body", "body": b"data: " + dumps(item) + b"\n\n", "more_body": True})
                                     item = await anext(events, None)
+                                    if item is not None:
+                                        deadline.check()
                             finally:
                                 await events.aclose()  # here, in the call's context (its stage spans end here)
             except TimeoutError:
