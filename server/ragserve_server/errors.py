@@ -1,6 +1,6 @@
 """The gateway's typed errors and the one table that turns them into gRPC status codes.
 
-Service code raises these; the interceptor (or a stream handler, per message) maps them.
+Service code raises these; the call guard (calls/call_scope.py, or a stream handler, per message) maps them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class ModelNotFound(RagserveError):
 
 class Overloaded(RagserveError):
     """A full lane or a full queue. `retry_after`: seconds the caller should wait, sent as
-    `grpc-retry-pushback-ms` and a google.rpc.RetryInfo detail (see interceptor)."""
+    `grpc-retry-pushback-ms` and a google.rpc.RetryInfo detail (transport/pushback.py)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "overload"

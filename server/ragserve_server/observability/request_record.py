@@ -1,7 +1,7 @@
 """Per-request record of what a call did: stage timings and token counts.
 
 Services note stages with `stage("tokenize")` and tokens with `add_tokens(...)`; the
-interceptor opens a record per call and hands it to the metrics module when the call ends,
+call guard opens a record per call and hands it to the metrics module when the call ends,
 so handlers never touch Prometheus.
 
 Generation contract (read by metrics.GatewayMetrics): times are `time.perf_counter()`
@@ -33,7 +33,7 @@ class RequestRecord:
     real_tokens: int = 0  # of which real tokens
     first_token_at: float | None = None
     token_times: list[float] = field(default_factory=list)
-    duration: float = 0.0  # whole call, set by the interceptor when it ends
+    duration: float = 0.0  # whole call, set by the call guard when it ends
     error_reason: str | None = None  # RagserveError.reason (or "internal") of a failed call
     key_name: str | None = None  # the caller's API key's name (keys on), for per-key metrics
 

@@ -1,1 +1,1 @@
-"""The fronts: gRPC interceptor and HTTP (OpenAI/Cohere-shaped) front; each renders its own wire format."""
+"""The fronts: gRPC (each method wrapped once, grpc_methods.py) and HTTP (OpenAI/Cohere-shaped); each renders its own wire format."""
