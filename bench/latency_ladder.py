@@ -139,8 +139,8 @@ def main() -> None:
                 # quiet: its JSON line per call, as deployed, but not onto this table's terminal
                 gateway_floor = floors.enter_context(naive_stack("gateway_floor_server.py", quiet=True))
                 undone_floor = floors.enter_context(script_server("gateway_floor_server.py", True, UNDONE))[0]
-                for _ in range(args.rounds):
-                    for name, reaches_triton, run in (  # reaches_triton: its Triton phases are read around it
+                for round_ in range(args.rounds):
+                    setups = [  # reaches_triton: its Triton phases are read around it
                         ("raw ONNX Runtime, fused, batch 1", False, lambda: raw(session, ids, mask, args.calls)),
                         ("Triton direct (tritonclient aio)", True, lambda: asyncio.run(triton_direct(triton.grpc_url, ids, mask, args.calls))),
                         ("ragserve gateway + Triton", True, lambda: asyncio.run(through_gateway(gateway.address, texts, args.calls))),
@@ -148,7 +148,10 @@ def main() -> None:
                         (FLOOR_ECHO, False, lambda: asyncio.run(through_gateway(echo, texts, args.calls))),
                         (FLOOR_GATEWAY, False, lambda: asyncio.run(through_gateway(gateway_floor, texts, args.calls))),
                         (FLOOR_UNDONE, False, lambda: asyncio.run(through_gateway(undone_floor, texts, args.calls))),
-                    ):
+                    ]
+                    if round_ % 2:  # the second of two gateways on one Triton gains from going second: alternate
+                        setups[2], setups[3] = setups[3], setups[2]
+                    for name, reaches_triton, run in setups:
                         before = triton_phases(triton.ports.http) if reaches_triton else None
                         latencies = run()
                         p50s.setdefault(name, []).append(percentile(latencies, 50) * 1000)
