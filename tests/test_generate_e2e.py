@@ -235,6 +235,32 @@ def test_greedy_logprobs_and_top_logprobs_equal_transformers(generation, hf_logi
     assert events[-1].text == result.text and result.request_id and events[-1].request_id
 
 
+def test_logprobs_with_a_stop_string_cover_exactly_the_tokens_generated(generation, hf_logits, smollm2_hf):
+    """A stop string cuts the text, not the token accounting: one logprob per completion token
+    up to the token that completed the stop string (transformers' greedy tokens and raw log
+    probabilities), the text a prefix of those tokens' text ending just before the stop, and
+    the stream's deltas carrying the same logprobs as the unary answer."""
+    _, gateway = generation
+    _, tokenizer = smollm2_hf
+    tokens, logprobs = hf_logits(CHATS[0], MAX_TOKENS)
+    full = tokenizer.decode(tokens, skip_special_tokens=True)
+    assert "Paris" in full, full
+    with ragserve.Client(gateway.address, timeout=120) as client:
+        result = client.generate(messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0, stop=["Paris"], logprobs=True)
+        events = list(client.stream(messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0, stop=["Paris"], logprobs=True))
+    assert result.finish_reason == "stop_sequence" and result.text == full[: full.index("Paris")]
+    got = [lp.token_id for lp in result.logprobs]
+    assert len(got) == result.usage.completion_tokens < len(tokens)
+    assert got == tokens[: len(got)]
+    # The last token is the one whose text completed "Paris"; the one before had not.
+    assert "Paris" in tokenizer.decode(got, skip_special_tokens=True)
+    assert "Paris" not in tokenizer.decode(got[:-1], skip_special_tokens=True)
+    for lp, want in zip(result.logprobs, logprobs):
+        assert lp.logprob == pytest.approx(float(want[lp.token_id]), abs=1e-3)
+    streamed = [lp for e in events[:-1] for lp in e.logprobs]
+    assert streamed == list(events[-1].logprobs) == list(result.logprobs)
+
+
 def test_stop_token_ids_and_finish_reasons_against_the_engine(generation, reference, hf_logits):
     from transformers import AutoTokenizer
 

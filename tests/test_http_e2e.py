@@ -225,6 +225,11 @@ def test_errors_take_openais_shape_and_status(stack):
     _error(httpx.get(url + "/v1/nothing"), 404, "not_found_error")
     # the caller's request id comes back
     assert httpx.post(url + "/v1/embeddings", json={"input": "x"}, headers={"x-request-id": "req-42"}).headers["x-request-id"] == "req-42"
+    # ... up to 128 plain characters; a longer or marked-up one is replaced (the call is still served)
+    for sent, kept in (("a" * 128, True), ("a" * 129, False), ("x" * 8000, False), ("id <script>", False)):
+        reply = httpx.post(url + "/v1/embeddings", json={"input": "x"}, headers={"x-request-id": sent})
+        assert reply.status_code == 200 and (reply.headers["x-request-id"] == sent) is kept
+        assert 0 < len(reply.headers["x-request-id"]) <= 128
 
     client = gateway.openai(max_retries=0)
     with pytest.raises(openai.BadRequestError) as bad:
