@@ -50,10 +50,13 @@ def test_key_helper_hashes_an_existing_key():
 async def test_reflection_off_answers_unimplemented():
     from grpc_reflection.v1alpha import reflection
 
-    from ragserve_server.security.auth import auth_interceptors
+    from ragserve_server.security.auth import Authenticator
+    from ragserve_server.transport.grpc_methods import GatewayMethods
 
-    server = grpc.aio.server(interceptors=auth_interceptors("", "off"))
-    reflection.enable_server_reflection([reflection.SERVICE_NAME], server)
+    server = grpc.aio.server()
+    methods = GatewayMethods(guard=None, auth=Authenticator.from_settings("", "off"))  # reflection needs no guard
+    methods.add_reflection([reflection.SERVICE_NAME])
+    methods.install(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -69,4 +72,4 @@ async def test_reflection_off_answers_unimplemented():
     finally:
         await server.stop(0)
     with pytest.raises(ValueError, match="needs --api-keys-file"):
-        auth_interceptors("", "keyed")
+        Authenticator.from_settings("", "keyed")

@@ -18,7 +18,7 @@ from ragserve_server.observability import tracing
 
 from ragserve_server.supervision import workers
 from ragserve_server.app import create_gateway
-from ragserve_server.security.auth import auth_interceptors
+from ragserve_server.security.auth import Authenticator
 from ragserve_server.models.catalog import build_catalog
 from ragserve_server.observability.logging_setup import configure_logging
 from ragserve_server.models.model_config import mismatches
@@ -181,7 +181,7 @@ async def serve(settings: Settings, argv: list[str] | None = None) -> None:
     try:  # TLS files and the keys file are checked before anything starts
         triton_credentials = tls.triton_channel_credentials(settings.triton_tls_ca, settings.triton_tls_cert, settings.triton_tls_key)
         tls.check_settings(settings)
-        auth_interceptors(settings.api_keys_file, settings.reflection)
+        Authenticator.from_settings(settings.api_keys_file, settings.reflection)
         tracing.configure(settings.tracing)
     except ValueError as exc:
         raise StartupError(str(exc)) from None

@@ -1,6 +1,6 @@
 """Every Prometheus metric of the gateway, declared here and nowhere else.
 
-Handlers never touch Prometheus: the interceptor opens a `RequestRecord` per call and
+Handlers never touch Prometheus: the call guard (each front's method wrapper) opens a `RequestRecord` per call and
 calls `GatewayMetrics.call_started(record)` / `call_finished(record, code)`, which turn the
 record into samples. Each gateway owns its registry (not prometheus_client's global one),
 so several gateways can live in one process (tests).
@@ -76,7 +76,7 @@ class GatewayMetrics:
         self.in_flight = Gauge("ragserve_requests_in_flight", "Calls running now.", ["service"], registry=r)
         self.duration = Histogram(
             "ragserve_request_duration_seconds",
-            "Whole call in the gateway, from the interceptor's entry to its exit.",
+            "Whole call in the gateway, from the method wrapper's entry to its exit.",
             ["service", "method"],
             buckets=LATENCY_BUCKETS,
             registry=r,

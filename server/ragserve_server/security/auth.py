@@ -8,8 +8,8 @@ or HTTP headers: any mapping with lower-case names, or (name, value) pairs). No 
 unknown one is UNAUTHENTICATED, a key whose entry does not list the service
 PERMISSION_DENIED. The call guard of each front (calls/call_scope.py) runs the check before
 anything else is done for the call: the refusal is then mapped, counted and logged like any
-other. Health is never guarded; reflection (not a guarded call) has its own small gRPC
-interceptor here, `ReflectionGate` (open, keyed or off). Keys never reach the log: the
+other. Health is never guarded; reflection (not a guarded call) has its own gate here,
+`gate_reflection` (open, keyed or off). Keys never reach the log: the
 identity carries the key's name only.
 """
 
@@ -23,10 +23,9 @@ import grpc
 from ragserve_server.errors import PermissionDenied, RagserveError, Unauthenticated
 from ragserve_server.security.keys import KEYED_SERVICES, SERVICES, ApiKey, KeyStore
 
-__all__ = ["Authenticator", "Identity", "KEYED_SERVICES", "REFLECTION_MODES", "ReflectionGate", "auth_interceptors", "gate_reflection", "presented_key"]
+__all__ = ["Authenticator", "Identity", "KEYED_SERVICES", "REFLECTION_MODES", "gate_reflection", "presented_key"]
 
 REFLECTION_MODES = ("open", "keyed", "off")
-_REFLECTION_PREFIX = "/grpc.reflection."
 
 
 @dataclass(frozen=True)
@@ -97,24 +96,6 @@ class Authenticator:
         return Identity(entry)
 
 
-class ReflectionGate(grpc.aio.ServerInterceptor):
-    """Server reflection open, behind any valid key, or off (UNIMPLEMENTED)."""
-
-    def __init__(self, auth: Authenticator) -> None:
-        self.auth = auth
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(_REFLECTION_PREFIX) or self.auth.reflection == "open":
-            return handler
-        if self.auth.reflection == "off":
-            return _aborting(handler, grpc.StatusCode.UNIMPLEMENTED, "server reflection is off (--reflection)")
-        outcome = self.auth.check(None, handler_call_details.invocation_metadata)
-        if isinstance(outcome, RagserveError):
-            return _aborting(handler, outcome.code, outcome.message)
-        return handler
-
-
 def _aborting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     async def streaming(request, context):
         await context.abort(code, message)
@@ -130,8 +111,8 @@ def _aborting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
 
 
 def gate_reflection(handler: grpc.RpcMethodHandler, auth: Authenticator) -> grpc.RpcMethodHandler:
-    """Reflection's method handler behind `auth.reflection`, wrapped once at start-up (what
-    ReflectionGate does per call, for a server without interceptors: transport/grpc_methods.py)."""
+    """Reflection's method handler behind `auth.reflection` (open, keyed: any valid key, off:
+    UNIMPLEMENTED), wrapped once at start-up as the gateway's methods are (transport/grpc_methods.py)."""
     if auth.reflection == "open":
         return handler
     if auth.reflection == "off":
@@ -148,9 +129,3 @@ def gate_reflection(handler: grpc.RpcMethodHandler, auth: Authenticator) -> grpc
     return grpc.stream_stream_rpc_method_handler(
         keyed, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
     )
-
-
-def auth_interceptors(api_keys_file: str, reflection: str, auth: Authenticator | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """The gRPC interceptors auth needs (reflection's gate; none when reflection is open)."""
-    auth = auth or Authenticator.from_settings(api_keys_file, reflection)
-    return [] if auth.reflection == "open" else [ReflectionGate(auth)]
