@@ -162,13 +162,21 @@ def check_exposure(settings: Settings) -> None:
         )
 
 
+def with_workers_counted(settings: Settings) -> Settings:
+    """`--workers 0` (auto) made a count; each worker works it out alike from the same command line."""
+    if settings.workers != 0:
+        return settings
+    return dataclasses.replace(settings, workers=workers.auto_count(settings.device, bundled_triton=not settings.triton_url))
+
+
 async def serve(settings: Settings, argv: list[str] | None = None) -> None:
     """`argv`: the command line, for the workers worker 0 starts (--workers)."""
     triton = None
     gave_up = None
     pool = pool_task = None
+    settings = with_workers_counted(settings)
     if settings.workers < 1 or not 0 <= settings.worker_index < settings.workers:
-        raise StartupError(f"--workers {settings.workers} must be 1 or more (--worker-index {settings.worker_index} is set by worker 0)")
+        raise StartupError(f"--workers {settings.workers} must be 1 or more, or 0 for auto (--worker-index {settings.worker_index} is set by worker 0)")
     if settings.workers > 1:  # this worker's share (workers.py)
         settings = dataclasses.replace(
             settings,
@@ -268,7 +276,7 @@ async def serve(settings: Settings, argv: list[str] | None = None) -> None:
         if settings.workers > 1 and settings.worker_index == 0:
             pool = workers.WorkerPool(
                 {
-                    i: workers.child_argv(argv or [], i, port=gateway.port, http_port=gateway.http_port, triton_url=triton_url)
+                    i: workers.child_argv(argv or [], i, workers=settings.workers, port=gateway.port, http_port=gateway.http_port, triton_url=triton_url)
                     for i in range(1, settings.workers)
                 },
                 settings.drain_seconds,
@@ -317,7 +325,7 @@ def _health_follows(backend: ReplicaSet, gateway):
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = Settings.from_args(argv)
+    settings = with_workers_counted(Settings.from_args(argv))
     if settings.worker_index > 0:
         workers.die_with_parent()
     configure_logging(settings.log_format, settings.log_level, {"worker": settings.worker_index} if settings.workers > 1 else None)

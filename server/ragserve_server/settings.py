@@ -116,8 +116,8 @@ class Settings:
         metadata={"help": "bulk Triton requests in flight per encoder model in this gateway: fewer than the model's instances leaves one free for interactive queries (coalescer.py); 0 = no limit; -1 = auto (1 with --device cpu, 0 on gpu)"},
     )
     workers: int = field(
-        default=1,
-        metadata={"help": "gateway processes sharing the gRPC and HTTP ports (SO_REUSEPORT; the kernel spreads connections): one is capped by its core; each serves metrics on --metrics-port + its index and takes 1/N of the admission budgets (workers.py)"},
+        default=0,
+        metadata={"help": "gateway processes sharing the gRPC and HTTP ports (SO_REUSEPORT; the kernel spreads connections): one is capped by its core; each serves metrics on --metrics-port + its index and takes 1/N of the admission budgets (workers.py); 0 = auto: 1 with --device cpu (the model needs the cores), with --device gpu one per core left after the bundled Triton's 2 (all cores with --triton-url)"},
     )
     worker_index: int = field(default=0, metadata={"help": "set by worker 0 for the workers it starts; leave 0"})
     event_loop: str = field(

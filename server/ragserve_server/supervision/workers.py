@@ -39,15 +39,33 @@ def share(total: int, workers: int) -> int:
     return max(1, math.ceil(total / workers))
 
 
+# Cores a bundled Triton driving a GPU keeps for itself (its gRPC front, the python backend's
+# stubs, the CUDA launch threads); the model's work is on the GPU.
+GPU_TRITON_CORES = 2
+
+
+def auto_count(device: str, bundled_triton: bool, cores: int | None = None) -> int:
+    """`--workers 0` (auto): one gateway per core the model does not need. On a CPU the model
+    is computed on the same cores (more gateways would take them from it): one. With --device gpu:
+    every core but the bundled Triton's, or every core when Triton is elsewhere (--triton-url)."""
+    if device != "gpu":
+        return 1
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores - (GPU_TRITON_CORES if bundled_triton else 0))
+
+
 def metrics_port(base: int, index: int) -> int:
     return base + index if base else 0
 
 
-def child_argv(argv: list[str], index: int, *, port: int, http_port: int, triton_url: str) -> list[str]:
+def child_argv(argv: list[str], index: int, *, workers: int, port: int, http_port: int, triton_url: str) -> list[str]:
     """Worker `index`'s command line: the parent's, then overrides (argparse keeps the last).
-    It keeps --workers N: each worker takes its 1/N of the budgets, and only worker 0 has children."""
+    It has the parent's count of workers (N, also when --workers 0 counted them: with
+    --triton-url a child would count otherwise): each worker takes its 1/N of the budgets,
+    and only worker 0 has children."""
     return [
         sys.executable, "-m", "ragserve_server", *argv,
+        "--workers", str(workers),
         "--worker-index", str(index),
         "--port", str(port),
         "--http-port", str(http_port),
