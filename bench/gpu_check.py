@@ -387,11 +387,13 @@ def run(args: argparse.Namespace) -> int:
         # setup name -> (gateway processes, their extra flags, client processes)
         if args.gateways:
             setups = {
-                f"ragserve, {g} gateway{'s' if g > 1 else ''}, {args.clients} client processes": (g, (), args.clients)
+                f"ragserve, {g} gateway{'s' if g > 1 else ''}, {args.clients} client processes": (g, ("--workers", "1"), args.clients)
                 for g in (int(n) for n in args.gateways.split(","))
             }
+            # The default: one command, --workers 0 counting the cores left after Triton (workers.py).
+            setups[f"ragserve --workers auto (default), {args.clients} client processes"] = (1, ("--workers", "0"), args.clients)
         else:
-            setups = {"ragserve": (1, (), 1), "ragserve --tokenizer-threads 4": (1, ("--tokenizer-threads", "4"), 1)}
+            setups = {"ragserve": (1, ("--workers", "1"), 1), "ragserve --tokenizer-threads 4": (1, ("--workers", "1", "--tokenizer-threads", "4"), 1)}
         addresses = {}
         for name, (count, extra, _) in setups.items():
             started = [
