@@ -49,3 +49,21 @@ def test_prometheus_config_scrapes_every_worker(tmp_path):
     assert '- targets: ["127.0.0.1:9000", "127.0.0.1:9001", "127.0.0.1:9002"]' in out.read_text()
     if shutil.which("promtool"):  # Debian's prometheus package brings it
         subprocess.run(["promtool", "check", "config", str(out)], check=True, capture_output=True)
+
+
+def test_auto_workers_respect_a_cgroup_cpu_limit(tmp_path):
+    """A Kubernetes CPU limit (cgroup quota) caps the count; the affinity alone would be every core of the node."""
+    import os
+
+    affinity = len(os.sched_getaffinity(0))
+    assert workers.usable_cores(str(tmp_path)) == affinity  # no cgroup files: no limit
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert workers.usable_cores(str(tmp_path)) == affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs
+    assert workers.usable_cores(str(tmp_path)) == min(affinity, 2)
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")  # cgroup v1: 1 CPU
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert workers.usable_cores(str(tmp_path)) == 1
+

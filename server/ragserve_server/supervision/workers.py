@@ -50,8 +50,34 @@ def auto_count(device: str, bundled_triton: bool, cores: int | None = None) -> i
     every core but the bundled Triton's, or every core when Triton is elsewhere (--triton-url)."""
     if device != "gpu":
         return 1
-    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    cores = cores if cores is not None else usable_cores()
     return max(1, cores - (GPU_TRITON_CORES if bundled_triton else 0))
+
+
+def usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: its CPU affinity, capped by its cgroup's CPU quota (a
+    Kubernetes CPU limit leaves the affinity at every core of the node)."""
+    cores = len(os.sched_getaffinity(0))
+    quota = _cgroup_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_quota(cgroup: str) -> float | None:
+    """CPUs of the cgroup's quota (v2 `cpu.max`, else v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None: no limit."""
+    try:
+        with open(os.path.join(cgroup, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(cgroup, "cpu", "cpu.cfs_quota_us")) as f:
+            quota_us = int(f.read())
+        with open(os.path.join(cgroup, "cpu", "cpu.cfs_period_us")) as f:
+            period_us = int(f.read())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
 
 
 def metrics_port(base: int, index: int) -> int:
