@@ -180,6 +180,18 @@ class GatewayProcess:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
+    def log_events(self) -> list[dict]:
+        """The JSON lines of its log so far (`--log-format json`), other lines skipped."""
+        import json
+
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return events
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.terminate()

@@ -23,7 +23,7 @@ import pytest
 import ragserve
 from ragserve_server.models.builtin import smollm2_spec
 from support import MODEL_REPOSITORY, GatewayProcess, free_port, metric_value, start_triton, unavailable, wait_until
-from test_security_e2e import log_events, new_key
+from test_security_e2e import new_key
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +118,7 @@ def test_generate_needs_a_key_that_names_the_generate_service(keyed_generation):
     assert served.status_code == 200, served.text
     assert served.json()["choices"][0]["message"]["content"] == answer.text
     # The access log names the key of each refused and answered call.
-    calls = [e for e in log_events(gateway) if e.get("event") == "rpc" and e.get("service") == "Generate"]
+    calls = [e for e in gateway.log_events() if e.get("event") == "rpc" and e.get("service") == "Generate"]
     assert {(e["status"], e.get("api_key_name")) for e in calls} >= {
         ("UNAUTHENTICATED", None), ("PERMISSION_DENIED", "search-backend"), ("OK", "chat-app"),
     }, calls
@@ -146,7 +146,7 @@ def test_a_spent_http_deadline_answers_504_and_stops_the_engine(keyed_generation
     assert after - at_answer < 200 and after - before < 1000, (before, at_answer, after)
     # Recorded as a spent deadline, as gRPC's DEADLINE_EXCEEDED.
     wait_until(
-        lambda: any(e.get("event") == "rpc" and e.get("transport") == "http" and e.get("status") == "DEADLINE_EXCEEDED" for e in log_events(gateway)),
+        lambda: any(e.get("event") == "rpc" and e.get("transport") == "http" and e.get("status") == "DEADLINE_EXCEEDED" for e in gateway.log_events()),
         30, "the access log line of the expired call",
     )
 

@@ -125,18 +125,6 @@ with ragserve.Client(sys.argv[1], retries=0, options=options) as client:
 """
 
 
-def _events(gateway) -> list[dict]:
-    import json
-
-    events = []
-    for line in gateway.log_path.read_text(errors="replace").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return events
-
-
 def test_sigterm_drain_waits_until_a_slow_caller_has_its_answer(own_stack, tmp_path):
     """The flake seen in CI (`recvmsg: Connection reset by peer` on SIGTERM on a loaded machine):
     gRPC closes a connection as soon as its last answer is in the kernel, and a caller still
@@ -155,17 +143,17 @@ def test_sigterm_drain_waits_until_a_slow_caller_has_its_answer(own_stack, tmp_p
         before = minilm_successes(triton)
         wait_until(lambda: minilm_successes(triton) > before, 120, "the big call reaching Triton")
         gateway.process.send_signal(signal.SIGTERM)
-        wait_until(lambda: any(e.get("event") == "draining" for e in _events(gateway)), 60, "the gateway draining")
+        wait_until(lambda: any(e.get("event") == "draining" for e in gateway.log_events()), 60, "the gateway draining")
         caller.send_signal(signal.SIGSTOP)  # the caller takes nothing more from its socket
         # The call is answered while the caller is stopped ...
         wait_until(
             lambda: any(e.get("event") == "rpc" and e.get("method") == "Embed" and e.get("status") == "OK" and e.get("prompt_tokens", 0) > 1000
-                        for e in _events(gateway)),
+                        for e in gateway.log_events()),
             120, "the big call's answer",
         )
         # ... and the gateway waits for its delivery instead of closing the connection and exiting.
         wait_until(
-            lambda: gateway.process.poll() is not None or any(e.get("event") == "drain_waiting_for_delivery" for e in _events(gateway)),
+            lambda: gateway.process.poll() is not None or any(e.get("event") == "drain_waiting_for_delivery" for e in gateway.log_events()),
             60, "the gateway waiting for the answer's delivery (or exiting)",
         )
         exited_early = gateway.process.poll() is not None

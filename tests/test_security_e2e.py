@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
 import socket
 import ssl
 import subprocess
@@ -166,16 +165,6 @@ def new_key(keys_file: Path, name: str, *services: str) -> str:
     return key
 
 
-def log_events(gateway: GatewayProcess) -> list[dict]:
-    events = []
-    for line in gateway.log_path.read_text(errors="replace").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return events
-
-
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
@@ -273,7 +262,7 @@ def test_keys_stay_out_of_the_log_and_the_access_log_names_the_key(keyed, pki):
             client.embed(["no key"], metadata=[("x-request-id", ids["nokey"])])
 
     def access_lines():  # the access line is written as the call ends
-        found = {e.get("request_id"): e for e in log_events(gateway) if e.get("event") == "rpc"}
+        found = {e.get("request_id"): e for e in gateway.log_events() if e.get("event") == "rpc"}
         return found if all(i in found for i in ids.values()) else None
 
     access = wait_until(access_lines, 60, "the three access lines")
@@ -401,7 +390,7 @@ def test_rotated_certificate_is_served_without_a_restart(mtls, pki, tmp_path):
     assert before.embed(["on the old connection"]).embeddings.shape == (1, 384)
     before.close()
     assert gateway.process.pid == pid and gateway.process.poll() is None
-    wait_until(lambda: [e.get("event") for e in log_events(gateway)].count("tls_certificate_reloaded") >= 2, 60, "two reload lines")
+    wait_until(lambda: [e.get("event") for e in gateway.log_events()].count("tls_certificate_reloaded") >= 2, 60, "two reload lines")
 
 
 def test_half_written_pair_keeps_the_last_good_one(mtls, pki):
@@ -420,7 +409,7 @@ def test_half_written_pair_keeps_the_last_good_one(mtls, pki):
         assert client.embed(["while the pair is half written"]).embeddings.shape == (1, 384)
     (work / "server.pem").write_bytes(renewed.cert_pem)
     assert common_name(peer_certificate(gateway.port, folder / "ca.pem")) == "gateway-5"
-    wait_until(lambda: any(e.get("event") == "tls_reload_failed" for e in log_events(gateway)), 60, "the tls_reload_failed line")
+    wait_until(lambda: any(e.get("event") == "tls_reload_failed" for e in gateway.log_events()), 60, "the tls_reload_failed line")
 
 
 def test_bad_tls_settings_stop_start_up(triton, pki, tmp_path):

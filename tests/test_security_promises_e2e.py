@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import ragserve
 from ragserve_server.supervision.triton_launcher import TritonPorts, TritonServer
 from support import GatewayProcess, free_port, wait_until
-from test_security_e2e import issue, log_events, make_ca, new_key, wait_secure_serving
+from test_security_e2e import issue, make_ca, new_key, wait_secure_serving
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def test_reflection_open_with_a_keys_file(open_keyed):
 def test_invalid_keys_file_keeps_the_last_good_keys(open_keyed):
     gateway, key, keys_file = open_keyed
     good = keys_file.read_text()
-    failures_before = sum(e.get("event") == "api_keys_reload_failed" for e in log_events(gateway))
+    failures_before = sum(e.get("event") == "api_keys_reload_failed" for e in gateway.log_events())
     try:
         # A typo while editing: the last good keys stay, the failure is logged with the line.
         # The file is checked on the calls themselves (at most once a second): keep calling
@@ -86,7 +86,7 @@ def test_invalid_keys_file_keeps_the_last_good_keys(open_keyed):
         with ragserve.Client(gateway.address, api_key=key, timeout=30) as client:
             def reload_failed():
                 assert client.embed(["the last good keys"]).embeddings.shape == (1, 384)
-                return [e for e in log_events(gateway) if e.get("event") == "api_keys_reload_failed"][failures_before:] or None
+                return [e for e in gateway.log_events() if e.get("event") == "api_keys_reload_failed"][failures_before:] or None
             events = wait_until(reload_failed, 60, "the api_keys_reload_failed line", interval=0.2)
         assert "line" in events[0].get("error", ""), events[0]
         assert events[0].get("keeping") == 1, events[0]
