@@ -83,6 +83,8 @@ DISTRIBUTIONS = {
     "starlette": "starlette",
     "uvicorn": "uvicorn",
     "opentelemetry": "opentelemetry-api",
+    "dnslib": "dnslib",
+    "uvloop": "uvloop",
 }
 
 
