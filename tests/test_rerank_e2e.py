@@ -9,6 +9,7 @@ import tritonclient.grpc as triton_grpc
 
 import ragserve
 from reference import _cross_encoder, cross_encoder_logits, minilm_embeddings
+from support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -282,12 +283,17 @@ def test_identical_documents_are_scored_once(client, cross_encoder, triton):
     bi-encoder one more for the query), seen in Triton's own statistics."""
     distinct = [f"identical documents test {i}: rivers flow to the sea" for i in range(3)]
     documents = distinct * 4 + distinct[:1] * 5  # 17 documents, 3 distinct
+    # Triton counts a request's rows when it releases the request, which can be just after the
+    # answer reached us: wait for the rows to be counted (a Triton request's rows count at once,
+    # so 17 rows computed would show as 17, never as 3 on the way).
     before = model_rows(triton, cross_encoder.model_dir.name)
     crossed = client.rerank(QUERY, documents, model=cross_encoder.name)
-    assert model_rows(triton, cross_encoder.model_dir.name) - before == len(distinct)
+    rows = wait_until(lambda: (n := model_rows(triton, cross_encoder.model_dir.name) - before) >= len(distinct) and n, 30, "the cross-encoder's rows counted")
+    assert rows == len(distinct)
     before = model_rows(triton, "minilm")
     bi = client.rerank(QUERY, documents, model=BI_ENCODER)
-    assert len(distinct) <= model_rows(triton, "minilm") - before <= len(distinct) + 1  # (+ the query)
+    rows = wait_until(lambda: (n := model_rows(triton, "minilm") - before) >= len(distinct) and n, 30, "the bi-encoder's rows counted")
+    assert rows <= len(distinct) + 1  # (+ the query)
     for result in (crossed, bi):
         scores = scores_by_index(result)
         for text in distinct:  # duplicates share their one score
