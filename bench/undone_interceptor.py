@@ -27,32 +27,13 @@ from google.protobuf.message import DecodeError
 from ragserve_server.observability import tracing
 from ragserve_server.calls.admission import BULK, INTERACTIVE, Admission
 from ragserve_server.calls.call_scope import CallFailed, CallGuard, request_id_or_new
-from ragserve_server.errors import Cancelled, DeadlineExceeded, InvalidInput, Overloaded, RagserveError
+from ragserve_server.errors import Cancelled, DeadlineExceeded, Overloaded, RagserveError
+from ragserve_server.transport.grpc_methods import PER_MESSAGE_ADMISSION, Undecodable, lane_of
 from ragserve_server.transport.pushback import retry_trailers
 from ragserve_server.observability.request_record import RequestRecord
 
 # Not subject to admission or access logs: health checks and reflection.
 _UNGUARDED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
-# Streams whose messages each take a permit (in the service), not the stream as a whole.
-PER_MESSAGE_ADMISSION = {"EmbedStream"}
-_PRIORITY_BULK = 2  # ragserve.v1.Priority.PRIORITY_BULK
-
-
-def lane_of(request) -> str:
-    """The admission lane a request asks for (its `priority` field, where it has one)."""
-    return BULK if getattr(request, "priority", 0) == _PRIORITY_BULK else INTERACTIVE
-
-
-class Undecodable:
-    """Stands in for a request message that failed to parse (e.g. a string that is not UTF-8)."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-    def invalid(self) -> InvalidInput:
-        return InvalidInput(f"request message could not be parsed (strings must be valid UTF-8): {self.error}")
-
-
 def _safe_deserializer(deserialize: Callable | None) -> Callable | None:
     if deserialize is None:
         return None
