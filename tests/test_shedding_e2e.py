@@ -14,7 +14,7 @@ from support import GatewayProcess, eventually, metric_value
 
 pytestmark = pytest.mark.integration
 
-BUSY = 4  # calls of 64 long passages: two run (minilm has two instances), two wait
+BUSY_ROUNDS = 3  # calls of 64 long passages per minilm instance: one runs on each, the rest wait
 LONG = "a long passage about retrieval augmented generation and vector search " * 20  # ~250 tokens
 
 
@@ -39,11 +39,14 @@ async def test_requests_expired_or_cancelled_in_the_queue_are_not_computed(gatew
         await stub.Embed(embed_pb2.EmbedRequest(inputs=["warm"]), timeout=30)
         before = minilm_stats(triton)
         instances = triton_grpc.InferenceServerClient(triton.grpc_url).get_model_config("minilm").config.instance_group[0].count
-        assert BUSY >= instances + 1
-        # Busy the model: BUSY calls of 64 long passages (one Triton request each, seconds of compute).
+        # Busy the model: calls of 64 long passages (one Triton request each, seconds of compute),
+        # enough that a full round of them still waits in Triton's queue, ahead of everything
+        # below, after the cancellations: nothing queued behind can then reach an instance until
+        # one more busy call has been computed, which takes far longer than the short deadline.
+        busy_count = BUSY_ROUNDS * instances
         busy = [
             stub.Embed(embed_pb2.EmbedRequest(inputs=[f"{i} {LONG}"] * 64, truncate=common_pb2.TRUNCATE_END), timeout=300)
-            for i in range(BUSY)
+            for i in range(busy_count)
         ]
         busy_tasks = [asyncio.ensure_future(call) for call in busy]
         # Proof the model is busy: every instance executes one, the others wait in Triton's queue.
@@ -58,6 +61,12 @@ async def test_requests_expired_or_cancelled_in_the_queue_are_not_computed(gatew
         for call in abandoned:
             call.cancel()
         await asyncio.gather(*abandoned, return_exceptions=True)
+        # A round of busy calls still waits ahead of the short queries: at most one round has
+        # finished. (Triton may count a success a little after the instance is free, so this
+        # check alone could miss one late count; the second round's seconds of compute are the
+        # margin that keeps the queued round ahead of the short queries regardless.)
+        finished = minilm_stats(triton)["success"] - before["success"]
+        assert busy_count - instances - finished >= instances, f"{finished} busy calls finished before the short queries were sent"
         # Short queries with a 0.5 s deadline queue behind the busy work (another length
         # bucket, so they are never batched with it) and expire there.
         short = await asyncio.gather(
@@ -78,7 +87,7 @@ async def test_requests_expired_or_cancelled_in_the_queue_are_not_computed(gatew
     # there; the gateway's coalescer holds the rest (two requests per shape are in flight)
     # and drops them itself, so they never reach Triton at all.
     assert expired == short  # all 10 expired
-    assert computed == succeeded == BUSY
+    assert computed == succeeded == busy_count
     failed_in_triton = after["fail"] - before["fail"]
     assert failed_in_triton >= 2
     print(f"[expired work] {len(expired)} expired and {len(abandoned)} cancelled; Triton: {failed_in_triton} failed in its queue, {computed} computed, {succeeded} succeeded")
