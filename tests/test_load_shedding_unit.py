@@ -69,6 +69,23 @@ async def test_waiting_for_a_permit_is_fifo_bounded_and_cancel_safe():
         await admission.acquire_waiting(BULK, timeout=0.05)
 
 
+async def test_a_cancellation_that_arrives_as_the_permit_is_granted_is_honoured():
+    """The permit is handed to a waiter and the waiter's task is cancelled in the same loop
+    turn: the call must end cancelled (asyncio.wait_for on Python 3.11 would swallow the
+    cancellation and run it) and the permit must pass on, not leak."""
+    admission = Admission(max_concurrent=1, max_bulk=1)
+    held = admission.acquire(BULK)
+    first = asyncio.create_task(admission.acquire_waiting(BULK, timeout=5))
+    second = asyncio.create_task(admission.acquire_waiting(BULK, timeout=5))
+    await eventually(lambda: len(admission.lanes[BULK].waiters) == 2, what="two waiters queueing")
+    admission.release(BULK, held)  # grants `first`'s permit...
+    first.cancel()  # ...and its caller leaves before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(second, 1)  # the permit went on to the next waiter
+    assert admission.lanes[BULK].in_use == 1 and not admission.lanes[BULK].waiters
+
+
 @pytest.fixture
 async def shedding_stack():
     backend = FakeBackend(delay=0.2)

@@ -109,17 +109,25 @@ class Admission:
             return time.monotonic()
         ready: asyncio.Future = asyncio.get_running_loop().create_future()
         state.waiters.append(ready)
+        # asyncio.wait, not asyncio.wait_for: on Python 3.11 wait_for swallows a cancellation
+        # that arrives as the permit is granted, and the cancelled call would go on to run.
         try:
-            await asyncio.wait_for(ready, timeout)
-        except BaseException as exc:
-            if ready.done() and not ready.cancelled():
-                self._release_count(state)  # granted while we were leaving: pass it on
-            elif ready in state.waiters:
-                state.waiters.remove(ready)
-            if isinstance(exc, asyncio.TimeoutError):
-                raise DeadlineExceeded(f"deadline exceeded while waiting for a {lane} permit") from None
+            granted, _ = await asyncio.wait({ready}, timeout=timeout)
+        except BaseException:
+            self._leave_queue(state, ready)
             raise
+        if not granted:
+            self._leave_queue(state, ready)
+            raise DeadlineExceeded(f"deadline exceeded while waiting for a {lane} permit")
         return time.monotonic()
+
+    def _leave_queue(self, state: Lane, ready: asyncio.Future) -> None:
+        if ready.done() and not ready.cancelled():
+            self._release_count(state)  # granted while we were leaving: pass it on
+        else:
+            ready.cancel()
+            if ready in state.waiters:
+                state.waiters.remove(ready)
 
     def release(self, lane: str = INTERACTIVE, started: float | None = None) -> None:
         state = self.lanes[lane]
