@@ -26,10 +26,21 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = ROOT / "model_repository"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and never handed out before in this test run. The kernel can
+    give the same port to two binds in a row once the first socket is closed, and callers take
+    several ports before binding any (a clean-clone CI run started a Triton whose HTTP and
+    metrics ports were the same, and it refused to start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def start_triton(work_dir: Path, models: list[str], repository: Path = MODEL_REPOSITORY) -> TritonServer:
@@ -92,6 +103,14 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "the condition", in
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not happen within {timeout}s")
         time.sleep(interval)
+
+
+def counted(read, target: int, what: str, timeout: float = 30.0) -> int:
+    """`read()` once it reaches `target`. Triton counts a request in its statistics when it
+    releases the request, which can be just after the answer reached the caller, so a count read
+    right after the last answer can be short by the last requests (a clean-clone CI run saw it)."""
+    wait_until(lambda: read() >= target, timeout, what)
+    return read()
 
 
 async def eventually(predicate, timeout: float = 30.0, what: str = "the condition", interval: float = 0.005):

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2
 import ragserve
 from ragserve_server.models.builtin import smollm2_spec
 from ragserve_server.supervision.triton_launcher import TritonServer
-from support import MODEL_REPOSITORY, GatewayProcess, free_port, health_status, start_triton, wait_for_health, wait_until
+from support import MODEL_REPOSITORY, GatewayProcess, counted, free_port, health_status, start_triton, wait_for_health, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,7 @@ def test_calls_spread_and_survive_a_sigkilled_replica(two_replicas):
         before, sent_before = [inferences(t) for t in tritons], calls()
         for i in range(20):
             client.embed([f"spread {i}"])
+        counted(lambda: sum(inferences(t) - b for t, b in zip(tritons, before)), 20, "Triton counting the 20 calls")
         spread = [inferences(t) - b for t, b in zip(tritons, before)]
         assert sum(spread) == 20 and min(spread) >= 5, spread  # both replicas took calls
         # The per-replica metrics say what each Triton's own statistics say.
@@ -132,7 +133,7 @@ def test_calls_spread_and_survive_a_sigkilled_replica(two_replicas):
     with ragserve.Client(gateway.address, timeout=30) as client:
         for i in range(10):
             client.embed([f"after restart {i}"])
-    assert inferences(tritons[0]) >= 3
+    assert counted(lambda: inferences(tritons[0]), 3, "the restarted replica counting its calls") >= 3
 
 
 def test_two_gateways_behind_the_sdks_default_balancing(triton, tmp_path):
