@@ -9,7 +9,7 @@ import tritonclient.grpc as triton_grpc
 
 import ragserve
 from reference import _cross_encoder, cross_encoder_logits, minilm_embeddings
-from support import wait_until
+from support import counted
 
 pytestmark = pytest.mark.integration
 
@@ -288,11 +288,11 @@ def test_identical_documents_are_scored_once(client, cross_encoder, triton):
     # so 17 rows computed would show as 17, never as 3 on the way).
     before = model_rows(triton, cross_encoder.model_dir.name)
     crossed = client.rerank(QUERY, documents, model=cross_encoder.name)
-    rows = wait_until(lambda: (n := model_rows(triton, cross_encoder.model_dir.name) - before) >= len(distinct) and n, 30, "the cross-encoder's rows counted")
+    rows = counted(lambda: model_rows(triton, cross_encoder.model_dir.name) - before, len(distinct), "the cross-encoder's rows counted")
     assert rows == len(distinct)
     before = model_rows(triton, "minilm")
     bi = client.rerank(QUERY, documents, model=BI_ENCODER)
-    rows = wait_until(lambda: (n := model_rows(triton, "minilm") - before) >= len(distinct) and n, 30, "the bi-encoder's rows counted")
+    rows = counted(lambda: model_rows(triton, "minilm") - before, len(distinct), "the bi-encoder's rows counted")
     assert rows <= len(distinct) + 1  # (+ the query)
     for result in (crossed, bi):
         scores = scores_by_index(result)

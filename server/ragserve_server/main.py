@@ -170,11 +170,11 @@ def with_workers_counted(settings: Settings) -> Settings:
 
 
 async def serve(settings: Settings, argv: list[str] | None = None) -> None:
-    """`argv`: the command line, for the workers worker 0 starts (--workers)."""
+    """`settings`: with --workers counted (`main` applies `with_workers_counted`). `argv`: the
+    command line, for the workers worker 0 starts (--workers)."""
     triton = None
     gave_up = None
     pool = pool_task = None
-    settings = with_workers_counted(settings)
     if settings.workers < 1 or not 0 <= settings.worker_index < settings.workers:
         raise StartupError(f"--workers {settings.workers} must be 1 or more, or 0 for auto (--worker-index {settings.worker_index} is set by worker 0)")
     if settings.workers > 1:  # this worker's share (workers.py)
